@@ -1,0 +1,1 @@
+"""Enrichment: facts about the process, its namespaces and container, and the node."""

@@ -1,0 +1,1 @@
+"""Sensors: where denial events come from (BPF probes, Linux audit, recorded JSON)."""

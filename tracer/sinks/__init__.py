@@ -1,0 +1,1 @@
+"""Sinks: where explained events go (console, JSON lines, journal, metrics, report)."""

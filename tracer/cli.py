@@ -1,6 +1,117 @@
+"""Command line: parses arguments, picks sinks, calls the core.  Errors are one line."""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
 import click
 
+from tracer import __version__
+from tracer.errors import ExitStatus, GputraceError
+from tracer.event import errno_number
 
-@click.group()
-def main() -> None:
-    """gputrace: why was a process denied a GPU?"""
+
+def _fail(message: str, status: int) -> "None":
+    click.echo(f"gputrace: error: {message}", err=True)
+    sys.exit(int(status))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: every failure becomes one line on stderr and an exit status."""
+    try:
+        cli.main(args=argv, prog_name="gputrace", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(int(ExitStatus.INTERRUPTED))
+    except click.UsageError as exc:
+        hint = f" (see gputrace {exc.ctx.info_name} --help)" if exc.ctx else ""
+        _fail(exc.format_message().replace("\n", " ") + hint, ExitStatus.USAGE)
+    except click.ClickException as exc:
+        _fail(exc.format_message().replace("\n", " "), ExitStatus.BAD_INPUT)
+    except GputraceError as exc:
+        _fail(str(exc), exc.status)
+    except KeyboardInterrupt:
+        sys.exit(int(ExitStatus.INTERRUPTED))
+    except BrokenPipeError:
+        sys.exit(int(ExitStatus.SUCCESS))
+    except Exception as exc:  # last resort: still one line, never a traceback
+        if os.environ.get("GPUTRACE_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (GPUTRACE_DEBUG=1 shows a traceback)",
+              ExitStatus.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gputrace")
+def cli() -> None:
+    """gputrace: why was a process denied a GPU device node?"""
+
+
+def _parse_errnos(_ctx: object, _param: object, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(errno_number(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tuple:
+    out = []
+    for v in values:
+        major, _, minor = v.partition(":")
+        try:
+            out.append((int(major), int(minor) if minor and minor != "*" else None))
+        except ValueError:
+            raise click.BadParameter(f"{v!r} is not MAJOR or MAJOR:MINOR") from None
+    return tuple(out)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--errno", "errnos", default="EACCES,EPERM", show_default=True,
+              callback=_parse_errnos, help="Errors to report (e.g. add ENOENT,ENXIO).")
+@click.option("--prefix", "prefixes", multiple=True, help="Extra path prefix to watch (repeatable).")
+@click.option("--device", "devices", multiple=True, callback=_parse_devices,
+              help="Extra MAJOR or MAJOR:MINOR whose ioctls to watch (repeatable).")
+@click.option("--hook", type=click.Choice(["auto", "fexit", "tracepoint"]), default="auto",
+              show_default=True, help="Kernel hook; auto tries fexit and falls back.")
+@click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
+              show_default=True)
+@click.option("--duration", type=float, default=None, help="Stop after SECONDS.")
+@click.option("--btf", "btf_path", default=None, help="BTF file (default /sys/kernel/btf/vmlinux).")
+@click.option("--tracefs", default="/sys/kernel/tracing", show_default=True)
+def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], devices: tuple,
+          hook: str, transport: str, duration: Optional[float], btf_path: Optional[str],
+          tracefs: str) -> None:
+    """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
+    from tracer.pipeline import Pipeline
+    from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
+    from tracer.sinks.console import ConsoleSink
+
+    if not errnos:
+        raise click.BadParameter("at least one errno", param_hint="--errno")
+    config = BpfConfig(errnos=errnos, extra_prefixes=prefixes, extra_devs=devices, hook=hook,
+                       transport=transport, tracefs=tracefs, btf_path=btf_path)
+    sensor = BpfSensor(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if duration is not None:
+        threading.Timer(duration, stop.set).start()
+    sensor.start()
+    try:
+        names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
+        click.echo(f"gputrace: watching {names} on GPU nodes ({sensor.hook}, {sensor.transport}); "
+                   "Ctrl-C to stop", err=True)
+        pipeline = Pipeline(sensor=sensor, stages=[], sinks=[ConsoleSink(sys.stdout, as_json)])
+        summary = pipeline.run(stop)
+    finally:
+        sensor.close()
+    click.echo(f"gputrace: {summary.line()}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,614 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * gputrace kernel sensor: failed opens and ioctls of GPU device nodes.
+ *
+ * Compiled by BCC.  Kernel headers only make it compile: the program never
+ * dereferences a kernel struct by field name.  Every offset arrives as a -D
+ * flag computed from the running kernel's BTF (tracer/sensors/bpf_layout.py),
+ * and every read goes through bpf_probe_read_kernel at that offset.
+ *
+ * Configuration (-D):
+ *   ERRNO_MASK          bit e set = report -e (default EACCES|EPERM)
+ *   HOOK_FEXIT          fexit programs on the syscall wrappers (FN_*);
+ *                       otherwise one raw tracepoint on sys_exit
+ *   USE_RINGBUF         BPF ring buffer (RINGBUF_PAGES); otherwise perf buffer
+ *   AGG_INTERVAL_NS     min time between count updates for one aggregate
+ *   AGG_MAX             aggregation table size
+ *   NR_*                syscall numbers (-1 = not on this architecture)
+ *   OFF_*, SIZEOF_UPID  struct offsets from BTF
+ *
+ * The event layout below is mirrored by tracer/sensors/bpf_event.py; its size
+ * is checked at compile time against EVENT_SIZE from Python.
+ */
+#include <uapi/linux/ptrace.h>
+
+#ifndef ERRNO_MASK
+#define ERRNO_MASK ((1ULL << 1) | (1ULL << 13))
+#endif
+#ifndef AGG_INTERVAL_NS
+#define AGG_INTERVAL_NS 1000000000ULL
+#endif
+#ifndef AGG_MAX
+#define AGG_MAX 16384
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 64
+#endif
+
+#define PATH_CAP 256
+#define MAX_GROUPS 32
+#define MAX_PREFIXES 32
+#define PREFIX_CAP 32
+#define WALK_DEPTH 16
+#define NAME_CAP 64
+#define DIR_END 255
+#define AT_FDCWD_ -100
+#define S_IFMT_ 0170000
+#define S_IFCHR_ 0020000
+#define DEV_ANY_MINOR 0xfffff
+/* Keeps the compiler from folding away a bound the verifier needs to see. */
+#define barrier_var(v) asm volatile("" : "+r"(v))
+
+enum sys_id { SYS_OPEN = 1, SYS_CREAT = 2, SYS_OPENAT = 3, SYS_OPENAT2 = 4, SYS_IOCTL = 5 };
+enum ev_kind { EV_DENIAL = 1, EV_UPDATE = 2 };
+enum ev_flag {
+	F_RELATIVE = 1, F_TRUNCATED = 2, F_DIR_UNRESOLVED = 4, F_DEV_VALID = 8,
+	F_UNAGGREGATED = 16, F_REEMITTED = 32,
+};
+enum stat_idx {
+	ST_DENIALS,         /* matched denials, every attempt */
+	ST_EMITTED,         /* full events handed to the buffer */
+	ST_UPDATES,         /* count updates handed to the buffer */
+	ST_DROP_BUFFER,     /* full event the buffer refused (resent later) */
+	ST_DROP_UPDATE,     /* count update the buffer refused (count kept in map) */
+	ST_AGG_FULL,        /* aggregation table full: event sent unaggregated */
+	ST_AGGREGATED,      /* repeats folded into an aggregate */
+	ST_PATH_FAULT,      /* user path unreadable */
+	ST_DIR_UNRESOLVED,  /* relative path whose directory could not be named */
+	ST_NSTATS,
+};
+
+struct agg_key {
+	u32 tgid;
+	u16 sys;
+	u16 err;
+	u64 target; /* path hash, or (1<<63 | dev) for ioctl */
+};
+
+struct agg_val {
+	u64 count;
+	u64 last_emit_ns;
+	u64 need_full; /* the first event was refused by the buffer: resend */
+};
+
+struct gpu_event {
+	u32 kind;
+	u32 sys;
+	s32 err;
+	u32 tgid;
+	u32 tid;
+	u32 ppid;
+	u64 ts_ns;
+	u64 count;
+	struct agg_key key;
+	/* EV_UPDATE events end here */
+	u64 cgroup_id;
+	u64 flags_or_cmd;
+	u64 cap_eff;
+	u32 dev;
+	u32 path_flags; /* low 16: enum ev_flag; high 16: offset of the path as given */
+	u32 uid, gid, euid, egid, fsuid, fsgid;
+	u32 ngroups;
+	u32 userns_inum;
+	u32 userns_level;
+	u32 userns_owner;
+	u32 mntns;
+	u32 pidns;
+	u32 cgroupns;
+	u32 ns_pid;
+	u32 loginuid;
+	u32 sessionid;
+	s32 dirfd;
+	u32 path_len;
+	u32 groups[MAX_GROUPS];
+	char comm[16];
+	char path[PATH_CAP];
+};
+
+#define UPDATE_SIZE (offsetof(struct gpu_event, cgroup_id))
+#ifdef EVENT_SIZE
+_Static_assert(sizeof(struct gpu_event) == EVENT_SIZE, "event layout differs from bpf_event.py");
+#endif
+
+struct prefix {
+	u32 len;
+	char s[PREFIX_CAP];
+};
+
+struct scratch {
+	struct gpu_event ev;
+	char rel[PATH_CAP];
+	char dir[2 * PATH_CAP];
+	char name[NAME_CAP];
+	char full[4 * PATH_CAP];
+};
+
+#ifdef USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+BPF_HASH(agg, struct agg_key, struct agg_val, AGG_MAX);
+BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
+BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
+BPF_ARRAY(prefixes, struct prefix, MAX_PREFIXES);
+BPF_HASH(gpu_devs, u32, u8, 256);
+
+static __always_inline u64 rd_u64(const void *base, u32 off)
+{
+	u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+	return v;
+}
+
+static __always_inline u32 rd_u32(const void *base, u32 off)
+{
+	u32 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+	return v;
+}
+
+static __always_inline void *rd_ptr(const void *base, u32 off)
+{
+	return (void *)rd_u64(base, off);
+}
+
+static __always_inline void stat_add(u32 idx)
+{
+	u64 *v = stats.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int emit(void *ctx, void *data, u32 size)
+{
+#ifdef USE_RINGBUF
+	return events.ringbuf_output(data, size, 0);
+#else
+	return events.perf_submit(ctx, data, size);
+#endif
+}
+
+/* Name the path of (mnt, dentry) relative to the task's root, written
+ * backwards so that it ends at s->dir[DIR_END].  Returns the start offset, or
+ * -1 when the walk was cut short (too deep, too long, unreadable). */
+static __always_inline int walk_path(struct scratch *s, void *mnt, void *dentry,
+				     void *root_mnt, void *root_dentry)
+{
+	u32 pos = DIR_END;
+	void *mount = (char *)mnt - OFF_MOUNT_MNT;
+
+	for (int i = 0; i < WALK_DEPTH; i++) {
+		if (dentry == root_dentry && mnt == root_mnt)
+			return pos;
+		if (dentry == rd_ptr(mnt, OFF_VFSMOUNT_ROOT)) {
+			void *parent = rd_ptr(mount, OFF_MOUNT_PARENT);
+			if (!parent || parent == mount)
+				return pos; /* root of the mount namespace */
+			dentry = rd_ptr(mount, OFF_MOUNT_MOUNTPOINT);
+			mount = parent;
+			mnt = (char *)parent + OFF_MOUNT_MNT;
+			continue;
+		}
+		int n = bpf_probe_read_kernel_str(s->name, NAME_CAP, rd_ptr(dentry, OFF_DENTRY_NAME));
+		if (n <= 1 || n >= NAME_CAP)
+			return -1; /* empty, unreadable or longer than NAME_CAP */
+		u32 len = n - 1;
+		if (len + 1 > pos)
+			return -1;
+		pos -= len;
+		barrier_var(len);
+		len &= NAME_CAP - 1;
+		bpf_probe_read_kernel(&s->dir[pos & DIR_END], len, s->name);
+		pos -= 1;
+		s->dir[pos & DIR_END] = '/';
+		void *up = rd_ptr(dentry, OFF_DENTRY_PARENT);
+		if (up == dentry)
+			return pos;
+		dentry = up;
+	}
+	return -1;
+}
+
+static __always_inline int task_root(void *task, void **mnt, void **dentry)
+{
+	void *fs = rd_ptr(task, OFF_TASK_FS);
+	if (!fs)
+		return -1;
+	*mnt = rd_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
+	*dentry = rd_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
+	return 0;
+}
+
+static __always_inline void *fd_file(void *task, s32 fd)
+{
+	void *files = rd_ptr(task, OFF_TASK_FILES);
+	if (!files || fd < 0)
+		return 0;
+	void *fdt = rd_ptr(files, OFF_FILES_FDT);
+	if ((u32)fd >= rd_u32(fdt, OFF_FDT_MAX_FDS))
+		return 0;
+	void *arr = rd_ptr(fdt, OFF_FDT_FD);
+	return rd_ptr(arr, (u32)fd * 8);
+}
+
+/* Copy the walked path (s->dir[start..DIR_END)) to s->full; returns its length. */
+static __always_inline u32 dir_to_full(struct scratch *s, int start)
+{
+	u32 len = DIR_END - (u32)start;
+	barrier_var(len);
+	len &= DIR_END;
+	bpf_probe_read_kernel(s->full, len, &s->dir[start & DIR_END]);
+	s->full[len & DIR_END] = 0;
+	return len;
+}
+
+static __always_inline int prefix_match(const char *p)
+{
+	for (u32 i = 0; i < MAX_PREFIXES; i++) {
+		u32 k = i;
+		struct prefix *pf = prefixes.lookup(&k);
+		if (!pf || pf->len == 0)
+			return 0;
+		int ok = 1;
+		for (u32 j = 0; j < PREFIX_CAP; j++) {
+			if (j >= pf->len)
+				break;
+			if (p[j] != pf->s[j]) {
+				ok = 0;
+				break;
+			}
+		}
+		if (ok)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline u64 path_hash(const char *p)
+{
+	u64 h = 0xcbf29ce484222325ULL; /* FNV-1a */
+	for (u32 i = 0; i < PATH_CAP; i++) {
+		char c = p[i];
+		if (!c)
+			break;
+		h = (h ^ (u8)c) * 0x100000001b3ULL;
+	}
+	return h & ~(1ULL << 63);
+}
+
+static __always_inline void fill_task(struct gpu_event *ev)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *cred = rd_ptr(task, OFF_TASK_CRED);
+
+	ev->ppid = rd_u32(rd_ptr(task, OFF_TASK_REAL_PARENT), OFF_TASK_TGID);
+	ev->uid = rd_u32(cred, OFF_CRED_UID);
+	ev->gid = rd_u32(cred, OFF_CRED_GID);
+	ev->euid = rd_u32(cred, OFF_CRED_EUID);
+	ev->egid = rd_u32(cred, OFF_CRED_EGID);
+	ev->fsuid = rd_u32(cred, OFF_CRED_FSUID);
+	ev->fsgid = rd_u32(cred, OFF_CRED_FSGID);
+	ev->cap_eff = rd_u64(cred, OFF_CRED_CAP_EFF);
+
+	void *gi = rd_ptr(cred, OFF_CRED_GROUP_INFO);
+	u32 ng = rd_u32(gi, OFF_GI_NGROUPS);
+	ev->ngroups = ng;
+	for (u32 i = 0; i < MAX_GROUPS; i++) {
+		if (i >= ng)
+			break;
+		ev->groups[i] = rd_u32(gi, OFF_GI_GID + i * 4);
+	}
+
+	void *uns = rd_ptr(cred, OFF_CRED_USER_NS);
+	ev->userns_inum = rd_u32(uns, OFF_USERNS_INUM);
+	ev->userns_level = rd_u32(uns, OFF_USERNS_LEVEL);
+	ev->userns_owner = rd_u32(uns, OFF_USERNS_OWNER);
+
+	void *nsp = rd_ptr(task, OFF_TASK_NSPROXY);
+	if (nsp) {
+		ev->mntns = rd_u32(rd_ptr(nsp, OFF_NSPROXY_MNT), OFF_MNTNS_INUM);
+		ev->cgroupns = rd_u32(rd_ptr(nsp, OFF_NSPROXY_CGROUP), OFF_CGROUPNS_INUM);
+	}
+	/* pid namespace and pid as seen there: the thread group leader's struct pid */
+	void *leader_pid = rd_ptr(rd_ptr(task, OFF_TASK_GROUP_LEADER), OFF_TASK_THREAD_PID);
+	u32 level = rd_u32(leader_pid, OFF_PID_LEVEL) & 31;
+	void *upid = (char *)leader_pid + OFF_PID_NUMBERS + level * SIZEOF_UPID;
+	ev->ns_pid = rd_u32(upid, OFF_UPID_NR);
+	ev->pidns = rd_u32(rd_ptr(upid, OFF_UPID_NS), OFF_PIDNS_INUM);
+#ifdef HAVE_AUDIT_IDS
+	ev->loginuid = rd_u32(task, OFF_TASK_LOGINUID);
+	ev->sessionid = rd_u32(task, OFF_TASK_SESSIONID);
+#else
+	ev->loginuid = (u32)-1;
+	ev->sessionid = (u32)-1;
+#endif
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+}
+
+/* Count the denial; send the full event the first time, count updates after. */
+static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *key, u64 now)
+{
+	struct gpu_event *ev = &s->ev;
+	u64 count = 1;
+	int full = 1;
+
+	stat_add(ST_DENIALS);
+	struct agg_val *v = agg.lookup(key);
+	if (!v) {
+		struct agg_val init = { .count = 1, .last_emit_ns = now };
+		if (agg.insert(key, &init) == 0) {
+			v = agg.lookup(key);
+		} else {
+			v = agg.lookup(key); /* lost an insert race, or the table is full */
+			if (v) {
+				count = __sync_fetch_and_add(&v->count, 1) + 1;
+				stat_add(ST_AGGREGATED);
+				full = 0;
+			} else {
+				stat_add(ST_AGG_FULL);
+				ev->path_flags |= F_UNAGGREGATED;
+			}
+		}
+	} else {
+		count = __sync_fetch_and_add(&v->count, 1) + 1;
+		stat_add(ST_AGGREGATED);
+		full = 0;
+	}
+	if (!full && v && v->need_full) {
+		v->need_full = 0;
+		full = 1;
+		ev->path_flags |= F_REEMITTED;
+	}
+
+	ev->ts_ns = now;
+	ev->count = count;
+	__builtin_memcpy(&ev->key, key, sizeof(*key));
+	if (full) {
+		fill_task(ev);
+		if (emit(ctx, ev, sizeof(*ev)) == 0) {
+			stat_add(ST_EMITTED);
+		} else {
+			stat_add(ST_DROP_BUFFER);
+			if (v)
+				v->need_full = 1;
+		}
+		return 0;
+	}
+	if (v && now - v->last_emit_ns >= AGG_INTERVAL_NS) {
+		v->last_emit_ns = now;
+		ev->kind = EV_UPDATE;
+		ev->count = v->count;
+		if (emit(ctx, ev, UPDATE_SIZE) == 0)
+			stat_add(ST_UPDATES);
+		else
+			stat_add(ST_DROP_UPDATE);
+	}
+	return 0;
+}
+
+static __always_inline struct scratch *begin(u32 sys, long ret)
+{
+	u32 zero = 0;
+	struct scratch *s = scratch_map.lookup(&zero);
+	if (!s)
+		return 0;
+	u64 pt = bpf_get_current_pid_tgid();
+	s->ev.kind = EV_DENIAL;
+	s->ev.sys = sys;
+	s->ev.err = -ret;
+	s->ev.tgid = pt >> 32;
+	s->ev.tid = (u32)pt;
+	s->ev.path_flags = 0;
+	s->ev.dev = 0;
+	s->ev.dirfd = AT_FDCWD_;
+	return s;
+}
+
+static __always_inline int on_open(void *ctx, u32 sys, long ret, s32 dirfd,
+				   const char *upath, u64 flags)
+{
+	struct scratch *s = begin(sys, ret);
+	if (!s)
+		return 0;
+	struct gpu_event *ev = &s->ev;
+	ev->dirfd = dirfd;
+	ev->flags_or_cmd = flags;
+
+	int n = bpf_probe_read_user_str(s->rel, PATH_CAP, upath);
+	if (n <= 0) {
+		stat_add(ST_PATH_FAULT);
+		return 0;
+	}
+	const char *match = s->rel;
+	u32 len = n - 1;
+	if (s->rel[0] != '/') {
+		void *task = (void *)bpf_get_current_task();
+		void *mnt = 0, *dentry = 0, *root_mnt = 0, *root_dentry = 0;
+		if (task_root(task, &root_mnt, &root_dentry) < 0)
+			return 0;
+		if (dirfd == AT_FDCWD_) {
+			void *fs = rd_ptr(task, OFF_TASK_FS);
+			mnt = rd_ptr(fs, OFF_FS_PWD + OFF_PATH_MNT);
+			dentry = rd_ptr(fs, OFF_FS_PWD + OFF_PATH_DENTRY);
+		} else {
+			void *file = fd_file(task, dirfd);
+			if (!file)
+				return 0;
+			mnt = rd_ptr(file, OFF_FILE_PATH + OFF_PATH_MNT);
+			dentry = rd_ptr(file, OFF_FILE_PATH + OFF_PATH_DENTRY);
+		}
+		int start = walk_path(s, mnt, dentry, root_mnt, root_dentry);
+		if (start < 0) {
+			stat_add(ST_DIR_UNRESOLVED);
+			return 0;
+		}
+		u32 skip = 0; /* a leading "./" names the same directory */
+		if (s->rel[0] == '.' && s->rel[1] == '/')
+			skip = 2;
+		u32 dlen = dir_to_full(s, start);
+		s->full[dlen & DIR_END] = '/';
+		u32 off = (dlen + 1) & (2 * PATH_CAP - 1);
+		int m = bpf_probe_read_kernel_str(&s->full[off], PATH_CAP, &s->rel[skip & 3]);
+		if (m <= 0)
+			return 0;
+		len = off + m - 1;
+		match = s->full;
+		ev->path_flags |= F_RELATIVE | ((off & 0xffff) << 16);
+	}
+	if (!prefix_match(match))
+		return 0;
+
+	if (len >= PATH_CAP) {
+		ev->path_flags |= F_TRUNCATED;
+		len = PATH_CAP - 1;
+	}
+	ev->path_len = len;
+	bpf_probe_read_kernel_str(ev->path, PATH_CAP, match);
+
+	struct agg_key key = { .tgid = ev->tgid, .sys = sys, .err = -ret };
+	key.target = path_hash(match);
+	return report(ctx, s, &key, bpf_ktime_get_ns());
+}
+
+static __always_inline int on_ioctl(void *ctx, long ret, s32 fd, u64 cmd)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *file = fd_file(task, fd);
+	if (!file)
+		return 0;
+	void *inode = rd_ptr(file, OFF_FILE_INODE);
+	u16 mode = 0;
+	bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_MODE);
+	if ((mode & S_IFMT_) != S_IFCHR_)
+		return 0;
+	u32 rdev = rd_u32(inode, OFF_INODE_RDEV);
+	u32 any = (rdev & ~DEV_ANY_MINOR) | DEV_ANY_MINOR;
+	if (!gpu_devs.lookup(&rdev) && !gpu_devs.lookup(&any))
+		return 0;
+
+	struct scratch *s = begin(SYS_IOCTL, ret);
+	if (!s)
+		return 0;
+	struct gpu_event *ev = &s->ev;
+	ev->dirfd = fd;
+	ev->flags_or_cmd = cmd;
+	ev->dev = rdev;
+	ev->path_flags |= F_DEV_VALID;
+	ev->path_len = 0;
+	ev->path[0] = 0;
+
+	struct agg_key key = { .tgid = ev->tgid, .sys = SYS_IOCTL, .err = -ret };
+	key.target = (1ULL << 63) | rdev;
+	struct agg_val *seen = agg.lookup(&key);
+	if (!seen || seen->need_full) {
+		/* name the node only for events that will carry it */
+		void *root_mnt = 0, *root_dentry = 0;
+		if (task_root(task, &root_mnt, &root_dentry) == 0) {
+			int start = walk_path(s, rd_ptr(file, OFF_FILE_PATH + OFF_PATH_MNT),
+					      rd_ptr(file, OFF_FILE_PATH + OFF_PATH_DENTRY),
+					      root_mnt, root_dentry);
+			if (start >= 0) {
+				u32 dlen = dir_to_full(s, start);
+				ev->path_len = dlen;
+				bpf_probe_read_kernel_str(ev->path, PATH_CAP, s->full);
+			} else {
+				ev->path_flags |= F_DIR_UNRESOLVED;
+			}
+		}
+	}
+	return report(ctx, s, &key, bpf_ktime_get_ns());
+}
+
+static __always_inline long regs_arg(void *regs, u32 off)
+{
+	return (long)rd_u64(regs, off);
+}
+
+static __always_inline int dispatch(void *ctx, u32 sys, void *regs, long ret)
+{
+	switch (sys) {
+	case SYS_OPEN:
+		return on_open(ctx, sys, ret, AT_FDCWD_, (const char *)regs_arg(regs, OFF_REGS_ARG0),
+			       regs_arg(regs, OFF_REGS_ARG1));
+	case SYS_CREAT: /* creat(path, mode) == open(path, O_CREAT|O_WRONLY|O_TRUNC, mode) */
+		return on_open(ctx, sys, ret, AT_FDCWD_, (const char *)regs_arg(regs, OFF_REGS_ARG0),
+			       01101);
+	case SYS_OPENAT:
+		return on_open(ctx, sys, ret, (s32)regs_arg(regs, OFF_REGS_ARG0),
+			       (const char *)regs_arg(regs, OFF_REGS_ARG1), regs_arg(regs, OFF_REGS_ARG2));
+	case SYS_OPENAT2: {
+		u64 flags = 0; /* struct open_how: u64 flags first (uapi) */
+		bpf_probe_read_user(&flags, sizeof(flags), (void *)regs_arg(regs, OFF_REGS_ARG2));
+		return on_open(ctx, sys, ret, (s32)regs_arg(regs, OFF_REGS_ARG0),
+			       (const char *)regs_arg(regs, OFF_REGS_ARG1), flags);
+	}
+	case SYS_IOCTL:
+		return on_ioctl(ctx, ret, (s32)regs_arg(regs, OFF_REGS_ARG0), regs_arg(regs, OFF_REGS_ARG1));
+	}
+	return 0;
+}
+
+static __always_inline int errno_wanted(long ret)
+{
+	if (ret >= 0 || ret < -63)
+		return 0;
+	return (ERRNO_MASK >> (u32)(-ret)) & 1;
+}
+
+#ifdef HOOK_FEXIT
+#define GT_FEXIT(fn, sys)                                     \
+	KRETFUNC_PROBE(fn, struct pt_regs *regs, long ret)    \
+	{                                                     \
+		if (!errno_wanted(ret))                       \
+			return 0;                             \
+		return dispatch(ctx, sys, regs, ret);         \
+	}
+#define GT_FEXIT_(fn, sys) GT_FEXIT(fn, sys)
+#if NR_OPEN >= 0
+GT_FEXIT_(FN_OPEN, SYS_OPEN)
+#endif
+#if NR_CREAT >= 0
+GT_FEXIT_(FN_CREAT, SYS_CREAT)
+#endif
+GT_FEXIT_(FN_OPENAT, SYS_OPENAT)
+GT_FEXIT_(FN_OPENAT2, SYS_OPENAT2)
+GT_FEXIT_(FN_IOCTL, SYS_IOCTL)
+
+#else /* one raw tracepoint on every syscall exit, errno filtered first */
+
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+	long ret = (long)ctx->args[1];
+	if (!errno_wanted(ret))
+		return 0;
+	void *regs = (void *)ctx->args[0];
+	long nr = 0;
+	bpf_probe_read_kernel(&nr, REGS_NR_SIZE, (char *)regs + OFF_REGS_NR);
+	u32 sys;
+	if (nr == NR_OPENAT)
+		sys = SYS_OPENAT;
+	else if (nr == NR_IOCTL)
+		sys = SYS_IOCTL;
+	else if (nr == NR_OPEN && NR_OPEN >= 0)
+		sys = SYS_OPEN;
+	else if (nr == NR_OPENAT2)
+		sys = SYS_OPENAT2;
+	else if (nr == NR_CREAT && NR_CREAT >= 0)
+		sys = SYS_CREAT;
+	else
+		return 0;
+	return dispatch(ctx, sys, regs, ret);
+}
+#endif

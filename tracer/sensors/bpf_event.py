@@ -1,0 +1,122 @@
+"""Decode the raw records bpf/gputrace.bpf.c sends (struct gpu_event)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from tracer.event import Event, Node, Process, UserNs
+from tracer.sensors.bpf_layout import SYSCALL_NAMES
+
+# Mirrors struct gpu_event; the C side asserts sizeof() == EVENT_SIZE.
+_HEADER = "IIiIIIQQIHHQ"
+_BODY = "QQQII" "IIIIII" "I" "III" "IIII" "II" "iI" "32I" "16s" "256s"
+HEADER = struct.Struct("<" + _HEADER)
+FULL = struct.Struct("<" + _HEADER + _BODY)
+EVENT_SIZE = FULL.size
+UPDATE_SIZE = HEADER.size
+
+EV_DENIAL, EV_UPDATE = 1, 2
+F_RELATIVE, F_TRUNCATED, F_DIR_UNRESOLVED, F_DEV_VALID = 1, 2, 4, 8
+F_UNAGGREGATED, F_REEMITTED = 16, 32
+MAX_GROUPS = 32
+
+
+class DecodeError(ValueError):
+    """A record that is not a gpu_event; `reason` is a bounded label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AggKey:
+    tgid: int
+    sys: int
+    err: int
+    target: int
+
+    def label(self) -> str:
+        return f"{self.tgid}:{self.sys}:{self.err}:{self.target:016x}"
+
+
+@dataclass
+class Update:
+    key: AggKey
+    count: int
+    ts_ns: int
+
+
+def dev_major(dev: int) -> int:
+    return dev >> 20
+
+
+def dev_minor(dev: int) -> int:
+    return dev & 0xFFFFF
+
+
+def _cstr(raw: bytes) -> bytes:
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]
+
+
+def decode(data: bytes, clock_offset: float) -> "Event | Update":
+    """`clock_offset` turns the kernel's CLOCK_MONOTONIC ns into epoch seconds."""
+    if len(data) < UPDATE_SIZE:
+        raise DecodeError("short_record")
+    head = HEADER.unpack_from(data)
+    kind, sys_id, err, tgid, tid, _ppid, ts_ns, count, k_tgid, k_sys, k_err, k_target = head
+    key = AggKey(k_tgid, k_sys, k_err, k_target)
+    if sys_id not in SYSCALL_NAMES:
+        raise DecodeError("bad_syscall")
+    if kind == EV_UPDATE:
+        return Update(key=key, count=count, ts_ns=ts_ns)
+    if kind != EV_DENIAL:
+        raise DecodeError("bad_kind")
+    if len(data) < EVENT_SIZE:
+        raise DecodeError("short_record")
+    f = FULL.unpack_from(data)
+    (cgroup_id, flags_or_cmd, cap_eff, dev, path_flags, uid, gid, euid, egid, fsuid, fsgid,
+     ngroups, uns_inum, uns_level, uns_owner, mntns, pidns, cgroupns, ns_pid, loginuid,
+     sessionid, _dirfd, path_len) = f[12:35]
+    groups = list(f[35:35 + MAX_GROUPS])[:min(ngroups, MAX_GROUPS)]
+    comm = _cstr(f[35 + MAX_GROUPS])
+    raw_path = _cstr(f[36 + MAX_GROUPS])[:path_len] if path_len else _cstr(f[36 + MAX_GROUPS])
+    flags = path_flags & 0xFFFF
+    given_off = path_flags >> 16
+    syscall = SYSCALL_NAMES[sys_id]
+
+    node = Node(path=raw_path or None, path_truncated=bool(flags & F_TRUNCATED))
+    if flags & F_RELATIVE and given_off <= len(raw_path):
+        node.path_as_given = raw_path[given_off:]
+    if flags & F_DEV_VALID:
+        node.major, node.minor = dev_major(dev), dev_minor(dev)
+    process = Process(
+        pid=tgid, tid=tid, ppid=_ppid, comm=comm, uid=uid, gid=gid, euid=euid, egid=egid,
+        fsuid=fsuid, fsgid=fsgid, groups=groups, ngroups=ngroups, cap_effective=cap_eff,
+        userns=UserNs(inum=uns_inum, level=uns_level, owner_uid=uns_owner),
+        mntns=mntns, pidns=pidns, cgroupns=cgroupns, cgroup_id=cgroup_id, ns_pid=ns_pid,
+        loginuid=None if loginuid == 0xFFFFFFFF else loginuid,
+        sessionid=None if sessionid == 0xFFFFFFFF else sessionid,
+    )
+    event = Event(
+        time=clock_offset + ts_ns / 1e9, sensor="bpf", syscall=syscall, errno=err,
+        process=process, node=node, count=count, key=key.label(),
+        open_flags=None if syscall == "ioctl" else flags_or_cmd,
+        ioctl_cmd=flags_or_cmd if syscall == "ioctl" else None,
+    )
+    if flags & F_UNAGGREGATED:
+        event.facts["sensor.unaggregated"] = True
+    if flags & F_DIR_UNRESOLVED:
+        event.facts["sensor.path_unresolved"] = True
+    return event
+
+
+def key_of(event: Event) -> Optional[AggKey]:
+    try:
+        tgid, sys_id, err, target = event.key.split(":")
+        return AggKey(int(tgid), int(sys_id), int(err), int(target, 16))
+    except ValueError:
+        return None

@@ -1,0 +1,131 @@
+"""The `-D` flags that configure bpf/gputrace.bpf.c for the running kernel.
+
+Offsets come from BTF (tracer.sensors.btf); syscall numbers and the pt_regs
+argument registers depend on the architecture.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+from tracer.errors import EnvironmentProblem
+from tracer.sensors.btf import KernelBtf
+
+# macro -> BTF member path.  Every kernel struct the program touches is here.
+OFFSETS: dict[str, str] = {
+    "OFF_TASK_REAL_PARENT": "task_struct.real_parent",
+    "OFF_TASK_TGID": "task_struct.tgid",
+    "OFF_TASK_CRED": "task_struct.cred",
+    "OFF_TASK_GROUP_LEADER": "task_struct.group_leader",
+    "OFF_TASK_NSPROXY": "task_struct.nsproxy",
+    "OFF_TASK_THREAD_PID": "task_struct.thread_pid",
+    "OFF_TASK_FS": "task_struct.fs",
+    "OFF_TASK_FILES": "task_struct.files",
+    "OFF_CRED_UID": "cred.uid",
+    "OFF_CRED_GID": "cred.gid",
+    "OFF_CRED_EUID": "cred.euid",
+    "OFF_CRED_EGID": "cred.egid",
+    "OFF_CRED_FSUID": "cred.fsuid",
+    "OFF_CRED_FSGID": "cred.fsgid",
+    "OFF_CRED_CAP_EFF": "cred.cap_effective",
+    "OFF_CRED_USER_NS": "cred.user_ns",
+    "OFF_CRED_GROUP_INFO": "cred.group_info",
+    "OFF_GI_NGROUPS": "group_info.ngroups",
+    "OFF_GI_GID": "group_info.gid",
+    "OFF_USERNS_INUM": "user_namespace.ns.inum",
+    "OFF_USERNS_LEVEL": "user_namespace.level",
+    "OFF_USERNS_OWNER": "user_namespace.owner",
+    "OFF_NSPROXY_MNT": "nsproxy.mnt_ns",
+    "OFF_NSPROXY_CGROUP": "nsproxy.cgroup_ns",
+    "OFF_MNTNS_INUM": "mnt_namespace.ns.inum",
+    "OFF_CGROUPNS_INUM": "cgroup_namespace.ns.inum",
+    "OFF_PIDNS_INUM": "pid_namespace.ns.inum",
+    "OFF_PID_LEVEL": "pid.level",
+    "OFF_PID_NUMBERS": "pid.numbers",
+    "OFF_UPID_NR": "upid.nr",
+    "OFF_UPID_NS": "upid.ns",
+    "OFF_FS_ROOT": "fs_struct.root",
+    "OFF_FS_PWD": "fs_struct.pwd",
+    "OFF_PATH_MNT": "path.mnt",
+    "OFF_PATH_DENTRY": "path.dentry",
+    "OFF_FILES_FDT": "files_struct.fdt",
+    "OFF_FDT_MAX_FDS": "fdtable.max_fds",
+    "OFF_FDT_FD": "fdtable.fd",
+    "OFF_FILE_PATH": "file.f_path",
+    "OFF_FILE_INODE": "file.f_inode",
+    "OFF_INODE_MODE": "inode.i_mode",
+    "OFF_INODE_RDEV": "inode.i_rdev",
+    "OFF_DENTRY_PARENT": "dentry.d_parent",
+    "OFF_DENTRY_NAME": "dentry.d_name.name",
+    "OFF_VFSMOUNT_ROOT": "vfsmount.mnt_root",
+    "OFF_MOUNT_MNT": "mount.mnt",
+    "OFF_MOUNT_PARENT": "mount.mnt_parent",
+    "OFF_MOUNT_MOUNTPOINT": "mount.mnt_mountpoint",
+}
+
+# Present only with CONFIG_AUDIT; the program reads them when they exist.
+OPTIONAL_OFFSETS: dict[str, str] = {
+    "OFF_TASK_LOGINUID": "task_struct.loginuid",
+    "OFF_TASK_SESSIONID": "task_struct.sessionid",
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    syscalls: dict[str, int]          # name -> number; absent = not on this arch
+    regs: dict[str, tuple[str, int]]  # role -> (pt_regs member, extra byte offset)
+    nr_size: int                      # bytes of the syscall-number field
+    syscall_prefix: str               # symbol prefix of syscall wrappers (fexit mode)
+
+
+ARCHES: dict[str, Arch] = {
+    "x86_64": Arch(
+        "x86_64",
+        {"open": 2, "creat": 85, "openat": 257, "openat2": 437, "ioctl": 16},
+        {"NR": ("pt_regs.orig_ax", 0), "ARG0": ("pt_regs.di", 0), "ARG1": ("pt_regs.si", 0),
+         "ARG2": ("pt_regs.dx", 0), "ARG3": ("pt_regs.r10", 0)},
+        8, "__x64_sys_"),
+    "aarch64": Arch(
+        "aarch64",
+        {"openat": 56, "openat2": 437, "ioctl": 29},
+        # arg0's register is overwritten by the return value; orig_x0 keeps it.
+        {"NR": ("pt_regs.syscallno", 0), "ARG0": ("pt_regs.orig_x0", 0),
+         "ARG1": ("pt_regs.regs", 8), "ARG2": ("pt_regs.regs", 16), "ARG3": ("pt_regs.regs", 24)},
+        4, "__arm64_sys_"),
+}
+
+SYSCALL_IDS = {"open": 1, "creat": 2, "openat": 3, "openat2": 4, "ioctl": 5}
+SYSCALL_NAMES = {v: k for k, v in SYSCALL_IDS.items()}
+
+
+def current_arch(machine: str | None = None) -> Arch:
+    machine = machine or platform.machine()
+    try:
+        return ARCHES[machine]
+    except KeyError:
+        raise EnvironmentProblem(f"architecture {machine} is not supported by the BPF sensor; "
+                                 "use --sensor audit") from None
+
+
+def offset_flags(btf: KernelBtf, arch: Arch) -> dict[str, int]:
+    """All offset macros for this kernel; raises with the member it could not find."""
+    flags: dict[str, int] = {}
+    try:
+        for macro, dotted in OFFSETS.items():
+            flags[macro] = btf.member(dotted).offset
+        for role, (dotted, extra) in arch.regs.items():
+            flags[f"OFF_REGS_{role}"] = btf.member(dotted).offset + extra
+        flags["SIZEOF_UPID"] = btf.size_of("upid")
+    except KeyError as exc:
+        raise EnvironmentProblem(f"kernel BTF lacks a struct member gputrace needs: {exc.args[0]}") from exc
+    for macro, dotted in OPTIONAL_OFFSETS.items():
+        if btf.has_member(dotted):
+            flags[macro] = btf.member(dotted).offset
+    if "OFF_TASK_LOGINUID" in flags and "OFF_TASK_SESSIONID" in flags:
+        flags["HAVE_AUDIT_IDS"] = 1
+    flags["REGS_NR_SIZE"] = arch.nr_size
+    for name in SYSCALL_IDS:
+        flags[f"NR_{name.upper()}"] = arch.syscalls.get(name, -1)
+    return flags

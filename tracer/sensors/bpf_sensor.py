@@ -1,0 +1,292 @@
+"""The BPF sensor: loads bpf/gputrace.bpf.c and turns its records into Events.
+
+Counting is exact end to end: the kernel folds repeats of one (process, node,
+errno) into an aggregate and sends the first event plus periodic count
+updates; this module sweeps the aggregation table so the last repeats before a
+process exits are reported too, and nothing the kernel could not deliver goes
+uncounted (see `stats()`).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno as errno_mod
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Deque, Iterator, Optional
+
+from tracer.errors import EnvironmentProblem
+from tracer.event import Event, Node, Process
+from tracer.host import HostPaths
+from tracer.sensors import bpf_event, gpu_nodes, kernel_headers, preflight
+from tracer.sensors.bpf_event import AggKey, DecodeError, Update
+from tracer.sensors.bpf_layout import SYSCALL_NAMES, current_arch, offset_flags
+from tracer.sensors.btf import KIND_FUNC, KernelBtf
+
+STAT_NAMES = ("denials", "emitted", "updates", "dropped_buffer_full", "dropped_update",
+              "aggregation_table_full", "aggregated", "path_unreadable", "dir_unresolved")
+PREFIX_CAP, MAX_PREFIXES = 32, 32
+
+
+def bpf_source_dir() -> str:
+    env = os.environ.get("GPUTRACE_BPF_DIR")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "..", "..", "bpf"), "/usr/share/gputrace/bpf"):
+        if os.path.exists(os.path.join(candidate, "gputrace.bpf.c")):
+            return os.path.normpath(candidate)
+    raise EnvironmentProblem("cannot find bpf/gputrace.bpf.c (set GPUTRACE_BPF_DIR)")
+
+
+@dataclass
+class BpfConfig:
+    errnos: tuple[int, ...] = (errno_mod.EACCES, errno_mod.EPERM)
+    extra_prefixes: tuple[str, ...] = ()
+    extra_devs: tuple[tuple[int, Optional[int]], ...] = ()  # (major, minor or None)
+    hook: str = "auto"          # auto | fexit | tracepoint
+    transport: str = "auto"     # auto | ringbuf | perf
+    ringbuf_pages: int = 64
+    aggregate_interval_s: float = 1.0
+    aggregate_max: int = 16384
+    sweep_interval_s: float = 1.0
+    tracefs: str = "/sys/kernel/tracing"
+    headers_cache: str = "/var/cache/gputrace"
+    btf_path: Optional[str] = None  # default: HostPaths.btf_vmlinux
+
+
+@dataclass
+class _Aggregate:
+    first: Optional[Event]
+    reported: int
+    pending: int = 0  # counts seen before the first event arrived
+
+
+@dataclass
+class BpfSensor:
+    config: BpfConfig = field(default_factory=BpfConfig)
+    host: HostPaths = field(default_factory=HostPaths)
+    say: Callable[[str], None] = lambda msg: print(f"gputrace: {msg}", file=sys.stderr)
+
+    def __post_init__(self) -> None:
+        self.bpf = None
+        self.hook = ""
+        self.transport = ""
+        self.nodes: Optional[gpu_nodes.GpuNodeSet] = None
+        self._queue: Deque[Event] = collections.deque()
+        self._book: dict[AggKey, _Aggregate] = {}
+        self._user_stats = collections.Counter[str]()
+        self._clock_offset = time.time() - time.monotonic()
+        self._last_sweep = 0.0
+
+    # -- start ---------------------------------------------------------------
+    def start(self) -> None:
+        preflight.require_bpf_privilege(self.host.proc)
+        preflight.require_tracefs(self.config.tracefs)
+        choice = kernel_headers.find_headers(cache_dir=self.config.headers_cache)
+        if choice.description:
+            self.say(choice.description)
+        if choice.source:
+            os.environ["BCC_KERNEL_SOURCE"] = choice.source
+        arch = current_arch()
+        with KernelBtf(self.config.btf_path or self.host.btf_vmlinux) as btf:
+            flags = offset_flags(btf, arch)
+            hooks = self._hook_order(btf, arch.syscall_prefix)
+            ringbuf = self.config.transport == "ringbuf" or (
+                self.config.transport == "auto" and btf.has_func("bpf_ringbuf_output"))
+        flags.update(EVENT_SIZE=bpf_event.EVENT_SIZE, AGG_MAX=self.config.aggregate_max,
+                     AGG_INTERVAL_NS=f"{int(self.config.aggregate_interval_s * 1e9)}ULL",
+                     ERRNO_MASK=f"{sum(1 << e for e in self.config.errnos if 0 < e < 64)}ULL")
+        if ringbuf:
+            flags.update(USE_RINGBUF=1, RINGBUF_PAGES=self.config.ringbuf_pages)
+        self.transport = "ringbuf" if ringbuf else "perf"
+        errors = []
+        for hook, extra in hooks:
+            try:
+                self.bpf = self._load({**flags, **extra})
+                self.hook = hook
+                break
+            except Exception as exc:  # BCC raises bare Exception on load/attach failure
+                errors.append(f"{hook}: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
+        if self.bpf is None:
+            raise EnvironmentProblem("could not load the BPF probe (" + "; ".join(errors) + ")")
+        if len(errors) and self.hook == "tracepoint":
+            self.say(f"fexit unavailable ({errors[0]}); using the sys_exit raw tracepoint")
+        self._configure_maps()
+        self._open_buffer()
+
+    def _hook_order(self, btf: KernelBtf, prefix: str) -> list[tuple[str, dict]]:
+        tracepoint = ("tracepoint", {})
+        if self.config.hook == "tracepoint":
+            return [tracepoint]
+        fns = {f"FN_{n.upper()}": prefix + n for n in ("open", "creat", "openat", "openat2", "ioctl")}
+        fexit = ("fexit", {"HOOK_FEXIT": 1, **{k: v for k, v in fns.items() if btf.has_func(v)}})
+        target = btf.find(prefix + "openat", KIND_FUNC) or 0
+        ok, why = preflight.fexit_supported(target)
+        if self.config.hook == "fexit":
+            if not ok:
+                raise EnvironmentProblem(f"--hook fexit requested but {why}")
+            return [fexit]
+        if not ok:
+            self.say(f"{why}; using the sys_exit raw tracepoint")
+            return [tracepoint]
+        return [fexit, tracepoint]
+
+    def _load(self, flags: dict) -> object:
+        from bcc import BPF  # imported late: only the BPF sensor needs BCC
+
+        src = os.path.join(bpf_source_dir(), "gputrace.bpf.c")
+        cflags = [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        saved = os.dup(2)
+        try:  # BCC prints compiler chatter on fd 2; keep the terminal clean
+            os.dup2(devnull, 2)
+            return BPF(src_file=src.encode(), cflags=cflags)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+    def _configure_maps(self) -> None:
+        self.nodes = gpu_nodes.discover(self.host.proc, self.host.dev, self.config.extra_prefixes,
+                                        self.config.extra_devs)
+        table = self.bpf["prefixes"]
+        if len(self.nodes.prefixes) > MAX_PREFIXES:
+            raise EnvironmentProblem(f"at most {MAX_PREFIXES} path prefixes are supported")
+        for i, prefix in enumerate(self.nodes.prefixes):
+            raw = prefix.encode()
+            if len(raw) > PREFIX_CAP:
+                raise EnvironmentProblem(f"path prefix too long ({PREFIX_CAP} bytes max): {prefix}")
+            leaf = table.Leaf()
+            leaf.len = len(raw)
+            leaf.s = raw
+            table[ctypes.c_int(i)] = leaf
+        devs = self.bpf["gpu_devs"]
+        for key in self.nodes.kernel_dev_keys():
+            devs[ctypes.c_uint32(key)] = ctypes.c_uint8(1)
+
+    def _open_buffer(self) -> None:
+        if self.transport == "ringbuf":
+            self.bpf["events"].open_ring_buffer(self._on_record)
+        else:
+            self.bpf["events"].open_perf_buffer(self._on_perf_record, page_cnt=64,
+                                                lost_cb=self._on_perf_lost)
+
+    # -- records -------------------------------------------------------------
+    def _on_record(self, _ctx: object, data: int, size: int) -> int:
+        self._ingest(ctypes.string_at(data, size))
+        return 0
+
+    def _on_perf_record(self, _cpu: int, data: int, size: int) -> None:
+        self._ingest(ctypes.string_at(data, size))
+
+    def _on_perf_lost(self, lost: int) -> None:
+        self._user_stats["dropped_perf_lost"] += lost
+
+    def _ingest(self, raw: bytes) -> None:
+        try:
+            record = bpf_event.decode(raw, self._clock_offset)
+        except DecodeError as exc:
+            self._user_stats[f"decode_error_{exc.reason}"] += 1
+            return
+        if isinstance(record, Update):
+            self._count(record.key, record.count)
+            return
+        key = bpf_event.key_of(record)
+        assert key is not None
+        agg = self._book.get(key)
+        if agg is not None and agg.first is not None:
+            self._count(key, record.count)  # a resend after a refused buffer
+            return
+        pending = agg.pending if agg else 0
+        self._book[key] = _Aggregate(first=record, reported=record.count)
+        self._queue.append(record)
+        if pending > record.count:
+            self._count(key, pending)
+
+    def _count(self, key: AggKey, count: int) -> None:
+        agg = self._book.get(key)
+        if agg is None or agg.first is None:
+            self._book[key] = _Aggregate(first=None, reported=0, pending=max(count, agg.pending if agg else 0))
+            return
+        if count > agg.reported:
+            agg.reported = count
+            self._queue.append(replace(agg.first, kind="update", count=count,
+                                       time=time.time(), facts={}, verdict=None))
+
+    # -- sweeping the aggregation table -----------------------------------------
+    def sweep(self, final: bool = False) -> None:
+        """Report counts that changed since the last update; forget exited processes."""
+        table = self.bpf["agg"]
+        for k, v in list(table.items()):
+            key = AggKey(k.tgid, k.sys, k.err, k.target)
+            self._count(key, v.count)
+            alive = os.path.exists(self.host.proc_pid(k.tgid))
+            if final or not alive:
+                agg = self._book.get(key)
+                if agg is not None and agg.first is None:
+                    self._orphan(key, agg.pending or v.count)
+                if not alive:
+                    try:
+                        del table[k]
+                    except KeyError:
+                        pass
+                    self._book.pop(key, None)
+        self._last_sweep = time.monotonic()
+
+    def _orphan(self, key: AggKey, count: int) -> None:
+        """Counts whose first event the buffer refused and never got resent."""
+        self._user_stats["first_event_lost"] += 1
+        event = Event(time=time.time(), sensor="bpf", syscall=SYSCALL_NAMES.get(key.sys, "?"),
+                      errno=key.err, process=Process(pid=key.tgid, tid=key.tgid), node=Node(),
+                      count=count, key=key.label(),
+                      missing=["process.credentials", "node.path"])
+        event.facts["sensor.first_event_lost"] = True
+        self._book[key] = _Aggregate(first=event, reported=count)
+        self._queue.append(event)
+
+    # -- consuming -----------------------------------------------------------
+    def poll(self, timeout_ms: int = 100) -> list[Event]:
+        if self.transport == "ringbuf":
+            self.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+        if time.monotonic() - self._last_sweep >= self.config.sweep_interval_s:
+            self.sweep()
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def events(self, stop: threading.Event) -> Iterator[Event]:
+        while not stop.is_set():
+            yield from self.poll(100)
+        yield from self.drain()
+
+    def drain(self) -> list[Event]:
+        """Everything still buffered, with final exact counts."""
+        if self.transport == "ringbuf":
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_poll(0)
+        self.sweep(final=True)
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def stats(self) -> dict[str, int]:
+        out = {name: 0 for name in STAT_NAMES}
+        if self.bpf is not None:
+            table = self.bpf["stats"]
+            for i, name in enumerate(STAT_NAMES):
+                out[name] = int(sum(table[ctypes.c_int(i)]))
+        out.update(self._user_stats)
+        return out
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None

@@ -1,0 +1,61 @@
+"""Human-readable lines for `gputrace watch`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import IO, Any
+
+from tracer.event import Event
+from tracer.sinks.terminal_text import escape
+
+
+def _clock(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
+
+
+def denial_line(event: Event) -> str:
+    p, n = event.process, event.node
+    target = escape(n.path) if n.path else (f"dev {n.major}:{n.minor}" if n.major is not None else "?")
+    if n.path and n.major is not None:
+        target += f" ({n.major}:{n.minor})"
+    extra = ""
+    if event.syscall == "ioctl" and event.ioctl_cmd is not None:
+        extra = f" cmd=0x{event.ioctl_cmd:08x}"
+    return (f"{_clock(event.time)} pid={p.pid} comm={escape(p.comm)} uid={p.uid} "
+            f"{event.syscall} {target} {event.errno_name}{extra}")
+
+
+def update_line(event: Event) -> str:
+    p, n = event.process, event.node
+    return (f"{_clock(event.time)}   ... pid={p.pid} {escape(n.path) if n.path else '?'} "
+            f"{event.errno_name} x{event.count} so far")
+
+
+def verdict_lines(verdict: dict[str, Any]) -> list[str]:
+    lines = [f"  why: [{escape(str(verdict.get('reason', 'unknown')))}] "
+             f"{escape(str(verdict.get('summary', '')))}"]
+    for fix in (verdict.get("fixes") or [])[:3]:
+        lines.append(f"  fix ({escape(str(fix.get('runtime', 'any')))}): {escape(str(fix.get('command', '')))}")
+        if fix.get("security_note"):
+            lines.append(f"       security: {escape(str(fix['security_note']))}")
+    return lines
+
+
+class ConsoleSink:
+    """One line per denial (plus its verdict), one per count update."""
+
+    def __init__(self, out: IO[str], as_json: bool = False) -> None:
+        self.out = out
+        self.as_json = as_json
+
+    def consume(self, event: Event) -> None:
+        if self.as_json:
+            self.out.write(json.dumps(event.to_json(), sort_keys=False) + "\n")
+        elif event.kind == "update":
+            self.out.write(update_line(event) + "\n")
+        else:
+            self.out.write(denial_line(event) + "\n")
+            if event.verdict:
+                self.out.write("\n".join(verdict_lines(event.verdict)) + "\n")
+        self.out.flush()

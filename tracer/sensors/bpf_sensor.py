@@ -154,7 +154,7 @@ class BpfSensor:
     def _configure_maps(self) -> None:
         self.nodes = gpu_nodes.discover(self.host.proc, self.host.dev, self.config.extra_prefixes,
                                         self.config.extra_devs)
-        table = self.bpf["prefixes"]
+        table = self.bpf[b"prefixes"]
         if len(self.nodes.prefixes) > MAX_PREFIXES:
             raise EnvironmentProblem(f"at most {MAX_PREFIXES} path prefixes are supported")
         for i, prefix in enumerate(self.nodes.prefixes):
@@ -165,15 +165,15 @@ class BpfSensor:
             leaf.len = len(raw)
             leaf.s = raw
             table[ctypes.c_int(i)] = leaf
-        devs = self.bpf["gpu_devs"]
+        devs = self.bpf[b"gpu_devs"]
         for key in self.nodes.kernel_dev_keys():
             devs[ctypes.c_uint32(key)] = ctypes.c_uint8(1)
 
     def _open_buffer(self) -> None:
         if self.transport == "ringbuf":
-            self.bpf["events"].open_ring_buffer(self._on_record)
+            self.bpf[b"events"].open_ring_buffer(self._on_record)
         else:
-            self.bpf["events"].open_perf_buffer(self._on_perf_record, page_cnt=64,
+            self.bpf[b"events"].open_perf_buffer(self._on_perf_record, page_cnt=64,
                                                 lost_cb=self._on_perf_lost)
 
     # -- records -------------------------------------------------------------
@@ -221,7 +221,7 @@ class BpfSensor:
     # -- sweeping the aggregation table -----------------------------------------
     def sweep(self, final: bool = False) -> None:
         """Report counts that changed since the last update; forget exited processes."""
-        table = self.bpf["agg"]
+        table = self.bpf[b"agg"]
         for k, v in list(table.items()):
             key = AggKey(k.tgid, k.sys, k.err, k.target)
             self._count(key, v.count)
@@ -280,7 +280,7 @@ class BpfSensor:
     def stats(self) -> dict[str, int]:
         out = {name: 0 for name in STAT_NAMES}
         if self.bpf is not None:
-            table = self.bpf["stats"]
+            table = self.bpf[b"stats"]
             for i, name in enumerate(STAT_NAMES):
                 out[name] = int(sum(table[ctypes.c_int(i)]))
         out.update(self._user_stats)

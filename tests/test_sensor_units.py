@@ -1,0 +1,169 @@
+"""Our own logic around the BPF sensor, on constructed input and fixture trees."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tracer.errors import EnvironmentProblem
+from tracer.event import Event
+from tracer.sensors import bpf_event, gpu_nodes
+from tracer.sensors.bpf_event import DecodeError, Update
+from tracer.sensors.btf import KernelBtf
+from tracer.sensors.kernel_headers import find_headers
+from tracer.sinks.terminal_text import escape
+
+
+def raw_event(**over) -> bytes:
+    f = dict(kind=1, sys=3, err=13, tgid=10, tid=11, ppid=1, ts=2_000_000_000, count=1,
+             ktgid=10, ksys=3, kerr=13, target=0xABC, cgroup=77, flags=2, cap=0, dev=0,
+             path_flags=0, ids=(1000, 1001, 1002, 1003, 1004, 1005), ngroups=2, uns=(4026531837, 0, 0),
+             ns=(1, 2, 3, 10), audit=(1000, 5), dirfd=-100, path_len=12,
+             groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0")
+    f.update(over)
+    return bpf_event.FULL.pack(
+        f["kind"], f["sys"], f["err"], f["tgid"], f["tid"], f["ppid"], f["ts"], f["count"],
+        f["ktgid"], f["ksys"], f["kerr"], f["target"], f["cgroup"], f["flags"], f["cap"],
+        f["dev"], f["path_flags"], *f["ids"], f["ngroups"], *f["uns"], *f["ns"], *f["audit"],
+        f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"])
+
+
+def test_layout_sizes_match_the_c_struct():
+    assert bpf_event.EVENT_SIZE == 560 and bpf_event.UPDATE_SIZE == 56
+
+
+def test_decode_full_event():
+    ev = bpf_event.decode(raw_event(), clock_offset=100.0)
+    assert isinstance(ev, Event)
+    assert ev.time == pytest.approx(102.0)
+    assert (ev.process.pid, ev.process.tid, ev.process.uid, ev.process.euid) == (10, 11, 1000, 1002)
+    assert ev.process.groups == [27, 44] and ev.process.loginuid == 1000
+    assert ev.node.path == b"/dev/nvidia0" and ev.node.major is None
+    assert ev.syscall == "openat" and ev.errno_name == "EACCES" and ev.open_flags == 2
+
+
+def test_decode_relative_ioctl_and_update():
+    rel = bpf_event.decode(raw_event(path_flags=bpf_event.F_RELATIVE | (5 << 16)), 0)
+    assert rel.node.path_as_given == b"nvidia0"
+    io = bpf_event.decode(raw_event(sys=5, dev=(195 << 20) | 255, path_flags=bpf_event.F_DEV_VALID,
+                                    flags=0xC0104601), 0)
+    assert (io.node.major, io.node.minor, io.ioctl_cmd) == (195, 255, 0xC0104601)
+    upd = bpf_event.decode(raw_event(kind=2)[:bpf_event.UPDATE_SIZE], 0)
+    assert isinstance(upd, Update) and upd.key.target == 0xABC
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "short_record"), (b"\x01" * 20, "short_record"),
+    (raw_event(kind=9), "bad_kind"), (raw_event(sys=42), "bad_syscall"),
+    (raw_event()[:100], "short_record"),
+])
+def test_decode_rejects_malformed_records_with_a_reason(data, reason):
+    with pytest.raises(DecodeError) as info:
+        bpf_event.decode(data, 0)
+    assert info.value.reason == reason
+
+
+def test_event_json_round_trip_is_lossless_for_invalid_utf8():
+    ev = bpf_event.decode(raw_event(comm=b"a\xffb", path=b"/dev/nvidia\xfe\x1b", path_len=14), 0)
+    doc = json.loads(json.dumps(ev.to_json()))
+    assert "comm_b64" in doc["process"] and "path_b64" in doc["node"]
+    back = Event.from_json(doc)
+    assert back.process.comm == b"a\xffb" and back.node.path == b"/dev/nvidia\xfe\x1b"
+
+
+@pytest.mark.parametrize("raw,shown", [
+    (b"plain/path", "plain/path"),
+    (b"\x1b[2J", "\\x1b[2J"),
+    (b"a\\b", "a\\\\b"),
+    (b"\xff\xfe", "\\xff\\xfe"),
+    ("\u202eevil".encode(), "\\u202eevil"),
+    ("caf\u00e9".encode(), "caf\u00e9"),
+    (b"\x00\x7f", "\\x00\\x7f"),
+])
+def test_escape_makes_terminal_text_safe(raw, shown):
+    assert escape(raw) == shown
+
+
+def test_escape_bounds_long_input():
+    out = escape(b"a" * 5000, limit=4096)
+    assert out.startswith("a" * 4096) and out.endswith("(+904 chars)")
+
+
+PROC_DEVICES = """Character devices:
+  1 mem
+195 nvidia-frontend
+226 drm
+234 nvidia-uvm
+235 nvidia-caps
+236 nvidia-nvswitch
+ 10 misc
+garbage line
+Block devices:
+235 nvidia-not-a-char
+"""
+
+
+def test_gpu_majors_from_proc_devices(tmp_path):
+    (tmp_path / "devices").write_text(PROC_DEVICES)
+    nodes = gpu_nodes.discover(proc=str(tmp_path), dev=str(tmp_path / "nodev"))
+    assert set(nodes.majors) == {195, 226, 234, 235, 236}
+    assert "/dev/char/234:" in nodes.prefixes and "/dev/nvidia" in nodes.prefixes
+    assert gpu_nodes.mkdev(234, 0xFFFFF) in nodes.kernel_dev_keys()
+    assert 10 not in nodes.majors  # the shared misc major is never matched whole
+
+
+def _header_tree(root, name, common=True):
+    arch = root / name
+    (arch / "arch/x86/include/generated").mkdir(parents=True)
+    (arch / "include/generated").mkdir(parents=True)
+    if common:
+        base = root / name.replace("-amd64", "-common")
+        (base / "include/linux").mkdir(parents=True)
+        (base / "include/linux/kconfig.h").write_text("")
+        (base / "arch/x86/include/asm").mkdir(parents=True)
+        (arch / "Makefile").write_text(f"include {base}/Makefile\n")
+    return arch
+
+
+def test_headers_split_debian_package_is_joined(tmp_path):
+    src = tmp_path / "src"
+    _header_tree(src, "linux-headers-6.1.0-9-amd64")
+    _header_tree(src, "linux-headers-6.1.0-56-amd64")
+    choice = find_headers(release="6.18.0-test", modules_root=str(tmp_path / "mods"),
+                          src_root=str(src), cache_dir=str(tmp_path / "cache"), machine="x86_64",
+                          environ={})
+    assert choice.source.endswith("linux-headers-6.1.0-56-amd64")  # newest wins (56 > 9)
+    assert os.path.exists(os.path.join(choice.source, "include/linux/kconfig.h"))
+    assert os.path.isdir(os.path.join(choice.source, "arch/x86/include/generated"))
+    assert os.path.isdir(os.path.join(choice.source, "arch/x86/include/asm"))
+    assert "6.1.0-56" in choice.description
+
+
+def test_headers_default_build_dir_needs_nothing(tmp_path):
+    (tmp_path / "mods/6.18.0/build/include").mkdir(parents=True)
+    choice = find_headers(release="6.18.0", modules_root=str(tmp_path / "mods"),
+                          src_root=str(tmp_path / "none"), environ={})
+    assert choice.source is None and choice.description == ""
+
+
+def test_no_headers_is_a_clear_error(tmp_path):
+    with pytest.raises(EnvironmentProblem, match="no usable kernel headers"):
+        find_headers(release="6.18.0", modules_root=str(tmp_path), src_root=str(tmp_path),
+                     environ={})
+
+
+def test_btf_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(EnvironmentProblem, match="no BTF"):
+        KernelBtf(str(tmp_path / "vmlinux"))
+
+
+@pytest.mark.kernel
+def test_btf_offsets_of_the_running_kernel():
+    with KernelBtf() as btf:
+        assert btf.member("user_namespace.ns.inum").size == 4
+        assert btf.member("file.f_path").size == 16  # inside an anonymous union on 6.18
+        with pytest.raises(KeyError):
+            btf.member("task_struct.no_such_member")
+        assert btf.size_of("upid") == 16  # int nr + pointer, padded

@@ -1,0 +1,132 @@
+"""`gputrace watch` as a user runs it: a real process, real denials, Ctrl-C."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support import actor
+from tests.support.nodes import NodeSpec, make_node, unique
+
+pytestmark = pytest.mark.kernel
+GPUTRACE = [sys.executable, "-m", "tracer"]
+
+
+def start_watch(*args: str) -> subprocess.Popen:
+    proc = subprocess.Popen(GPUTRACE + ["watch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    seen = b""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if b"watching" in line:
+            return proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"watch did not start: {seen.decode(errors='replace')}")
+
+
+def stop_watch(proc: subprocess.Popen) -> tuple[str, str]:
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out.decode(), err.decode()
+
+
+@pytest.fixture
+def hostile_node():
+    path = f"/dev/nvidia-{unique()}-\x1b[31m\x07"
+    make_node(path, NodeSpec(major=195, minor=90, mode=0o600))
+    yield path
+    os.unlink(path)
+
+
+def test_watch_json_lines_and_clean_ctrl_c(hostile_node):
+    proc = start_watch("--json")
+    try:
+        comm = b"gt\x1b[2Jx"
+        res = actor.spawn({"uid": 1700, "gid": 1700, "groups": [44],
+                           "comm_b64": base64.b64encode(comm).decode(),
+                           "actions": [{"op": "open", "path": hostile_node}] * 3}).check()
+        time.sleep(2.5)  # past one sweep, so the repeat count is out
+    finally:
+        out, err = stop_watch(proc)
+    events = [json.loads(line) for line in out.splitlines()]
+    mine = [e for e in events if e["process"]["pid"] == res.pid]
+    first = mine[0]
+    assert first["kind"] == "denial" and first["sensor"] == "bpf"
+    assert first["syscall"] == "openat" and first["errno"] == "EACCES"
+    assert first["process"]["uid"] == 1700 and first["process"]["groups"] == [44]
+    assert first["process"]["comm"] == comm.decode() and "\x1b" in first["node"]["path"]
+    for key in ("time", "count", "node", "process"):
+        assert key in first
+    for key in ("pid", "tid", "ppid", "comm", "uid", "gid", "fsuid", "fsgid", "groups",
+                "userns", "cgroup_id"):
+        assert key in first["process"]
+    assert {"inum", "level"} <= set(first["process"]["userns"])
+    assert {"path", "major", "minor"} <= set(first["node"])
+    assert max(e["count"] for e in mine) == 3
+    summary = err.strip().splitlines()[-1]
+    assert "denial events" in summary and "repeats aggregated" in summary and "dropped" in summary
+
+
+def test_watch_text_escapes_control_characters(hostile_node):
+    proc = start_watch()
+    try:
+        res = actor.spawn({"uid": 1701, "gid": 1701, "groups": [],
+                           "comm_b64": base64.b64encode(b"ev\x1b]0;t\x07").decode(),
+                           "actions": [{"op": "open", "path": hostile_node}]}).check()
+        time.sleep(1.0)
+    finally:
+        out, _err = stop_watch(proc)
+    line = next(l for l in out.splitlines() if f"pid={res.pid} " in l)
+    assert "\x1b" not in out and "\x07" not in out
+    assert "comm=ev\\x1b]0;t\\x07" in line
+    assert "\\x1b[31m\\x07" in line and "EACCES" in line and "uid=1701" in line
+
+
+def run_cli(*args: str, env: dict | None = None, user: int | None = None) -> subprocess.CompletedProcess:
+    def drop() -> None:
+        if user is not None:
+            os.setgroups([])
+            os.setresgid(user, user, user)
+            os.setresuid(user, user, user)
+    return subprocess.run(GPUTRACE + list(args), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, preexec_fn=drop, cwd="/")
+
+
+def one_line_error(proc: subprocess.CompletedProcess, status: int, needle: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == status, proc.stderr
+    assert lines[-1].startswith("gputrace: error: ") and needle in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_not_root_is_one_line_error():
+    env = {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    one_line_error(run_cli("watch", env=env, user=65534), 3, "CAP_BPF")
+
+
+def test_missing_btf_is_one_line_error():
+    one_line_error(run_cli("watch", "--btf", "/nonexistent/vmlinux"), 4, "no BTF")
+
+
+def test_unusable_headers_is_one_line_error(tmp_path):
+    one_line_error(run_cli("watch", env={"BCC_KERNEL_SOURCE": str(tmp_path)}), 4, "kernel header")
+
+
+def test_missing_tracefs_is_one_line_error(tmp_path):
+    one_line_error(run_cli("watch", "--tracefs", str(tmp_path / "none")), 4, "tracefs")
+
+
+def test_bad_option_is_one_line_usage_error():
+    one_line_error(run_cli("watch", "--errno", "ENOTANERRNO"), 2, "--errno")

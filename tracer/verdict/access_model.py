@@ -1,0 +1,374 @@
+"""Would the kernel let these credentials open this device node?
+
+A pure model of the Linux open path for character and block device nodes, in
+the kernel's own order (fs/namei.c, security/device_cgroup.c):
+
+1. ``may_open()`` -> ``may_open_dev()``: a node reached through a ``nodev``
+   mount, or on a superblock owned by a non-initial user namespace
+   (``SB_I_NODEV``), gives EACCES before any permission bit is read.
+2. ``inode_permission()`` -> ``generic_permission()`` -> ``acl_permission_check()``:
+   the owner triplet alone decides for the owner (ACLs do not matter); else the
+   POSIX ACL decides, but only when the mode's group bits (the ACL mask) are not
+   all zero; else the group triplet when the caller is in the owning group and
+   that triplet differs from "other" in the requested bits; else "other".
+3. Still EACCES: ``CAP_DAC_READ_SEARCH`` grants a pure read, then
+   ``CAP_DAC_OVERRIDE`` grants read and write.  A capability counts only when it
+   is in the effective set and the node's uid and gid are both mapped in the
+   caller's user namespace (``capable_wrt_inode_uidgid``).
+4. ``devcgroup_inode_permission()``: the cgroup v1 device controller gives EPERM.
+5. LSMs (SELinux, AppArmor, Landlock) come last and are not modelled.
+
+All ids are kernel ids (as the initial user namespace sees them).  Nothing here
+reads the host; enrichment builds these facts.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Optional
+
+MAY_READ = 4
+MAY_WRITE = 2
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+
+ACL_XATTR_VERSION = 2
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def access_mask_from_open_flags(flags: int) -> int:
+    """MAY_READ/MAY_WRITE for open(2) flags, as the kernel's ACC_MODE() maps them."""
+    return (MAY_READ, MAY_WRITE, MAY_READ | MAY_WRITE, MAY_READ | MAY_WRITE)[flags & 3]
+
+
+def _rwx(perm: int) -> str:
+    return "".join(ch if perm & bit else "-" for ch, bit in (("r", 4), ("w", 2), ("x", 1)))
+
+
+def _star(number: Optional[int]) -> str:
+    return "*" if number is None else str(number)
+
+
+def _wanted(mask: int) -> str:
+    return {MAY_READ: "read", MAY_WRITE: "write"}.get(mask, "read+write")
+
+
+@dataclass(frozen=True)
+class IdMapRange:
+    inside: int
+    outside: int
+    count: int
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """One uid_map or gid_map: ids inside a namespace <-> ids in its parent."""
+
+    ranges: tuple[IdMapRange, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "IdMap":
+        ranges = []
+        for line in text.splitlines():
+            if line.strip():
+                inside, outside, count = (int(part) for part in line.split())
+                ranges.append(IdMapRange(inside, outside, count))
+        return cls(tuple(ranges))
+
+    def to_inside(self, outside_id: int) -> Optional[int]:
+        for r in self.ranges:
+            if r.outside <= outside_id < r.outside + r.count:
+                return r.inside + (outside_id - r.outside)
+        return None
+
+    def to_outside(self, inside_id: int) -> Optional[int]:
+        for r in self.ranges:
+            if r.inside <= inside_id < r.inside + r.count:
+                return r.outside + (inside_id - r.inside)
+        return None
+
+
+@dataclass(frozen=True)
+class UserNamespaceLevel:
+    uid_map: IdMap
+    gid_map: IdMap
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """The caller's user namespace as a chain of maps, outermost first.
+
+    An empty chain is the initial namespace.  A map read from the initial
+    namespace (``/proc/PID/uid_map``) already has kernel ids as its outside
+    column, so one level describes any depth when read that way.
+    """
+
+    levels: tuple[UserNamespaceLevel, ...] = ()
+
+    @classmethod
+    def single(cls, uid_map: str, gid_map: str) -> "UserNamespace":
+        return cls((UserNamespaceLevel(IdMap.parse(uid_map), IdMap.parse(gid_map)),))
+
+    @property
+    def is_initial(self) -> bool:
+        return not self.levels
+
+    def _maps_down(self, kernel_id: int, which: str) -> bool:
+        current: Optional[int] = kernel_id
+        for level in self.levels:
+            current = getattr(level, which).to_inside(current)
+            if current is None:
+                return False
+        return True
+
+    def has_uid(self, kuid: int) -> bool:
+        return self._maps_down(kuid, "uid_map")
+
+    def has_gid(self, kgid: int) -> bool:
+        return self._maps_down(kgid, "gid_map")
+
+
+@dataclass(frozen=True)
+class PosixAcl:
+    """The extended part of an access ACL; owner and other come from the mode."""
+
+    users: tuple[tuple[int, int], ...] = ()   # (kuid, rwx) named user entries
+    groups: tuple[tuple[int, int], ...] = ()  # (kgid, rwx) named group entries
+    group_obj: int = 0
+    mask: Optional[int] = None
+
+    @classmethod
+    def from_xattr(cls, raw: bytes) -> "PosixAcl":
+        """Parse ``system.posix_acl_access`` as the initial namespace reads it."""
+        if len(raw) < 4 or (len(raw) - 4) % 8 or struct.unpack_from("<I", raw)[0] != ACL_XATTR_VERSION:
+            raise ValueError("not a version 2 POSIX ACL xattr")
+        users, groups, group_obj, mask = [], [], 0, None
+        for offset in range(4, len(raw), 8):
+            tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
+            if tag == ACL_USER:
+                users.append((ident, perm & 7))
+            elif tag == ACL_GROUP:
+                groups.append((ident, perm & 7))
+            elif tag == ACL_GROUP_OBJ:
+                group_obj = perm & 7
+            elif tag == ACL_MASK:
+                mask = perm & 7
+        return cls(tuple(users), tuple(groups), group_obj, mask)
+
+    def to_xattr(self, mode: int) -> bytes:
+        """Encode with owner/other perms from ``mode``; the mask defaults to the union."""
+        mask = self.mask
+        if mask is None and (self.users or self.groups):
+            mask = self.group_obj
+            for _, perm in self.users + self.groups:
+                mask |= perm
+        entries = [(ACL_USER_OBJ, (mode >> 6) & 7, 0xFFFFFFFF)]
+        entries += [(ACL_USER, perm, uid) for uid, perm in sorted(self.users)]
+        entries.append((ACL_GROUP_OBJ, self.group_obj, 0xFFFFFFFF))
+        entries += [(ACL_GROUP, perm, gid) for gid, perm in sorted(self.groups)]
+        if mask is not None:
+            entries.append((ACL_MASK, mask, 0xFFFFFFFF))
+        entries.append((ACL_OTHER, mode & 7, 0xFFFFFFFF))
+        return struct.pack("<I", ACL_XATTR_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    kind: str                # "a", "c" or "b"
+    major: Optional[int]     # None = "*"
+    minor: Optional[int]
+    access: str = "rwm"
+
+    @classmethod
+    def parse(cls, text: str) -> "DeviceRule":
+        """One ``devices.list`` / ``devices.allow`` line, e.g. ``c 195:* rw``."""
+        parts = text.split()
+        if parts == ["a"]:
+            return cls("a", None, None, "rwm")
+        kind, numbers, access = parts[0], parts[1], parts[2] if len(parts) > 2 else "rwm"
+        major, _, minor = numbers.partition(":")
+        return cls(kind, None if major == "*" else int(major), None if minor == "*" else int(minor), access)
+
+    def covers_node(self, kind: str, major: int, minor: int) -> bool:
+        return ((self.kind == "a" or self.kind == kind)
+                and self.major in (None, major) and self.minor in (None, minor))
+
+    def __str__(self) -> str:
+        return f"{self.kind} {_star(self.major)}:{_star(self.minor)} {self.access}"
+
+
+@dataclass(frozen=True)
+class DeviceCgroupPolicy:
+    """A cgroup v1 device controller: default behaviour plus its exceptions.
+
+    ``devices.list`` prints ``a *:* rwm`` for any default-allow cgroup and hides
+    its deny exceptions, so ``from_devices_list`` is exact only for default-deny
+    cgroups; build the policy from the written rules when they are known.
+    """
+
+    default_allow: bool
+    exceptions: tuple[DeviceRule, ...] = ()
+
+    @classmethod
+    def from_devices_list(cls, text: str) -> "DeviceCgroupPolicy":
+        rules = tuple(DeviceRule.parse(line) for line in text.splitlines() if line.strip())
+        if any(r.kind == "a" and r.major is None and r.minor is None and set("rwm") <= set(r.access)
+               for r in rules):
+            return cls(default_allow=True)
+        return cls(default_allow=False, exceptions=rules)
+
+    def decide(self, kind: str, major: int, minor: int, mask: int) -> tuple[bool, Optional[DeviceRule]]:
+        wanted = {"r"} if mask & MAY_READ else set()
+        if mask & MAY_WRITE:
+            wanted.add("w")
+        for rule in self.exceptions:
+            if not rule.covers_node(kind, major, minor):
+                continue
+            if self.default_allow and wanted & set(rule.access):
+                return False, rule   # a deny exception touching any wanted access
+            if not self.default_allow and wanted <= set(rule.access):
+                return True, rule    # an allow exception covering all of it
+        return self.default_allow, None
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    mode: int                       # st_mode; permission bits are mode & 0o777
+    uid: int                        # kernel ids
+    gid: int
+    major: int
+    minor: int
+    acl: Optional[PosixAcl] = None  # None: no extended ACL on the inode
+    nodev_mount: bool = False       # MNT_NODEV on the mount the path went through
+    superblock_userns_initial: bool = True  # False sets SB_I_NODEV
+    device_cgroup: Optional[DeviceCgroupPolicy] = None  # None: not known
+
+    @property
+    def kind(self) -> str:
+        return "b" if stat.S_ISBLK(self.mode) else "c"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    fsuid: int                      # kernel ids
+    fsgid: int
+    groups: tuple[int, ...] = ()
+    cap_effective: int = 0
+    userns: UserNamespace = field(default_factory=UserNamespace)
+
+    def in_group(self, kgid: int) -> bool:
+        return kgid == self.fsgid or kgid in self.groups
+
+    def has_cap(self, cap: int) -> bool:
+        return bool(self.cap_effective >> cap & 1)
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    allowed: bool
+    errno: Optional[int]
+    check: str        # the check that decided; stable names, see CHECKS
+    detail: str
+    unknown: tuple[str, ...] = ()  # checks that could still deny but are not modelled
+
+CHECKS = ("nodev_mount", "nodev_superblock", "dac_owner", "dac_acl_user", "dac_acl_group",
+          "dac_acl_mask", "dac_acl_other", "dac_group", "dac_other", "cap_dac_read_search",
+          "cap_dac_override", "device_cgroup")
+
+
+def _dac(node: NodeFacts, creds: Credentials, mask: int) -> tuple[bool, str, str]:
+    """acl_permission_check(): (granted, check name, detail)."""
+    mode = node.mode & 0o777
+    want = _wanted(mask)
+    if node.uid == creds.fsuid:
+        perm = mode >> 6 & 7
+        return (mask & ~perm) == 0, "dac_owner", f"caller is the owner {node.uid}, owner bits {_rwx(perm)}, wants {want}"
+    if node.acl is not None and mode & 0o070:
+        decided = _acl(node, creds, mask)
+        if decided is not None:
+            return decided
+    group_perm, other_perm = mode >> 3 & 7, mode & 7
+    if mask & (group_perm ^ other_perm) and creds.in_group(node.gid):
+        return ((mask & ~group_perm) == 0, "dac_group",
+                f"caller is in group {node.gid}, group bits {_rwx(group_perm)}, wants {want}")
+    return (mask & ~other_perm) == 0, "dac_other", f"other bits {_rwx(other_perm)}, wants {want}"
+
+
+def _acl(node: NodeFacts, creds: Credentials, mask: int) -> Optional[tuple[bool, str, str]]:
+    """posix_acl_permission() for a non-owner; None when the ACL has no say."""
+    acl = node.acl
+    assert acl is not None
+    want = _wanted(mask)
+    acl_mask = acl.mask
+
+    def through_mask(perm: int, what: str, check: str) -> tuple[bool, str, str]:
+        if (perm & mask) == mask and acl_mask is not None and (acl_mask & mask) != mask:
+            return False, "dac_acl_mask", f"{what} {_rwx(perm)} is limited by mask {_rwx(acl_mask)}, wants {want}"
+        return (perm & mask) == mask, check, f"{what} {_rwx(perm)}, wants {want}"
+
+    for uid, perm in acl.users:
+        if uid == creds.fsuid:
+            return through_mask(perm, f"ACL entry user:{uid}", "dac_acl_user")
+    found: list[str] = []
+    for gid, perm, label in [(node.gid, acl.group_obj, "ACL owning group")] + [
+            (g, p, "ACL entry group") for g, p in acl.groups]:
+        if creds.in_group(gid):
+            found.append(f"{label}:{gid} {_rwx(perm)}")
+            if (perm & mask) == mask:
+                return through_mask(perm, f"{label}:{gid}", "dac_acl_group")
+    if found:
+        return False, "dac_acl_group", f"matching entries {', '.join(found)} lack {want}"
+    if acl.mask is None and not acl.users and not acl.groups:
+        return None  # a minimal ACL is the mode itself
+    other = node.mode & 7
+    return (other & mask) == mask, "dac_acl_other", f"no ACL entry matches; other {_rwx(other)}, wants {want}"
+
+
+def _capability(node: NodeFacts, creds: Credentials, mask: int) -> Optional[tuple[str, str]]:
+    """generic_permission()'s capability overrides after DAC said EACCES."""
+    mapped = creds.userns.has_uid(node.uid) and creds.userns.has_gid(node.gid)
+    where = "" if creds.userns.is_initial else " in its user namespace"
+    for cap, name, applies in ((CAP_DAC_READ_SEARCH, "cap_dac_read_search", mask == MAY_READ),
+                               (CAP_DAC_OVERRIDE, "cap_dac_override", True)):
+        if applies and creds.has_cap(cap) and mapped:
+            return name, f"{name.upper()} held{where} overrides the permission bits"
+    return None
+
+
+def _cap_note(node: NodeFacts, creds: Credentials) -> str:
+    caps = creds.has_cap(CAP_DAC_OVERRIDE) or creds.has_cap(CAP_DAC_READ_SEARCH)
+    if caps and not (creds.userns.has_uid(node.uid) and creds.userns.has_gid(node.gid)):
+        return (f"; DAC capabilities do not apply: node {node.uid}:{node.gid} is not "
+                f"mapped in the caller's user namespace")
+    return ""
+
+
+def decide_open(node: NodeFacts, creds: Credentials, mask: int,
+                lsm_active: tuple[str, ...] = ()) -> AccessDecision:
+    """Decide an open of ``node`` for ``mask`` (MAY_READ | MAY_WRITE)."""
+    mask &= MAY_READ | MAY_WRITE
+    unknown = tuple(f"lsm:{name}" for name in lsm_active)
+    if node.nodev_mount:
+        return AccessDecision(False, errno.EACCES, "nodev_mount", "the node's mount has nodev", unknown)
+    if not node.superblock_userns_initial:
+        return AccessDecision(False, errno.EACCES, "nodev_superblock",
+                              "the node's filesystem is owned by a non-initial user namespace", unknown)
+    granted, check, detail = _dac(node, creds, mask)
+    if not granted:
+        override = _capability(node, creds, mask)
+        if override is None:
+            return AccessDecision(False, errno.EACCES, check, detail + _cap_note(node, creds), unknown)
+        check, detail = override[0], f"{detail}; {override[1]}"
+    if node.device_cgroup is None:
+        unknown = ("device_cgroup",) + unknown
+    else:
+        ok, rule = node.device_cgroup.decide(node.kind, node.major, node.minor, mask)
+        if not ok:
+            why = f"deny rule '{rule}'" if rule else "no allow rule covers it"
+            return AccessDecision(False, errno.EPERM, "device_cgroup",
+                                  f"device cgroup refuses {node.kind} {node.major}:{node.minor} "
+                                  f"{_wanted(mask)}: {why}", unknown)
+    return AccessDecision(True, None, check, detail, unknown)

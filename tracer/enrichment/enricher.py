@@ -1,0 +1,191 @@
+"""The enrichment stage: event -> Facts, with per-userns and per-cgroup caches.
+
+Container-wide facts (id maps, the container's /etc/group, engine, LSM label,
+device-cgroup policy) are cached per user namespace and per cgroup id, so a
+process that exited before we looked still gets its container's facts when a
+sibling was seen earlier.  `prime()` lets the pipeline take that snapshot as
+soon as it first meets a new userns or cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from typing import Generic, Optional, TypeVar
+
+from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
+                                         podman_storage_has, read_containerenv)
+from tracer.enrichment.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
+from tracer.enrichment.host_facts import (device_cgroup_facts, host_group_table,
+                                          logind_session_facts, nvidia_params_facts,
+                                          owner_user_facts)
+from tracer.enrichment.node_facts import node_facts
+from tracer.enrichment.node import NodeStatter, stat_in_root
+from tracer.enrichment.process import (ancestors, cgroup_facts, container_env,
+                                       container_root_facts, kernel_facts, live_status_facts,
+                                       lsm_facts, process_is_live, userns_facts)
+from tracer.event import Event, Process
+from tracer.host import HostPaths
+
+K = TypeVar("K")
+V = TypeVar("V")
+DEFAULT_CACHE_SIZE = 256
+
+
+class BoundedLru(Generic[K, V]):
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("cache size must be at least 1")
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> Optional[V]:
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+KEPT_GROUP_NAMES = ("video", "render")
+
+
+def trim_group_tables(facts: Facts) -> None:
+    """Keep only the /etc/group entries a verdict can use, so events stay small."""
+    gids = set(facts.get("process.groups", [])) | set(facts.get("host.user_groups") or [])
+    gids |= {facts.get("node.gid"), facts.get("process.fsgid")}
+    names = set(KEPT_GROUP_NAMES) | {facts.get("node.group_name")}
+    for name in ("host.etc_group", "container.etc_group"):
+        fact = facts.fact(name)
+        if fact is not None and isinstance(fact.value, dict):
+            kept = {n: g for n, g in fact.value.items() if n in names or g in gids}
+            facts.put(name, kept, fact.source, fact.origin)
+
+
+class Enricher:
+    """Adds facts to events.  `stat_node` may be replaced (fixture node stats)."""
+
+    def __init__(self, host: HostPaths, stat_node: NodeStatter = stat_in_root,
+                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.host = host
+        self.stat_node = stat_node
+        self.by_userns: BoundedLru[int, Facts] = BoundedLru(cache_size)
+        self.by_cgroup: BoundedLru[int, Facts] = BoundedLru(cache_size)
+        self.counters: Counter[str] = Counter()  # cache hits/misses, parse skips
+
+    def enrich(self, event: Event) -> Facts:
+        """Facts for one event; also stored JSON-ready in `event.facts`."""
+        proc = event.process
+        facts = Facts()
+        kernel_facts(proc, facts)
+        live = process_is_live(self.host, proc)
+        facts.put("process.live", live, LIVE if live else INFERRED,
+                  self.host.proc_pid(proc.pid))
+        if live:
+            live_status_facts(self.host, proc.pid, facts)
+            facts.update(self._snapshot(proc))
+        else:
+            self._add_cached(proc, facts)
+        self._add_rootless_inference(proc, facts)
+        self._add_host(proc, facts)
+        node_facts(self.host, self.stat_node, event, live, facts)
+        trim_group_tables(facts)
+        self.counters.update({f"skip:{k}": v for k, v in facts.skips.counts.items()})
+        event.facts = facts.to_json()
+        return facts
+
+    def prime(self, proc: Process) -> bool:
+        """Snapshot container-wide facts of a live process whose userns or cgroup
+        is not cached yet; call when the pipeline first meets one."""
+        new_userns = self._userns_key(proc) is not None and self._userns_key(proc) not in self.by_userns
+        new_cgroup = proc.cgroup_id != 0 and proc.cgroup_id not in self.by_cgroup
+        if not (new_userns or new_cgroup) or not process_is_live(self.host, proc):
+            return False
+        self._snapshot(proc)
+        self.counters["primed"] += 1
+        return True
+
+    @staticmethod
+    def _userns_key(proc: Process) -> Optional[int]:
+        # the initial userns is shared by every host process: not a container key
+        return proc.userns.inum if proc.userns.level > 0 and proc.userns.inum else None
+
+    def _snapshot(self, proc: Process) -> Facts:
+        shared = self._read_shared(proc)
+        key = self._userns_key(proc)
+        if key is not None:
+            self.by_userns.put(key, shared)
+        if proc.cgroup_id:
+            self.by_cgroup.put(proc.cgroup_id, shared)
+        return shared
+
+    def _read_shared(self, proc: Process) -> Facts:
+        shared = Facts()
+        pid = proc.pid
+        userns_facts(self.host, pid, shared)
+        container_root_facts(self.host, pid, shared)
+        lsm_facts(self.host, pid, shared)
+        cgroup_facts(self.host, pid, shared)
+        paths = shared.get("cgroup.paths") or {}
+        device_cgroup_facts(self.host, paths, shared)
+        self._container_facts(proc, paths, shared)
+        return shared
+
+    def _container_facts(self, proc: Process, cgroup_paths: dict[str, str],
+                         shared: Facts) -> None:
+        clues = ContainerClues(
+            cgroup_paths=sorted(set(cgroup_paths.values())),
+            ancestors=ancestors(self.host, proc.pid, shared.skips),
+            env_container=container_env(self.host, proc.pid),
+            containerenv=read_containerenv(self.host.proc_pid(proc.pid, "root")),
+            userns_level=proc.userns.level, userns_owner_uid=proc.userns.owner_uid)
+        first = detect_container(clues)
+        cid = first.get("id", (None, ""))[0]
+        if isinstance(cid, str):
+            clues.state_dirs = gather_state_dirs(self.host, cid, proc.userns.owner_uid)
+            runroot = podman_storage_has(self.host, cid, proc.userns.owner_uid)
+            if runroot and "engine" not in first:
+                clues.env_container = clues.env_container or "podman"
+        for key, (value, clue) in detect_container(clues).items():
+            shared.put(f"container.{key}", value, INFERRED if key == "rootless" else LIVE, clue)
+
+    def _add_cached(self, proc: Process, facts: Facts) -> None:
+        key = self._userns_key(proc)
+        by_userns = self.by_userns.get(key) if key is not None else None
+        by_cgroup = self.by_cgroup.get(proc.cgroup_id) if proc.cgroup_id else None
+        for shared in (by_userns, by_cgroup):
+            if shared is not None:
+                facts.update(shared, CACHED)
+        self.counters["cache_hit" if (by_userns or by_cgroup) else "cache_miss"] += 1
+
+    @staticmethod
+    def _add_rootless_inference(proc: Process, facts: Facts) -> None:
+        if proc.userns.level > 0 and proc.userns.owner_uid != 0 \
+                and "container.rootless" not in facts:
+            facts.put("container.rootless", True, INFERRED,
+                      "userns level > 0 and owner uid != 0 (kernel)")
+
+    def _add_host(self, proc: Process, facts: Facts) -> None:
+        host_group_table(self.host, facts)
+        if proc.userns.level > 0:
+            owner_user_facts(self.host, proc.userns.owner_uid, facts,
+                             "owner of the process's user namespace (kernel)")
+        else:
+            owner_user_facts(self.host, proc.uid, facts, "process uid in the initial userns")
+        nvidia_params_facts(self.host, facts)
+        logind_session_facts(self.host, facts)
+        facts.put("process.in_initial_userns", proc.userns.level == 0, KERNEL, "event")
+        if os.path.isdir(os.path.join(self.host.proc, "driver/nvidia")):
+            facts.put("nvidia.driver_loaded", True, LIVE,
+                      os.path.join(self.host.proc, "driver/nvidia"))

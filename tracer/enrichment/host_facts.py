@@ -1,0 +1,129 @@
+"""Facts about the host: the owning user's groups, NVIDIA driver params, logind
+seat sessions and the device-cgroup policy of the process's cgroup."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from tracer.enrichment import procfs
+from tracer.enrichment.facts import LIVE, Facts
+from tracer.enrichment.parse_files import (parse_group_file, parse_logind_session,
+                                           parse_nvidia_params, parse_passwd_file, user_gids)
+from tracer.enrichment.parse_proc import Mount, parse_devices_list, parse_mountinfo
+from tracer.host import HostPaths
+
+NVIDIA_PARAMS_KEPT = ("DeviceFileUID", "DeviceFileGID", "DeviceFileMode",
+                      "ModifyDeviceFiles", "RmProfilingAdminOnly")
+
+
+def host_group_table(host: HostPaths, facts: Facts) -> None:
+    """Host /etc/group as {name: gid}, for naming node groups."""
+    path = os.path.join(host.etc, "group")
+    text = procfs.read_text(path)
+    if text is not None:
+        groups = parse_group_file(text, facts.skips)
+        facts.put("host.etc_group", {g.name: g.gid for g in groups}, LIVE, path)
+
+
+def owner_user_facts(host: HostPaths, uid: int, facts: Facts, why: str) -> None:
+    """Name and login groups of the host user `uid` (the userns owner, or the process's)."""
+    passwd_path = os.path.join(host.etc, "passwd")
+    group_path = os.path.join(host.etc, "group")
+    facts.put("host.user_uid", uid, "inferred", why)
+    passwd_text = procfs.read_text(passwd_path)
+    group_text = procfs.read_text(group_path)
+    if passwd_text is None or group_text is None:
+        return
+    users = parse_passwd_file(passwd_text, facts.skips)
+    groups = parse_group_file(group_text, facts.skips)
+    user = next((u for u in users if u.uid == uid), None)
+    if user is None:
+        return
+    facts.put("host.user_name", user.name, LIVE, passwd_path)
+    facts.put("host.user_groups", user_gids(user, groups), LIVE,
+              f"{passwd_path} + {group_path}")
+
+
+def nvidia_params_facts(host: HostPaths, facts: Facts) -> None:
+    path = os.path.join(host.proc, "driver/nvidia/params")
+    text = procfs.read_text(path)
+    if text is None:
+        return
+    params = parse_nvidia_params(text, facts.skips)
+    kept = {k: params[k] for k in NVIDIA_PARAMS_KEPT if k in params}
+    facts.put("nvidia.params", kept, LIVE, path)
+
+
+def logind_session_facts(host: HostPaths, facts: Facts) -> None:
+    """Sessions logind knows: uid, seat, active, remote, type."""
+    sessions_dir = os.path.join(host.run, "systemd/sessions")
+    sessions = []
+    for name in procfs.list_dir(sessions_dir):
+        if name.endswith(".ref"):
+            continue
+        text = procfs.read_text(os.path.join(sessions_dir, name))
+        if text is None:
+            continue
+        fields = parse_logind_session(text, facts.skips)
+        if not fields.get("UID", "").isdigit():
+            facts.skips.skip("logind_session:no_uid")
+            continue
+        sessions.append({
+            "id": name, "uid": int(fields["UID"]), "user": fields.get("USER"),
+            "seat": fields.get("SEAT"), "active": fields.get("ACTIVE") == "1",
+            "remote": fields.get("REMOTE") == "1", "type": fields.get("TYPE")})
+    if os.path.isdir(sessions_dir):
+        facts.put("logind.sessions", sessions, LIVE, sessions_dir)
+
+
+def cgroup_mounts(host: HostPaths, facts: Facts) -> list[Mount]:
+    path = os.path.join(host.proc, "self/mountinfo")
+    text = procfs.read_text(path)
+    if text is None:
+        return []
+    return [m for m in parse_mountinfo(text, facts.skips) if m.fstype in ("cgroup", "cgroup2")]
+
+
+def _under_sys(host: HostPaths, mount_point: str) -> str:
+    """A host mount point, moved under the injected /sys root."""
+    if mount_point == "/sys" or mount_point.startswith("/sys/"):
+        return os.path.join(host.sys, mount_point[len("/sys"):].lstrip("/"))
+    return mount_point
+
+
+def _cgroup_dir(host: HostPaths, mount: Mount, cgroup_path: str) -> Optional[str]:
+    """The host directory of `cgroup_path` in a hierarchy mounted at `mount`."""
+    root = mount.root.rstrip("/")
+    if root and not (cgroup_path == root or cgroup_path.startswith(root + "/")):
+        return None  # the mount shows only a subtree that does not hold this cgroup
+    rel = cgroup_path[len(root):].lstrip("/")
+    base = _under_sys(host, mount.mount_point)
+    return os.path.join(base, rel) if rel else base
+
+
+def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Facts) -> None:
+    """v1: the `devices.list` allowlist; v2: the policy is a BPF program we cannot list."""
+    mounts = cgroup_mounts(host, facts)
+    v1_path = next((p for ctrls, p in cgroup_paths.items() if "devices" in ctrls.split(",")),
+                   None)
+    v1_mount = next((m for m in mounts if m.fstype == "cgroup" and "devices" in m.super_options),
+                    None)
+    if v1_path is not None and v1_mount is not None:
+        cg_dir = _cgroup_dir(host, v1_mount, v1_path)
+        list_path = os.path.join(cg_dir, "devices.list") if cg_dir else None
+        text = procfs.read_text(list_path) if list_path else None
+        if text is not None and list_path is not None:
+            rules = parse_devices_list(text, facts.skips)
+            facts.put("device_cgroup.version", 1, LIVE, list_path)
+            facts.put("device_cgroup.v1_rules", [r.to_text() for r in rules], LIVE, list_path)
+            return
+    v2_path = cgroup_paths.get("unified")
+    v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if v2_path is not None and v2_mount is not None and v1_path is None:
+        cg_dir = _cgroup_dir(host, v2_mount, v2_path)
+        facts.put("device_cgroup.version", 2, LIVE, cg_dir or v2_mount.mount_point)
+        # Attached BPF_CGROUP_DEVICE programs are only listable with bpf(BPF_PROG_QUERY);
+        # the daemon does not shell out to bpftool, so the v2 policy stays unknown.
+        facts.put("device_cgroup.v2_programs", "unknown", "inferred",
+                  "cgroup v2 device policy needs bpf(BPF_PROG_QUERY)")

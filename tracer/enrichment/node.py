@@ -1,0 +1,187 @@
+"""Facts about the device node: stat, ACL, label, mount flags and node class.
+
+The stat goes through a `NodeStatter` so fixture tests need no real device
+nodes; the live one resolves the path inside the process's root without letting
+a symlink lead out of that root.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from tracer.enrichment.facts import SkipCounter
+from tracer.enrichment.parse_files import AclEntry, build_posix_acl, parse_posix_acl
+
+MAX_SYMLINKS = 40  # the kernel's own limit (MAXSYMLINKS)
+ACL_XATTR = "system.posix_acl_access"
+SELINUX_XATTR = "security.selinux"
+
+
+@dataclass(frozen=True)
+class NodeStat:
+    mode: int            # full st_mode
+    uid: int
+    gid: int
+    major: Optional[int]  # of st_rdev, for device nodes
+    minor: Optional[int]
+    acl_xattr: Optional[bytes] = None
+    selinux: Optional[str] = None
+    resolved: str = ""    # the path actually stat'ed
+
+    @property
+    def is_char_device(self) -> bool:
+        return stat.S_ISCHR(self.mode)
+
+    def acl(self, skips: SkipCounter) -> Optional[list[AclEntry]]:
+        return None if self.acl_xattr is None else parse_posix_acl(self.acl_xattr, skips)
+
+
+NodeStatter = Callable[[str, str], Optional[NodeStat]]
+"""(root, path) -> NodeStat, or None when the node does not exist."""
+
+
+def resolve_in_root(root: str, path: str) -> Optional[str]:
+    """The host path of `path` as seen by a process whose root is `root`.
+
+    Symlinks are followed by hand: absolute targets restart at `root` and `..`
+    stops at `root`, as chroot would, so nothing leads outside.  None if missing.
+    """
+    pending = [p for p in path.split("/") if p]
+    done: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        candidate = os.path.join(root, *done, part)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):  # open() follows the last one too
+            links += 1
+            if links > MAX_SYMLINKS:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def _xattr(path: str, name: str) -> Optional[bytes]:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+            return None
+        raise
+
+
+def stat_in_root(root: str, path: str) -> Optional[NodeStat]:
+    """The live statter: os.lstat + xattrs of the node resolved inside `root`."""
+    resolved = resolve_in_root(root, path)
+    if resolved is None:
+        return None
+    try:
+        st = os.lstat(resolved)
+        acl = _xattr(resolved, ACL_XATTR)
+        label = _xattr(resolved, SELINUX_XATTR)
+    except OSError:
+        return None
+    is_dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+    return NodeStat(
+        mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+        major=os.major(st.st_rdev) if is_dev else None,
+        minor=os.minor(st.st_rdev) if is_dev else None,
+        acl_xattr=acl,
+        selinux=label.rstrip(b"\0").decode("utf-8", "replace") if label else None,
+        resolved=resolved)
+
+
+class FixtureNodeStats:
+    """A statter reading recorded node stats (JSON: path -> {mode: "020660", uid,
+    gid, major, minor, acl: [[tag, perm, id]...], selinux}); `root` is ignored."""
+
+    def __init__(self, json_path: str) -> None:
+        with open(json_path, encoding="utf-8") as f:
+            self.nodes: dict[str, Any] = json.load(f)
+
+    def __call__(self, root: str, path: str) -> Optional[NodeStat]:
+        rec = self.nodes.get(path)
+        if rec is None:
+            return None
+        acl = None
+        if rec.get("acl") is not None:
+            acl = build_posix_acl([AclEntry(t, p, i) for t, p, i in rec["acl"]])
+        return NodeStat(mode=int(rec["mode"], 8), uid=rec["uid"], gid=rec["gid"],
+                        major=rec.get("major"), minor=rec.get("minor"), acl_xattr=acl,
+                        selinux=rec.get("selinux"), resolved=path)
+
+
+NVIDIA_MAJOR = 195
+DRM_MAJOR = 226
+_PATH_CLASSES = [
+    (re.compile(r"^/dev/nvidia\d+$"), "nvidia-gpu"),
+    (re.compile(r"^/dev/nvidiactl$"), "nvidiactl"),
+    (re.compile(r"^/dev/nvidia-modeset$"), "nvidia-modeset"),
+    (re.compile(r"^/dev/nvidia-uvm$"), "nvidia-uvm"),
+    (re.compile(r"^/dev/nvidia-uvm-tools$"), "nvidia-uvm-tools"),
+    (re.compile(r"^/dev/nvidia-caps/"), "nvidia-caps"),
+    (re.compile(r"^/dev/nvidia-nvswitch"), "nvidia-nvswitch"),
+    (re.compile(r"^/dev/dri/renderD\d+$"), "drm-render"),
+    (re.compile(r"^/dev/dri/card\d+$"), "drm-card"),
+    (re.compile(r"^/dev/nvmap$"), "tegra-nvmap"),
+    (re.compile(r"^/dev/nvhost-"), "tegra-nvhost"),
+    (re.compile(r"^/dev/nvgpu/"), "tegra-nvgpu"),
+]
+
+
+def classify_node(path: Optional[str], major: Optional[int], minor: Optional[int],
+                  char_majors: dict[int, str]) -> str:
+    """The node class from major/minor (with /proc/devices names), else the path."""
+    if major is not None and minor is not None:
+        name = char_majors.get(major, "")
+        if major == NVIDIA_MAJOR or name in ("nvidia", "nvidia-frontend"):
+            return {255: "nvidiactl", 254: "nvidia-modeset"}.get(minor, "nvidia-gpu")
+        if name == "nvidia-uvm":
+            return "nvidia-uvm-tools" if minor == 1 else "nvidia-uvm"
+        if name in ("nvidia-caps", "nvidia-caps-imex-channels"):
+            return "nvidia-caps"
+        if name == "nvidia-nvswitch":
+            return "nvidia-nvswitch"
+        if major == DRM_MAJOR or name == "drm":
+            return "drm-render" if minor >= 128 else "drm-card"
+        if name.startswith("nvhost"):
+            return "tegra-nvhost"
+        if name == "nvgpu" or name.startswith("nvgpu"):
+            return "tegra-nvgpu"
+    for pattern, cls in _PATH_CLASSES:
+        if path and pattern.search(path):
+            return cls
+    return "unknown"
+
+
+def host_devname(sys_root: str, major: int, minor: int) -> Optional[str]:
+    """The node's name under /dev from /sys/dev/char/M:m/uevent (DEVNAME=)."""
+    try:
+        with open(os.path.join(sys_root, "dev/char", f"{major}:{minor}", "uevent"),
+                  encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return line.split("=", 1)[1].strip() or None
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,122 @@
+"""Node facts for one event: stat through the process's root while it lives,
+else the host's node (by path, or by major:minor through /sys/dev/char)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Optional
+
+from tracer.enrichment import procfs
+from tracer.enrichment.facts import INFERRED, KERNEL, LIVE, Facts
+from tracer.enrichment.node import NodeStat, NodeStatter, classify_node, host_devname
+from tracer.enrichment.parse_proc import (id_to_inside, mount_holding, parse_mountinfo,
+                                          parse_proc_devices)
+from tracer.event import Event
+from tracer.host import HostPaths
+
+OVERFLOW_GID = 65534  # what an unmapped id shows as inside a user namespace
+GPU_DRIVER_WORDS = ("nvidia", "drm", "nvhost", "nvmap", "nvgpu")
+
+
+def host_root(host: HostPaths) -> str:
+    """The directory that is "/" for the host tree (the parent of its /dev)."""
+    return os.path.dirname(host.dev.rstrip("/")) or "/"
+
+
+def _stat_node(host: HostPaths, statter: NodeStatter, event: Event, path: str,
+               live: bool) -> tuple[Optional[NodeStat], str, str]:
+    """(stat, where it was seen: "process-root" | "host", origin)."""
+    if live:
+        root = host.proc_pid(event.process.pid, "root")
+        return statter(root, path), "process-root", root + path
+    root = host_root(host)
+    found = statter(root, path)
+    if found is not None:
+        return found, "host", os.path.join(root, path.lstrip("/"))
+    major, minor = event.node.major, event.node.minor
+    if major is not None and minor is not None:
+        name = host_devname(host.sys, major, minor)
+        if name:
+            dev_path = "/dev/" + name
+            return statter(root, dev_path), "host", os.path.join(host.dev, name)
+    return None, "host", os.path.join(root, path.lstrip("/"))
+
+
+def _mount_facts(host: HostPaths, event: Event, path: str, live: bool, facts: Facts) -> None:
+    pid = event.process.pid
+    mountinfo_path = host.proc_pid(pid, "mountinfo") if live else None
+    if mountinfo_path is None:
+        # the host's own mounts are the process's only when it shares init's mount ns
+        init_mnt = procfs.ns_inum(procfs.read_link(host.proc_pid(1, "ns", "mnt")))
+        if not event.process.mntns or init_mnt != event.process.mntns:
+            return
+        mountinfo_path = host.proc_pid(1, "mountinfo")
+    text = procfs.read_text(mountinfo_path)
+    if text is None:
+        return
+    mount = mount_holding(path, parse_mountinfo(text, facts.skips))
+    if mount is None:
+        return
+    facts.put("node.mount", {
+        "mount_point": mount.mount_point, "fstype": mount.fstype, "source": mount.source,
+        "options": list(mount.options)}, LIVE, mountinfo_path)
+    facts.put("node.mount_nodev", "nodev" in mount.options, LIVE, mountinfo_path)
+    ro = "ro" in mount.options or "ro" in mount.super_options
+    facts.put("node.mount_ro", ro, LIVE, mountinfo_path)
+
+
+def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
+               facts: Facts) -> None:
+    path = os.fsdecode(event.node.path) if event.node.path else None
+    devices_path = os.path.join(host.proc, "devices")
+    devices_text = procfs.read_text(devices_path)
+    char_majors = parse_proc_devices(devices_text, facts.skips) if devices_text else {}
+    gpu_majors = {str(k): v for k, v in char_majors.items()
+                  if any(w in v for w in GPU_DRIVER_WORDS)}
+    if devices_text is not None:
+        facts.put("host.gpu_char_majors", gpu_majors, LIVE, devices_path)
+    if event.node.major is not None:
+        facts.put("node.major", event.node.major, KERNEL, "event")
+        facts.put("node.minor", event.node.minor, KERNEL, "event")
+    if path is None:
+        return
+    facts.put("node.path", path, KERNEL, "event")
+    found, seen_from, origin = _stat_node(host, statter, event, path, live)
+    facts.put("node.seen_from", seen_from, INFERRED, "process alive" if live else "process gone")
+    facts.put("node.exists", found is not None, LIVE, origin)
+    major, minor = event.node.major, event.node.minor
+    if found is not None:
+        kind = ("char" if stat.S_ISCHR(found.mode) else "block" if stat.S_ISBLK(found.mode)
+                else "other")
+        facts.put("node.type", kind, LIVE, origin)
+        facts.put("node.mode", f"{stat.S_IMODE(found.mode):04o}", LIVE, origin)
+        facts.put("node.uid", found.uid, LIVE, origin)
+        facts.put("node.gid", found.gid, LIVE, origin)
+        if major is None and found.major is not None:
+            major, minor = found.major, found.minor
+            facts.put("node.major", major, LIVE, origin)
+            facts.put("node.minor", minor, LIVE, origin)
+        acl = found.acl(facts.skips)
+        if acl is not None:
+            facts.put("node.acl", [e.to_json() for e in acl], LIVE, origin + " system.posix_acl_access")
+        if found.selinux:
+            facts.put("node.selinux", found.selinux, LIVE, origin + " security.selinux")
+        _name_ids(found, facts)
+    facts.put("node.class", classify_node(path, major, minor, char_majors), INFERRED,
+              "major:minor, /proc/devices and path")
+    _mount_facts(host, event, path, live, facts)
+
+
+def _name_ids(found: NodeStat, facts: Facts) -> None:
+    """The node's group as the host names it, and as the container sees it."""
+    host_groups = facts.get("host.etc_group") or {}
+    host_name = next((n for n, g in host_groups.items() if g == found.gid), None)
+    if host_name:
+        facts.put("node.group_name", host_name, INFERRED, "host /etc/group")
+    gid_map = facts.get("userns.gid_map")
+    if gid_map is not None:
+        inside = id_to_inside([tuple(r) for r in gid_map], found.gid)
+        facts.put("node.gid_in_container", OVERFLOW_GID if inside is None else inside,
+                  INFERRED, "node gid through userns gid_map")
+        facts.put("node.gid_mapped", inside is not None, INFERRED, "userns gid_map")

@@ -1,0 +1,163 @@
+"""Pure parsers for /etc files, driver params, logind sessions and the ACL xattr.
+
+Each takes the raw content and a `SkipCounter`; malformed input is skipped and
+counted with a bounded reason, never raised.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from tracer.enrichment.facts import SkipCounter
+
+
+@dataclass(frozen=True)
+class GroupEntry:
+    name: str
+    gid: int
+    members: tuple[str, ...]
+
+
+def parse_group_file(text: str, skips: SkipCounter) -> list[GroupEntry]:
+    """/etc/group: `name:password:gid:member,member`."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) != 4 or not parts[0] or not parts[2].isdigit():
+            skips.skip("group:bad_line")
+            continue
+        members = tuple(m for m in parts[3].split(",") if m)
+        out.append(GroupEntry(parts[0], int(parts[2]), members))
+    return out
+
+
+@dataclass(frozen=True)
+class PasswdEntry:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def parse_passwd_file(text: str, skips: SkipCounter) -> list[PasswdEntry]:
+    """/etc/passwd: `name:password:uid:gid:gecos:home:shell`."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) != 7 or not parts[0] or not parts[2].isdigit() or not parts[3].isdigit():
+            skips.skip("passwd:bad_line")
+            continue
+        out.append(PasswdEntry(parts[0], int(parts[2]), int(parts[3]), parts[5]))
+    return out
+
+
+def group_name(groups: list[GroupEntry], gid: int) -> Optional[str]:
+    return next((g.name for g in groups if g.gid == gid), None)
+
+
+def group_by_name(groups: list[GroupEntry], name: str) -> Optional[GroupEntry]:
+    return next((g for g in groups if g.name == name), None)
+
+
+def user_gids(user: PasswdEntry, groups: list[GroupEntry]) -> list[int]:
+    """What initgroups() gives a login of this user: primary gid + listed groups."""
+    gids = [user.gid] + [g.gid for g in groups if user.name in g.members]
+    return sorted(set(gids))
+
+
+def parse_nvidia_params(text: str, skips: SkipCounter) -> dict[str, object]:
+    """/proc/driver/nvidia/params: `Name: value`; numbers are decimal, strings quoted."""
+    out: dict[str, object] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or " " in key:
+            skips.skip("nvidia_params:bad_line")
+            continue
+        if value.lstrip("-").isdigit():
+            out[key] = int(value)
+        elif len(value) >= 2 and value[0] == value[-1] == '"':
+            out[key] = value[1:-1]
+        else:
+            out[key] = value
+    return out
+
+
+def parse_logind_session(text: str, skips: SkipCounter) -> dict[str, str]:
+    """/run/systemd/sessions/ID: systemd env-style `KEY=VALUE` lines."""
+    out = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.replace("_", "").isalnum():
+            skips.skip("logind_session:bad_line")
+            continue
+        out[key] = value
+    return out
+
+
+# Linux <linux/posix_acl_xattr.h>: a 4-byte version, then 8-byte entries.
+ACL_XATTR_VERSION = 2
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+ACL_TAGS = {0x01: "user_obj", 0x02: "user", 0x04: "group_obj", 0x08: "group",
+            0x10: "mask", 0x20: "other"}
+
+
+@dataclass(frozen=True)
+class AclEntry:
+    tag: str            # user_obj, user, group_obj, group, mask, other
+    perm: int           # 0..7: r=4 w=2 x=1
+    id: Optional[int]   # for user/group entries only
+
+    def to_json(self) -> dict[str, object]:
+        return {"tag": self.tag, "perm": perm_text(self.perm), "id": self.id}
+
+
+def perm_text(perm: int) -> str:
+    return ("r" if perm & 4 else "-") + ("w" if perm & 2 else "-") + ("x" if perm & 1 else "-")
+
+
+def parse_posix_acl(raw: bytes, skips: SkipCounter) -> Optional[list[AclEntry]]:
+    """The `system.posix_acl_access` xattr value; None when it is malformed."""
+    if len(raw) < 4 or (len(raw) - 4) % 8:
+        skips.skip("acl:bad_length")
+        return None
+    (version,) = struct.unpack_from("<I", raw, 0)
+    if version != ACL_XATTR_VERSION:
+        skips.skip("acl:bad_version")
+        return None
+    entries = []
+    for offset in range(4, len(raw), 8):
+        tag_num, perm, ident = struct.unpack_from("<HHI", raw, offset)
+        tag = ACL_TAGS.get(tag_num)
+        if tag is None or perm > 7:
+            skips.skip("acl:bad_entry")
+            return None
+        has_id = tag in ("user", "group")
+        if has_id == (ident == ACL_UNDEFINED_ID):
+            skips.skip("acl:bad_id")
+            return None
+        entries.append(AclEntry(tag, perm, ident if has_id else None))
+    if not any(e.tag == "user_obj" for e in entries):
+        skips.skip("acl:no_user_obj")
+        return None
+    return entries
+
+
+def build_posix_acl(entries: list[AclEntry]) -> bytes:
+    """The xattr bytes for entries (used by tests and by fixture recording)."""
+    tag_nums = {name: num for num, name in ACL_TAGS.items()}
+    out = [struct.pack("<I", ACL_XATTR_VERSION)]
+    for e in entries:
+        out.append(struct.pack("<HHI", tag_nums[e.tag], e.perm,
+                               ACL_UNDEFINED_ID if e.id is None else e.id))
+    return b"".join(out)

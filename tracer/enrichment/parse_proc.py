@@ -1,0 +1,238 @@
+"""Pure parsers for /proc and cgroup files.
+
+Each takes the file's text and a `SkipCounter`; a malformed line is skipped and
+counted with a bounded reason, never raised.  Results are plain, JSON-able data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tracer.enrichment.facts import SkipCounter
+
+IdMap = list[tuple[int, int, int]]  # (inside, outside, count)
+
+
+def parse_id_map(text: str, skips: SkipCounter, what: str = "id_map") -> IdMap:
+    """/proc/PID/uid_map or gid_map: `inside outside count` per line."""
+    out: IdMap = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            skips.skip(f"{what}:bad_line")
+            continue
+        inside, outside, count = (int(p) for p in parts)
+        if count == 0 or inside + count > 2**32 or outside + count > 2**32:
+            skips.skip(f"{what}:bad_range")
+            continue
+        out.append((inside, outside, count))
+    return out
+
+
+def id_to_inside(id_map: IdMap, kernel_id: int) -> Optional[int]:
+    """The id a kernel (initial-namespace) id has inside the namespace, if mapped."""
+    for inside, outside, count in id_map:
+        if outside <= kernel_id < outside + count:
+            return inside + (kernel_id - outside)
+    return None
+
+
+def id_to_kernel(id_map: IdMap, inside_id: int) -> Optional[int]:
+    for inside, outside, count in id_map:
+        if inside <= inside_id < inside + count:
+            return outside + (inside_id - inside)
+    return None
+
+
+def is_identity_map(id_map: IdMap) -> bool:
+    return id_map == [(0, 0, 4294967295)]
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    parent_id: int
+    dev: str  # "major:minor" of the filesystem
+    root: str
+    mount_point: str
+    options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...] = field(default=())
+
+
+def _unescape_mount_field(raw: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal
+    out, i = [], 0
+    while i < len(raw):
+        if raw[i] == "\\" and i + 3 < len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(chr(int(raw[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str, skips: SkipCounter) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split(" ")
+        try:
+            sep = parts.index("-", 6)
+        except ValueError:
+            skips.skip("mountinfo:no_separator")
+            continue
+        if sep + 3 > len(parts) or not parts[0].isdigit() or not parts[1].isdigit():
+            skips.skip("mountinfo:bad_line")
+            continue
+        mounts.append(Mount(
+            mount_id=int(parts[0]), parent_id=int(parts[1]), dev=parts[2],
+            root=_unescape_mount_field(parts[3]),
+            mount_point=_unescape_mount_field(parts[4]),
+            options=tuple(parts[5].split(",")), fstype=parts[sep + 1],
+            source=_unescape_mount_field(parts[sep + 2]),
+            super_options=tuple(parts[sep + 3].split(",")) if sep + 3 < len(parts) else (),
+        ))
+    return mounts
+
+
+def mount_holding(path: str, mounts: list[Mount]) -> Optional[Mount]:
+    """The mount a path lies on: longest mount point prefix, the later one when stacked."""
+    best: Optional[Mount] = None
+    for mount in mounts:
+        mp = mount.mount_point.rstrip("/") or "/"
+        if mp == "/" or path == mp or path.startswith(mp + "/"):
+            if best is None or len(mp) >= len(best.mount_point.rstrip("/") or "/"):
+                best = mount
+    return best
+
+
+def parse_status(text: str, skips: SkipCounter) -> dict[str, str]:
+    """/proc/PID/status: `Key:\\tvalue` lines."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep or not key or " " in key.strip():
+            skips.skip("status:bad_line")
+            continue
+        out[key.strip()] = value.strip()
+    return out
+
+
+def status_ints(status: dict[str, str], key: str, skips: SkipCounter) -> Optional[list[int]]:
+    raw = status.get(key)
+    if raw is None:
+        return None
+    try:
+        return [int(p) for p in raw.split()]
+    except ValueError:
+        skips.skip(f"status:bad_{key}")
+        return None
+
+
+def status_hex(status: dict[str, str], key: str, skips: SkipCounter) -> Optional[int]:
+    raw = status.get(key)
+    if raw is None:
+        return None
+    try:
+        return int(raw, 16)
+    except ValueError:
+        skips.skip(f"status:bad_{key}")
+        return None
+
+
+@dataclass(frozen=True)
+class CgroupLine:
+    hierarchy: int
+    controllers: tuple[str, ...]
+    path: str
+
+
+def parse_proc_cgroup(text: str, skips: SkipCounter) -> list[CgroupLine]:
+    """/proc/PID/cgroup: `hierarchy-ID:controller-list:path`; v2 is `0::path`."""
+    out = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        parts = line.split(":", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].startswith("/"):
+            skips.skip("cgroup:bad_line")
+            continue
+        ctrls = tuple(c for c in parts[1].split(",") if c)
+        out.append(CgroupLine(int(parts[0]), ctrls, parts[2]))
+    return out
+
+
+def parse_proc_devices(text: str, skips: SkipCounter) -> dict[int, str]:
+    """/proc/devices: character-device majors -> driver name."""
+    out: dict[int, str] = {}
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.endswith(":"):
+            section = stripped[:-1].lower()
+            continue
+        parts = stripped.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            skips.skip("devices:bad_line")
+            continue
+        if section == "character devices":
+            out[int(parts[0])] = parts[1]
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    kind: str              # "a", "c" or "b"
+    major: Optional[int]   # None = any
+    minor: Optional[int]
+    access: str            # subset of "rwm"
+
+    def matches(self, kind: str, major: int, minor: int) -> bool:
+        return (self.kind in ("a", kind)
+                and self.major in (None, major) and self.minor in (None, minor))
+
+    def to_text(self) -> str:
+        major = "*" if self.major is None else str(self.major)
+        minor = "*" if self.minor is None else str(self.minor)
+        return f"{self.kind} {major}:{minor} {self.access}"
+
+
+def parse_devices_list(text: str, skips: SkipCounter) -> list[DeviceRule]:
+    """cgroup v1 devices.list: `c 195:* rwm`, `a *:* rwm`."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[0] not in ("a", "b", "c") or ":" not in parts[1]:
+            skips.skip("devices_list:bad_line")
+            continue
+        major_s, _, minor_s = parts[1].partition(":")
+        try:
+            major = None if major_s == "*" else int(major_s)
+            minor = None if minor_s == "*" else int(minor_s)
+        except ValueError:
+            skips.skip("devices_list:bad_number")
+            continue
+        if not parts[2] or set(parts[2]) - set("rwm"):
+            skips.skip("devices_list:bad_access")
+            continue
+        out.append(DeviceRule(parts[0], major, minor, parts[2]))
+    return out
+
+
+def devices_list_allows(rules: list[DeviceRule], kind: str, major: int, minor: int,
+                        access: str) -> bool:
+    """v1 devices.list is an allowlist; like the kernel's match_exception(), one
+    rule must grant every wanted access bit."""
+    return any(rule.matches(kind, major, minor) and set(access) <= set(rule.access)
+               for rule in rules)

@@ -1,0 +1,147 @@
+"""Facts about the process: credentials from the event, and what /proc says now.
+
+Kernel-captured credentials are always present; /proc facts only while the
+same process still lives (same pid *and* same user/mount namespace, so a
+reused pid is not mistaken for it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tracer.enrichment import procfs
+from tracer.enrichment.facts import KERNEL, LIVE, Facts, SkipCounter
+from tracer.enrichment.node import resolve_in_root
+from tracer.enrichment.parse_files import parse_group_file
+from tracer.enrichment.parse_proc import (parse_id_map, parse_proc_cgroup, parse_status,
+                                          status_hex, status_ints)
+from tracer.event import Process
+from tracer.host import HostPaths
+
+MAX_ANCESTORS = 12
+
+
+def kernel_facts(proc: Process, facts: Facts) -> None:
+    """Credentials the sensor captured in the kernel with the event."""
+    def put(name: str, value: object) -> None:
+        facts.put(name, value, KERNEL, "event")
+
+    put("process.pid", proc.pid)
+    put("process.comm", proc.comm.decode("utf-8", "replace"))
+    for name in ("uid", "gid", "euid", "egid", "fsuid", "fsgid", "ngroups",
+                 "cgroup_id", "mntns", "pidns", "cgroupns", "ns_pid"):
+        put(f"process.{name}", getattr(proc, name))
+    put("process.groups", sorted(proc.groups))
+    put("process.cap_effective", f"{proc.cap_effective:016x}")
+    put("userns.inum", proc.userns.inum)
+    put("userns.level", proc.userns.level)
+    put("userns.owner_uid", proc.userns.owner_uid)
+
+
+def process_is_live(host: HostPaths, proc: Process) -> bool:
+    """The pid still names this process: its namespaces match the event's."""
+    for ns, want in (("user", proc.userns.inum), ("mnt", proc.mntns)):
+        if not want:
+            continue
+        have = procfs.ns_inum(procfs.read_link(host.proc_pid(proc.pid, "ns", ns)))
+        if have != want:
+            return False
+    return procfs.read_text(host.proc_pid(proc.pid, "status")) is not None
+
+
+def live_status_facts(host: HostPaths, pid: int, facts: Facts) -> None:
+    path = host.proc_pid(pid, "status")
+    text = procfs.read_text(path)
+    if text is None:
+        return
+    status = parse_status(text, facts.skips)
+    nnp = status_ints(status, "NoNewPrivs", facts.skips)
+    if nnp:
+        facts.put("process.no_new_privs", bool(nnp[0]), LIVE, path)
+    cap = status_hex(status, "CapEff", facts.skips)
+    if cap is not None:
+        facts.put("process.cap_effective_live", f"{cap:016x}", LIVE, path)
+    groups = status_ints(status, "Groups", facts.skips)
+    if groups is not None:
+        facts.put("process.groups_in_ns", groups, LIVE, path)
+    if "Seccomp" in status:
+        facts.put("process.seccomp", status["Seccomp"], LIVE, path)
+
+
+def userns_facts(host: HostPaths, pid: int, facts: Facts) -> None:
+    """uid_map, gid_map, setgroups and the container's /etc/group: shared by the userns."""
+    for name in ("uid_map", "gid_map"):
+        path = host.proc_pid(pid, name)
+        text = procfs.read_text(path)
+        if text is not None:
+            id_map = parse_id_map(text, facts.skips, name)
+            facts.put(f"userns.{name}", [list(r) for r in id_map], LIVE, path)
+    path = host.proc_pid(pid, "setgroups")
+    text = procfs.read_text(path)
+    if text is not None and text.strip() in ("allow", "deny"):
+        facts.put("userns.setgroups", text.strip(), LIVE, path)
+    elif text is not None:
+        facts.skips.skip("setgroups:bad_value")
+
+
+def container_root_facts(host: HostPaths, pid: int, facts: Facts) -> None:
+    """The container's own /etc/group, read inside its root."""
+    root = host.proc_pid(pid, "root")
+    resolved = resolve_in_root(root, "/etc/group")
+    if resolved is None:
+        return
+    text = procfs.read_text(resolved)
+    if text is None:
+        return
+    groups = parse_group_file(text, facts.skips)
+    facts.put("container.etc_group", {g.name: g.gid for g in groups}, LIVE,
+              host.proc_pid(pid, "root/etc/group"))
+
+
+def lsm_facts(host: HostPaths, pid: int, facts: Facts) -> None:
+    path = host.proc_pid(pid, "attr/current")
+    text = procfs.read_text(path)
+    if text:
+        label = text.rstrip("\0\n").strip()
+        if label:
+            facts.put("process.lsm_label", label, LIVE, path)
+
+
+def cgroup_facts(host: HostPaths, pid: int, facts: Facts) -> None:
+    path = host.proc_pid(pid, "cgroup")
+    text = procfs.read_text(path)
+    if text is None:
+        return
+    lines = parse_proc_cgroup(text, facts.skips)
+    facts.put("cgroup.paths", {",".join(ln.controllers) or "unified": ln.path for ln in lines},
+              LIVE, path)
+
+
+def container_env(host: HostPaths, pid: int) -> Optional[str]:
+    """The `container=` variable engines put in the container's environment."""
+    raw = procfs.read_bytes(host.proc_pid(pid, "environ"))
+    for item in (raw or b"").split(b"\0"):
+        if item.startswith(b"container="):
+            return item[len(b"container="):].decode("utf-8", "replace")
+    return None
+
+
+def ancestors(host: HostPaths, pid: int, skips: SkipCounter) -> list[dict[str, object]]:
+    """The process's parents up to init: pid, comm and argv of each."""
+    out: list[dict[str, object]] = []
+    seen = {pid}
+    current = pid
+    for _ in range(MAX_ANCESTORS):
+        text = procfs.read_text(host.proc_pid(current, "status"))
+        if text is None:
+            break
+        ppid = status_ints(parse_status(text, skips), "PPid", skips)
+        if not ppid or ppid[0] in seen or ppid[0] <= 0:
+            break
+        current = ppid[0]
+        seen.add(current)
+        comm = (procfs.read_text(host.proc_pid(current, "comm")) or "").strip()
+        argv_raw = procfs.read_bytes(host.proc_pid(current, "cmdline"), 64 << 10) or b""
+        argv = [a.decode("utf-8", "replace") for a in argv_raw.split(b"\0") if a]
+        out.append({"pid": current, "comm": comm, "argv": argv})
+    return out

@@ -1,0 +1,43 @@
+"""Reading files under the injected host roots: bounded, never raising."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+MAX_FILE_BYTES = 1 << 20  # /proc and /etc files we read are far smaller
+
+
+def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def read_text(path: str, limit: int = MAX_FILE_BYTES) -> Optional[str]:
+    raw = read_bytes(path, limit)
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
+def read_link(path: str) -> Optional[str]:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def list_dir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def ns_inum(link_target: Optional[str]) -> Optional[int]:
+    """The inode number from a /proc/PID/ns/* link target like `user:[4026531837]`."""
+    if not link_target or "[" not in link_target or not link_target.endswith("]"):
+        return None
+    digits = link_target[link_target.index("[") + 1:-1]
+    return int(digits) if digits.isdigit() else None

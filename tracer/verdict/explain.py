@@ -1,0 +1,155 @@
+"""The verdict stage: event + facts -> Verdict, live or from a recorded journal.
+
+    verdict = explain(event, enricher)      # pipeline: enrich, decide, classify
+    for result in explain_records(lines):   # `gputrace explain FILE|-`
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+from tracer.enrichment.enricher import Enricher
+from tracer.enrichment.facts import Facts
+from tracer.enrichment.process import kernel_facts
+from tracer.event import Event
+from tracer.verdict import reasons as R
+from tracer.verdict.catalog import classify
+from tracer.verdict.fixes import ranked_fixes
+from tracer.verdict.model_input import run_model
+from tracer.verdict.reasons import Evidence, Verdict
+
+SUMMARIES = {
+    R.GROUP_DROPPED_IN_USERNS:
+        "{user} is in group {group} (gid {gid}) on the host, which {path} requires, but the "
+        "rootless container dropped that group, so the process inside it is refused.",
+    R.NOT_IN_GROUP:
+        "{path} can be used only by its owner and members of group {group} (gid {gid}), and "
+        "this process is not a member.",
+    R.SEAT_ACL_ONLY:
+        "{path} is shared with group {group} (gid {gid}) and, through an ACL, with the user at "
+        "the local seat; this process is neither, so access works at the desktop but not over "
+        "SSH, in a service or in a container.",
+    R.GID_MISMATCH_IN_CONTAINER:
+        "The image's group '{group}' has gid {container_gid}, but on the host {path} belongs to "
+        "gid {gid}, so membership of the image's '{group}' does not help.",
+    R.DEVICE_CGROUP:
+        "The device cgroup of this process does not allow {path} ({major}:{minor}), so the "
+        "kernel refused it before looking at file permissions.",
+    R.NODEV_MOUNT:
+        "{path} sits on a filesystem mounted with 'nodev' ({mount}), where no device node can "
+        "be opened.",
+    R.LSM_DENIED:
+        "File permissions allow {path}, but a security module (SELinux, AppArmor or Landlock) "
+        "refused the access.",
+    R.MODE_RESTRICTIVE:
+        "{path} (mode {mode}, owner {uid}, group {group}) lets only its owner in, and this "
+        "process is not the owner.",
+    R.CAPABILITY_REQUIRED:
+        "The process is root, but its root has no power over {path} (owner {uid}, group {gid}, "
+        "mode {mode}): it lacks CAP_DAC_OVERRIDE or the node is not mapped into its user "
+        "namespace.",
+    R.NODE_MISSING: "{path} does not exist where the process looked for it.",
+    R.UNKNOWN: "gputrace could not tell why {path} was refused; the facts it gathered are listed.",
+}
+
+
+class _Missing(dict):  # type: ignore[type-arg]
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _evidence(facts: Facts, names: list[str]) -> list[Evidence]:
+    out = []
+    for name in names:
+        fact = facts.fact(name)
+        if fact is not None:
+            out.append(Evidence(name, fact.value, fact.source, fact.origin))
+    return out
+
+
+def explain_facts(event: Event, facts: Facts) -> Verdict:
+    """The verdict for an event whose facts are already gathered (pure)."""
+    run = run_model(facts, event.open_flags)
+    found = classify(event.errno, facts, run)
+    names = found.evidence if found.reason != R.UNKNOWN else facts.names()
+    notes = list(found.notes)
+    if run.missing and found.reason != R.UNKNOWN:
+        notes.append(f"Not known for this event: {', '.join(run.missing)}.")
+    if run.decision is not None and run.decision.unknown:
+        notes.append("Not modelled: " + ", ".join(run.decision.unknown) + ".")
+    return Verdict(
+        reason=found.reason,
+        summary=SUMMARIES[found.reason].format_map(_Missing(found.context)),
+        confidence=found.confidence, evidence=_evidence(facts, names),
+        fixes=ranked_fixes(found.reason, found.context), notes=notes,
+        check=run.decision.check if run.decision else None,
+        model_detail=run.decision.detail if run.decision else "")
+
+
+def explain(event: Event, enricher: Enricher) -> Verdict:
+    """Enrich the event, explain it, and store both on it (`facts`, `verdict`)."""
+    facts = enricher.enrich(event)
+    verdict = explain_facts(event, facts)
+    event.verdict = verdict.to_json()
+    return verdict
+
+
+@dataclass
+class ExplainedRecord:
+    line: int
+    event: Optional[Event] = None
+    verdict: Optional[Verdict] = None
+    error: Optional[str] = None  # bounded reason when the line could not be read
+
+    def to_json(self) -> dict[str, Any]:
+        if self.event is None:
+            return {"line": self.line, "error": self.error}
+        return self.event.to_json()
+
+
+def explain_records(lines: Iterable[str], enricher: Optional[Enricher] = None,
+                    errors: Optional[Counter[str]] = None) -> Iterator[ExplainedRecord]:
+    """Re-explain JSON-lines events offline.  Recorded facts are used as they are;
+    events without facts are enriched with `enricher` when given (else only the
+    kernel-captured facts are used).  Bad lines yield an error record and are
+    counted in `errors` by reason; nothing raises."""
+    errors = errors if errors is not None else Counter()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = Event.from_json(json.loads(line))
+        except json.JSONDecodeError:
+            errors["bad_json"] += 1
+            yield ExplainedRecord(number, error="bad_json")
+            continue
+        except (KeyError, ValueError, TypeError) as err:
+            reason = "missing_field" if isinstance(err, KeyError) else "bad_event"
+            errors[reason] += 1
+            yield ExplainedRecord(number, error=reason)
+            continue
+        if event.kind != "denial":
+            yield ExplainedRecord(number, event=event)
+            continue
+        try:
+            verdict = explain_facts(event, _facts_for(event, enricher))
+        except (KeyError, ValueError, TypeError):
+            errors["bad_facts"] += 1
+            yield ExplainedRecord(number, error="bad_facts")
+            continue
+        event.verdict = verdict.to_json()
+        yield ExplainedRecord(number, event=event, verdict=verdict)
+
+
+def _facts_for(event: Event, enricher: Optional[Enricher]) -> Facts:
+    if event.facts:
+        return Facts.from_json(event.facts)
+    if enricher is not None:
+        return enricher.enrich(event)
+    facts = Facts()
+    kernel_facts(event.process, facts)
+    return facts

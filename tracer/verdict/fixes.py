@@ -1,0 +1,189 @@
+"""Fixes for each reason: exact commands, the runtime they apply to, and a
+security note wherever a fix widens access.  Fixes for the runtime the process
+ran under come first."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from tracer.verdict import reasons as R
+from tracer.verdict.reasons import Fix
+
+WORLD_WRITABLE_NOTE = ("Every local user and every container that can see the node may then "
+                       "use the GPU; this removes the group check that keeps them out.")
+NVIDIA_CLASSES = ("nvidia-gpu", "nvidiactl", "nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools",
+                  "nvidia-caps", "nvidia-nvswitch")
+
+
+def _device_file_mode(ctx: dict[str, Any]) -> list[Fix]:
+    if ctx["node_class"] not in NVIDIA_CLASSES:
+        return []
+    return [Fix("Let the NVIDIA driver create its nodes world read/writable, then rebuild the "
+                "initramfs and reboot (update-initramfs -u on Debian/Ubuntu, dracut -f on "
+                "Fedora/Gentoo).",
+                "options nvidia NVreg_DeviceFileMode=0666", "host",
+                where="/etc/modprobe.d/nvidia.conf", security_note=WORLD_WRITABLE_NOTE)]
+
+
+def _group_dropped(ctx: dict[str, Any]) -> list[Fix]:
+    g = ctx["gid"]
+    fixes = [
+        Fix("Run the container with crun and keep your host groups inside it.",
+            "podman run --runtime crun --group-add keep-groups ...", "podman-crun"),
+        Fix("Make keep-groups the default for every container you start with crun.",
+            '[containers]\nannotations=["run.oci.keep_original_groups=1"]', "podman-crun",
+            where="~/.config/containers/containers.conf"),
+        Fix("Map your own uid and gid into the container; this helps when the node's group "
+            f"({ctx['group']}, gid {g}) is your primary group.",
+            "podman run --userns keep-id ...", "podman-runc"),
+    ]
+    if ctx.get("node_label"):
+        fixes.append(Fix("On SELinux hosts also let containers use devices.",
+                         "setsebool -P container_use_devices true", "host"))
+    return fixes + _device_file_mode(ctx)
+
+
+def _add_group(ctx: dict[str, Any]) -> list[Fix]:
+    g, name, user = ctx["gid"], ctx["group"], ctx["user"]
+    fixes = [Fix(f"Give the container the host group {name} by its number.",
+                 f"podman run --group-add {g} ...", "podman-crun"),
+             Fix(f"Give the container the host group {name} by its number.",
+                 f"docker run --group-add {g} ...", "docker"),
+             Fix(f"Add gid {g} to the pod's supplemental groups.",
+                 f"securityContext:\n  supplementalGroups: [{g}]", "kubernetes"),
+             Fix(f"Add the user to group {name}, then log in again.",
+                 f"usermod -aG {name} {user}", "host")]
+    return fixes
+
+
+def _not_in_group(ctx: dict[str, Any]) -> list[Fix]:
+    return _add_group(ctx) + _device_file_mode(ctx)
+
+
+def _seat_acl_only(ctx: dict[str, Any]) -> list[Fix]:
+    name, user = ctx["group"], ctx["user"]
+    return [Fix(f"Add the user to group {name} so access no longer depends on the local seat, "
+                "then log in again.", f"usermod -aG {name} {user}", "host")] + _add_group(ctx)[:3]
+
+
+def _gid_mismatch(ctx: dict[str, Any]) -> list[Fix]:
+    g, name, cg = ctx["gid"], ctx["group"], ctx.get("container_gid")
+    return [Fix(f"Add the host's gid {g} by number, not the image's {name} ({cg}).",
+                f"podman run --group-add {g} ...", "podman-crun"),
+            Fix(f"Add the host's gid {g} by number, not the image's {name} ({cg}).",
+                f"docker run --group-add {g} ...", "docker"),
+            Fix(f"Add gid {g} to the pod's supplemental groups.",
+                f"securityContext:\n  supplementalGroups: [{g}]", "kubernetes"),
+            Fix(f"Give the image's {name} group the host's gid.",
+                f"RUN groupmod -g {g} {name}", "any", where="Containerfile / Dockerfile")]
+
+
+def _device_cgroup(ctx: dict[str, Any]) -> list[Fix]:
+    path, major = ctx["path"], ctx.get("major")
+    rule = f"c {major if major is not None else '*'}:* rwm"
+    return [Fix("Pass the node with --device so the runtime allows it in the device cgroup.",
+                f"podman run --device {path} ...", "podman-crun"),
+            Fix("Pass the node with --device so the runtime allows it in the device cgroup.",
+                f"docker run --device {path} ...", "docker"),
+            Fix("Create the /dev/char symlinks the systemd cgroup driver needs to keep "
+                "NVIDIA rules across daemon-reload.",
+                "nvidia-ctk system create-dev-char-symlinks --create-all", "kubernetes"),
+            Fix("Allow the device in the cgroup now (lost when the container restarts).",
+                f"echo '{rule}' > /sys/fs/cgroup/devices/<cgroup>/devices.allow", "host")]
+
+
+def _nodev(ctx: dict[str, Any]) -> list[Fix]:
+    mp = ctx.get("mount", "?")
+    return [Fix("Pass the node with --device instead of a bind mount of a nodev filesystem.",
+                f"podman run --device {ctx['path']} ...", "podman-crun"),
+            Fix("Pass the node with --device instead of a bind mount of a nodev filesystem.",
+                f"docker run --device {ctx['path']} ...", "docker"),
+            Fix("Remount the filesystem holding the node without nodev.",
+                f"mount -o remount,dev {mp}", "host",
+                security_note="Device nodes on that filesystem become usable; only do this "
+                "where untrusted users cannot create nodes.")]
+
+
+def _lsm(ctx: dict[str, Any]) -> list[Fix]:
+    fixes = [Fix("Find the security module's denial record.", "ausearch -m avc,apparmor -ts recent",
+                 "host")]
+    label = ctx.get("lsm_label") or ""
+    if ctx.get("node_label") or ":" in label:
+        fixes += [Fix("Let SELinux-confined containers use devices.",
+                      "setsebool -P container_use_devices true", "host"),
+                  Fix("Restore the node's default SELinux label.", f"restorecon -v {ctx['path']}",
+                      "host"),
+                  Fix("Run the container without SELinux separation.",
+                      "podman run --security-opt label=disable ...", "podman-crun",
+                      security_note="The container is no longer confined by SELinux.")]
+    else:
+        fixes.append(Fix("Allow the node in the AppArmor profile (include nvidia-uvm-tools).",
+                         f"{ctx['path']} rw,", "host", where="/etc/apparmor.d/local/<profile>"))
+    return fixes
+
+
+def _mode_restrictive(ctx: dict[str, Any]) -> list[Fix]:
+    name = ctx["group"] if ctx["group"] not in ("root", "0") else "video"
+    fixes = [Fix(f"Have udev give the node to group {name} with mode 0660.",
+                 f'KERNEL=="{ctx["path"].rsplit("/", 1)[-1]}", GROUP="{name}", MODE="0660"',
+                 "host", where="/etc/udev/rules.d/99-gpu-access.rules")]
+    if ctx["node_class"] in NVIDIA_CLASSES:
+        fixes.append(Fix("Have the NVIDIA driver create its nodes for a group, then rebuild "
+                         "the initramfs and reboot.",
+                         "options nvidia NVreg_DeviceFileGID=<gid> NVreg_DeviceFileMode=0660",
+                         "host", where="/etc/modprobe.d/nvidia.conf"))
+    return fixes
+
+
+def _capability(ctx: dict[str, Any]) -> list[Fix]:
+    if ctx.get("cap_held"):
+        return [Fix("Root in a rootless container has no power over host-owned nodes; give "
+                    "access through the node's group instead.",
+                    "podman run --runtime crun --group-add keep-groups ...", "podman-crun"),
+                Fix("Run the container rootful so its root maps to host root.",
+                    "sudo podman run --device " + ctx["path"] + " ...", "podman-runc",
+                    security_note="A rootful container's root is host root.")]
+    return [Fix("Keep CAP_DAC_OVERRIDE in the container.",
+                "podman run --cap-add DAC_OVERRIDE ...", "podman-crun",
+                security_note="Lets the container's root ignore file permissions."),
+            Fix("Keep CAP_DAC_OVERRIDE in the container.",
+                "docker run --cap-add DAC_OVERRIDE ...", "docker",
+                security_note="Lets the container's root ignore file permissions.")]
+
+
+def _node_missing(ctx: dict[str, Any]) -> list[Fix]:
+    fixes = []
+    if ctx["node_class"].startswith("nvidia"):
+        fixes.append(Fix("Load the driver module and create the NVIDIA nodes as root.",
+                         "nvidia-modprobe -u -c=0", "host"))
+    fixes.append(Fix("Pass the node into the container.", f"podman run --device {ctx['path']} ...",
+                     "podman-crun"))
+    fixes.append(Fix("Pass the node into the container.", f"docker run --device {ctx['path']} ...",
+                     "docker"))
+    return fixes
+
+
+def _unknown(ctx: dict[str, Any]) -> list[Fix]:
+    return [Fix("Look for a security module's record of the denial.",
+                "ausearch -m avc,apparmor -ts recent", "host")]
+
+
+FIXES: dict[str, Callable[[dict[str, Any]], list[Fix]]] = {
+    R.GROUP_DROPPED_IN_USERNS: _group_dropped, R.NOT_IN_GROUP: _not_in_group,
+    R.SEAT_ACL_ONLY: _seat_acl_only, R.GID_MISMATCH_IN_CONTAINER: _gid_mismatch,
+    R.DEVICE_CGROUP: _device_cgroup, R.NODEV_MOUNT: _nodev, R.LSM_DENIED: _lsm,
+    R.MODE_RESTRICTIVE: _mode_restrictive, R.CAPABILITY_REQUIRED: _capability,
+    R.NODE_MISSING: _node_missing, R.UNKNOWN: _unknown,
+}
+
+
+def ranked_fixes(reason: str, ctx: dict[str, Any]) -> list[Fix]:
+    """Fixes for the process's own runtime first, then host-wide ones, then the rest."""
+    fixes = FIXES[reason](ctx)
+    runtime = ctx.get("runtime", "any")
+    related = {"podman-runc": ("podman-runc", "podman-crun"), "podman-crun": ("podman-crun",)}
+    mine = related.get(runtime, (runtime,))
+    order = lambda f: (0 if f.applies_to in mine else 1 if f.applies_to in ("host", "any") else 2)  # noqa: E731
+    if runtime == "host":
+        order = lambda f: (0 if f.applies_to in ("host", "any") else 1)  # noqa: E731
+    return sorted(fixes, key=order)

@@ -1,0 +1,90 @@
+"""Stable reason codes and the Verdict a denial gets.
+
+Reason codes are part of the JSON contract (`verdict.reason`); add new ones,
+never rename.  Runtimes a fix applies to are a closed set too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+GROUP_DROPPED_IN_USERNS = "group_dropped_in_userns"
+NOT_IN_GROUP = "not_in_group"
+SEAT_ACL_ONLY = "seat_acl_only"
+GID_MISMATCH_IN_CONTAINER = "gid_mismatch_in_container"
+DEVICE_CGROUP = "device_cgroup"
+NODEV_MOUNT = "nodev_mount"
+LSM_DENIED = "lsm_denied"
+MODE_RESTRICTIVE = "mode_restrictive"
+CAPABILITY_REQUIRED = "capability_required"
+NODE_MISSING = "node_missing"
+UNKNOWN = "unknown"
+
+REASONS = (GROUP_DROPPED_IN_USERNS, NOT_IN_GROUP, SEAT_ACL_ONLY, GID_MISMATCH_IN_CONTAINER,
+           DEVICE_CGROUP, NODEV_MOUNT, LSM_DENIED, MODE_RESTRICTIVE, CAPABILITY_REQUIRED,
+           NODE_MISSING, UNKNOWN)
+
+RUNTIMES = ("podman-runc", "podman-crun", "docker", "kubernetes", "host", "any")
+CONFIDENCES = ("high", "medium", "low")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    fact: str
+    value: Any
+    source: str   # live | kernel | inferred | cached
+    origin: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fact": self.fact, "value": self.value, "source": self.source,
+                "origin": self.origin}
+
+
+@dataclass(frozen=True)
+class Fix:
+    summary: str               # what the fix does, in plain words
+    command: str               # the exact command or config line
+    applies_to: str            # one of RUNTIMES
+    where: str = ""            # the file the line goes into, when it is config
+    security_note: str = ""    # set when the fix weakens isolation
+
+    def __post_init__(self) -> None:
+        if self.applies_to not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.applies_to!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"summary": self.summary, "command": self.command,
+                               "applies_to": self.applies_to}
+        if self.where:
+            out["where"] = self.where
+        if self.security_note:
+            out["security_note"] = self.security_note
+        return out
+
+
+@dataclass
+class Verdict:
+    reason: str
+    summary: str                  # one plain sentence for a non-expert
+    confidence: str               # high | medium | low
+    evidence: list[Evidence] = field(default_factory=list)
+    fixes: list[Fix] = field(default_factory=list)   # best first
+    notes: list[str] = field(default_factory=list)   # limitations worth knowing
+    check: Optional[str] = None   # the access-model check that failed
+    model_detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reason {self.reason!r}")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"unknown confidence {self.confidence!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason, "summary": self.summary, "confidence": self.confidence,
+            "check": self.check, "model_detail": self.model_detail,
+            "evidence": [e.to_json() for e in self.evidence],
+            "fixes": [dict(f.to_json(), rank=i + 1) for i, f in enumerate(self.fixes)],
+            "notes": list(self.notes),
+        }

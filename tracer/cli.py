@@ -7,7 +7,11 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional, TextIO
+
+if TYPE_CHECKING:
+    from tracer.event import Event
+    from tracer.host import HostPaths
 
 import click
 
@@ -83,9 +87,10 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
 @click.option("--duration", type=float, default=None, help="Stop after SECONDS.")
 @click.option("--btf", "btf_path", default=None, help="BTF file (default /sys/kernel/btf/vmlinux).")
 @click.option("--tracefs", default="/sys/kernel/tracing", show_default=True)
+@click.option("--no-explain", is_flag=True, help="Only report denials; skip enrichment and verdicts.")
 def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], devices: tuple,
           hook: str, transport: str, duration: Optional[float], btf_path: Optional[str],
-          tracefs: str) -> None:
+          tracefs: str, no_explain: bool) -> None:
     """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
     from tracer.pipeline import Pipeline
     from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
@@ -106,11 +111,101 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
         click.echo(f"gputrace: watching {names} on GPU nodes ({sensor.hook}, {sensor.transport}); "
                    "Ctrl-C to stop", err=True)
-        pipeline = Pipeline(sensor=sensor, stages=[], sinks=[ConsoleSink(sys.stdout, as_json)])
+        stages = [] if no_explain else [explain_stage()]
+        pipeline = Pipeline(sensor=sensor, stages=stages, sinks=[ConsoleSink(sys.stdout, as_json)],
+                            on_stage_error=_stage_error_reporter())
         summary = pipeline.run(stop)
     finally:
         sensor.close()
     click.echo(f"gputrace: {summary.line()}", err=True)
+
+
+def explain_stage(host: Optional["HostPaths"] = None) -> "Callable[[Event], None]":
+    """The enrichment + verdict stage of the pipeline, for the live host."""
+    from tracer.enrichment.enricher import Enricher
+    from tracer.host import HostPaths
+    from tracer.verdict.explain import explain
+
+    enricher = Enricher(host or HostPaths())
+
+    def stage(event: "Event") -> None:
+        explain(event, enricher)
+    return stage
+
+
+def _stage_error_reporter() -> "Callable[[Event, Exception], None]":
+    shown = {"n": 0}
+
+    def report(event: "Event", exc: Exception) -> None:
+        shown["n"] += 1
+        if shown["n"] <= 5:  # rate-limited: the count is in the summary
+            click.echo(f"gputrace: could not explain pid {event.process.pid}: "
+                       f"{type(exc).__name__}: {exc}", err=True)
+    return report
+
+
+@cli.command()
+@click.argument("source", type=click.File("r", encoding="utf-8", errors="surrogateescape"))
+@click.option("--json", "as_json", is_flag=True, help="Write explained events as JSON lines.")
+def explain(source: "TextIO", as_json: bool) -> None:
+    """Re-explain recorded JSON events (a file, or - for stdin) offline."""
+    from collections import Counter
+
+    from tracer.sinks.console import ConsoleSink
+    from tracer.verdict.explain import explain_records
+
+    errors: Counter[str] = Counter()
+    sink = ConsoleSink(sys.stdout, as_json)
+    explained = 0
+    for record in explain_records(source, errors=errors):
+        if record.event is not None:
+            explained += 1
+            sink.consume(record.event)
+    bad = sum(errors.values())
+    if bad:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
+        click.echo(f"gputrace: skipped {bad} unreadable lines ({detail})", err=True)
+    if explained == 0 and bad:
+        raise GputraceError(f"{getattr(source, 'name', 'input')}: no event could be read "
+                            f"({bad} bad lines)", ExitStatus.BAD_INPUT)
+
+
+@cli.command()
+@click.option("--user", "user", default=None, help="User to check (default: the invoking user).")
+@click.option("--runtime", default=None,
+              help="host, podman-runc, podman-crun-keep-groups, docker-device or docker-bind-mount "
+                   "(default: all).")
+@click.option("--json", "as_json", is_flag=True)
+def check(user: Optional[str], runtime: Optional[str], as_json: bool) -> None:
+    """Predict, without tracing, which GPU nodes USER can open here and under common runtimes."""
+    import json as _json
+
+    from tracer.host import HostPaths
+    from tracer.sinks.terminal_text import escape
+    from tracer.verdict.check import check_access
+
+    if user is None:
+        user = os.environ.get("SUDO_USER") or _login_name()
+    rows = check_access(HostPaths(), user, runtime)
+    if as_json:
+        for row in rows:
+            click.echo(_json.dumps(row.to_json()))
+        return
+    if not rows:
+        click.echo("no GPU device nodes found under /dev")
+        return
+    click.echo(f"{'node':<28}{'runtime':<26}{'result':<10}reason")
+    for row in rows:
+        result = "ok" if row.allowed else (row.errno or "denied")
+        click.echo(f"{escape(row.node):<28}{row.runtime:<26}{result:<10}{row.reason or ''}")
+        if not row.allowed and row.fix:
+            click.echo(f"{'':<28}fix: {escape(str(row.fix))}")
+
+
+def _login_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def verdict_lines(verdict: dict[str, Any]) -> list[str]:
     lines = [f"  why: [{escape(str(verdict.get('reason', 'unknown')))}] "
              f"{escape(str(verdict.get('summary', '')))}"]
     for fix in (verdict.get("fixes") or [])[:3]:
-        lines.append(f"  fix ({escape(str(fix.get('runtime', 'any')))}): {escape(str(fix.get('command', '')))}")
+        command = str(fix.get("command") or fix.get("summary", "")).split("\n")
+        lines.append(f"  fix ({escape(str(fix.get('applies_to', 'any')))}): {escape(command[0])}")
+        lines.extend(f"       {escape(more)}" for more in command[1:])
         if fix.get("security_note"):
             lines.append(f"       security: {escape(str(fix['security_note']))}")
     return lines

@@ -1,0 +1,176 @@
+"""The audit sensor: denials from the Linux audit subsystem over NETLINK_AUDIT.
+
+For hosts where BPF cannot run.  `start()` installs gputrace's own rules (key
+"gputrace", see audit_rules for what they can and cannot narrow) and turns
+auditing on if it was off; `events()` reads records and yields the same
+`Event`s as the BPF sensor with `sensor="audit"`; `close()` removes exactly the
+rules with our key and gives back whatever it changed (enabled flag, consumer).
+
+Two ways to read, chosen from AUDIT_GET at start:
+
+* an audit daemon is registered (auditd, `status.pid != 0`): join the
+  read-log multicast group (needs CAP_AUDIT_READ) beside it;
+* none is: become the consumer (AUDIT_SET pid), so records neither pile up in
+  the kernel's hold queue nor spill into the kernel log.  If the process dies,
+  the kernel drops the registration on its next failed send.
+
+Event fields audit cannot provide, listed in every event's `missing`:
+process.tid (audit reports the thread-group id only), process.groups and
+ngroups, cap_effective, the user namespace (inum, level, owner), mnt/pid/cgroup
+namespaces, cgroup_id and ns_pid; open_flags for openat2 (a pointer).  Audit
+ids are initial-namespace ids.  Also: processes forked before auditing was
+first enabled since boot carry no audit context and are never reported.
+
+An event is kept whatever rule key the kernel tagged it with (a foreign rule
+added earlier wins the tag), when its syscall is watched, its errno is EACCES
+or EPERM and its node is a GPU node (audit_events.GpuNodeFilter).  ioctl nodes
+come from /proc/PID/fd/FD while the process still holds the fd.  `stats()`
+counts records read and ignored, parse errors and drops by bounded reason,
+records the kernel lost since start (AUDIT_GET `lost`), events emitted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections import Counter
+from typing import Callable, Iterator, Optional
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tracer.errors import EnvironmentProblem, NoPrivilege
+from tracer.event import Event
+from tracer.host import LIVE, HostPaths
+from tracer.sensors.audit_marshal import AUDIT_STATUS_ENABLED, AUDIT_STATUS_PID, AuditSocket
+from tracer.sensors.audit_pipeline import AuditConfig, AuditPipeline
+from tracer.sensors.audit_rules import (current_arch, gputrace_rules, install_rules,
+                                        remove_rules_with_key)
+
+AUDIT_LOCKED = 2  # `enabled=2`: rules and settings immutable until reboot
+
+
+def netlink_failure(exc: Exception, doing: str) -> Exception:
+    code = getattr(exc, "code", None) or getattr(exc, "errno", None) or 0
+    if code == errno.EPERM:
+        return NoPrivilege(f"cannot {doing}: the audit sensor needs root "
+                           "(CAP_AUDIT_CONTROL and CAP_AUDIT_READ)")
+    if code == errno.ECONNREFUSED:
+        return EnvironmentProblem(f"cannot {doing}: audit is only reachable from the "
+                                  "initial network namespace")
+    return EnvironmentProblem(f"cannot {doing}: {errno.errorcode.get(code, str(exc))}")
+
+
+class AuditSensor:
+    def __init__(self, config: Optional[AuditConfig] = None, host: HostPaths = LIVE,
+                 raw_tap: Optional[Callable[[bytes], None]] = None) -> None:
+        """`raw_tap` receives every datagram as read (to record fixtures)."""
+        self.config = config or AuditConfig()
+        self.host = host
+        self.pipeline = AuditPipeline(self.config, host)
+        self.raw_tap = raw_tap
+        self.counts: Counter[str] = Counter()
+        self.read_mode = ""
+        self._initial: dict[str, int] = {}
+        self._lost = 0
+        self._enabled_changed = False
+        self._is_consumer = False
+        self._started = False
+        self._release_lock = threading.Lock()
+
+    def start(self) -> None:
+        try:
+            with AuditSocket() as control:
+                self._initial = control.get_status()
+                if self._initial["enabled"] == AUDIT_LOCKED:
+                    raise EnvironmentProblem("audit configuration is locked (enabled=2) "
+                                             "until reboot; gputrace cannot add its rules")
+                self._lost = self._initial["lost"]
+                self.read_mode = self._choose_mode(self._initial["pid"])
+                self._started = True
+                self.counts["stale_rules_removed"] = remove_rules_with_key(control, self.config.key)
+                if not self._initial["enabled"]:
+                    control.set_status(AUDIT_STATUS_ENABLED, enabled=1)
+                    self._enabled_changed = True
+                self.counts["rules_installed"] = install_rules(
+                    control, gputrace_rules(current_arch(), self.config.key))
+        except (NetlinkError, OSError) as exc:
+            self.close()
+            raise netlink_failure(exc, "set up audit") from None
+        except Exception:
+            self.close()
+            raise
+
+    def _choose_mode(self, daemon_pid: int) -> str:
+        if self.config.read_mode != "auto":
+            return self.config.read_mode
+        return "multicast" if daemon_pid else "consumer"
+
+    def events(self, stop: threading.Event) -> Iterator[Event]:
+        """Yield events until `stop` is set; the socket lives in the calling thread."""
+        if not self._started:
+            raise EnvironmentProblem("audit sensor used before start()")
+        reader = AuditSocket()
+        reader.marshal.raw_tap = self.raw_tap
+        try:
+            self._attach(reader)
+            refreshed = time.monotonic()
+            while not stop.is_set():
+                for msg in reader.receive(self.config.poll_interval_s):
+                    yield from self.pipeline.feed(msg, time.monotonic())
+                yield from self.pipeline.expire(time.monotonic())
+                if time.monotonic() - refreshed > self.config.lost_refresh_s:
+                    self._lost = reader.get_status()["lost"]
+                    refreshed = time.monotonic()
+            yield from self.pipeline.drain()
+        except (NetlinkError, OSError) as exc:
+            raise netlink_failure(exc, "read audit records") from None
+        finally:
+            self._release_consumer()
+            reader.close()
+
+    def _attach(self, reader: AuditSocket) -> None:
+        if self.read_mode == "consumer":
+            try:
+                reader.set_status(AUDIT_STATUS_PID, pid=os.getpid())
+                self._is_consumer = True
+                return
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+                self.read_mode = "multicast"  # a daemon registered since start()
+        reader.join_readlog()
+
+    def stats(self) -> dict[str, int]:
+        out = self.pipeline.stats()
+        out.update({"rules_installed": self.counts["rules_installed"],
+                    "stale_rules_removed": self.counts["stale_rules_removed"],
+                    "lost_by_kernel": max(0, self._lost - self._initial.get("lost", 0))})
+        return out
+
+    def _release_consumer(self) -> None:
+        with self._release_lock:
+            if not self._is_consumer:
+                return
+            self._is_consumer = False
+            with AuditSocket() as control:
+                if control.get_status()["pid"] == os.getpid():
+                    control.set_status(AUDIT_STATUS_PID, pid=0)
+
+    def close(self) -> None:
+        """Remove our rules, give back the consumer slot and the enabled flag."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            with AuditSocket() as control:
+                remove_rules_with_key(control, self.config.key)
+                self._lost = control.get_status()["lost"]
+            self._release_consumer()
+            if self._enabled_changed:
+                with AuditSocket() as control:
+                    control.set_status(AUDIT_STATUS_ENABLED, enabled=self._initial["enabled"])
+                self._enabled_changed = False
+        except (NetlinkError, OSError) as exc:
+            raise netlink_failure(exc, "remove gputrace's audit rules") from None

@@ -28,6 +28,7 @@ def start_watch(*args: str) -> subprocess.Popen:
         line = proc.stderr.readline()
         seen += line
         if b"watching" in line:
+            proc.startup_stderr = seen.decode(errors="replace")  # type: ignore[attr-defined]
             return proc
         if not line and proc.poll() is not None:
             break
@@ -117,16 +118,34 @@ def test_not_root_is_one_line_error():
 
 
 def test_missing_btf_is_one_line_error():
-    one_line_error(run_cli("watch", "--btf", "/nonexistent/vmlinux"), 4, "no BTF")
+    one_line_error(run_cli("watch", "--sensor", "bpf", "--btf", "/nonexistent/vmlinux"), 4, "no BTF")
 
 
 def test_unusable_headers_is_one_line_error(tmp_path):
-    one_line_error(run_cli("watch", env={"BCC_KERNEL_SOURCE": str(tmp_path)}), 4, "kernel header")
+    one_line_error(run_cli("watch", "--sensor", "bpf", env={"BCC_KERNEL_SOURCE": str(tmp_path)}), 4, "kernel header")
 
 
 def test_missing_tracefs_is_one_line_error(tmp_path):
-    one_line_error(run_cli("watch", "--tracefs", str(tmp_path / "none")), 4, "tracefs")
+    one_line_error(run_cli("watch", "--sensor", "bpf", "--tracefs", str(tmp_path / "none")), 4, "tracefs")
 
 
 def test_bad_option_is_one_line_usage_error():
     one_line_error(run_cli("watch", "--errno", "ENOTANERRNO"), 2, "--errno")
+
+
+def test_auto_sensor_falls_back_to_audit_and_says_why(tmp_path):
+    node = f"/dev/nvidia-{unique()}"
+    make_node(node, NodeSpec(major=195, minor=92, mode=0o600))
+    proc = start_watch("--json", "--btf", str(tmp_path / "no-btf"))
+    try:
+        res = actor.spawn({"uid": 1702, "gid": 1702, "groups": [],
+                           "actions": [{"op": "open", "path": node}]}).check()
+        time.sleep(2.0)
+    finally:
+        out, err = stop_watch(proc)
+        os.unlink(node)
+    err = proc.startup_stderr + err
+    assert "falling back to Linux audit" in err and "no BTF" in err
+    mine = [json.loads(l) for l in out.splitlines() if f'"pid": {res.pid},' in l]
+    assert mine and mine[0]["sensor"] == "audit" and mine[0]["node"]["path"] == node
+    assert mine[0]["process"]["uid"] == 1702 and mine[0]["errno"] == "EACCES"

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable, Optional, TextIO
 if TYPE_CHECKING:
     from tracer.event import Event
     from tracer.host import HostPaths
+    from tracer.pipeline import Sensor
+    from tracer.sensors.bpf_sensor import BpfConfig
 
 import click
 
@@ -80,6 +82,8 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
 @click.option("--prefix", "prefixes", multiple=True, help="Extra path prefix to watch (repeatable).")
 @click.option("--device", "devices", multiple=True, callback=_parse_devices,
               help="Extra MAJOR or MAJOR:MINOR whose ioctls to watch (repeatable).")
+@click.option("--sensor", "sensor_name", type=click.Choice(["auto", "bpf", "audit"]), default="auto",
+              show_default=True, help="auto uses BPF and falls back to Linux audit.")
 @click.option("--hook", type=click.Choice(["auto", "fexit", "tracepoint"]), default="auto",
               show_default=True, help="Kernel hook; auto tries fexit and falls back.")
 @click.option("--transport", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto",
@@ -89,28 +93,28 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
 @click.option("--tracefs", default="/sys/kernel/tracing", show_default=True)
 @click.option("--no-explain", is_flag=True, help="Only report denials; skip enrichment and verdicts.")
 def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], devices: tuple,
-          hook: str, transport: str, duration: Optional[float], btf_path: Optional[str],
-          tracefs: str, no_explain: bool) -> None:
+          sensor_name: str, hook: str, transport: str, duration: Optional[float],
+          btf_path: Optional[str], tracefs: str, no_explain: bool) -> None:
     """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
     from tracer.pipeline import Pipeline
-    from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
+    from tracer.sensors.bpf_sensor import BpfConfig
     from tracer.sinks.console import ConsoleSink
 
     if not errnos:
         raise click.BadParameter("at least one errno", param_hint="--errno")
     config = BpfConfig(errnos=errnos, extra_prefixes=prefixes, extra_devs=devices, hook=hook,
                        transport=transport, tracefs=tracefs, btf_path=btf_path)
-    sensor = BpfSensor(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    sensor, how = start_sensor(sensor_name, config)
     if duration is not None:
-        threading.Timer(duration, stop.set).start()
-    sensor.start()
+        timer = threading.Timer(duration, stop.set)
+        timer.daemon = True
+        timer.start()
     try:
         names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
-        click.echo(f"gputrace: watching {names} on GPU nodes ({sensor.hook}, {sensor.transport}); "
-                   "Ctrl-C to stop", err=True)
+        click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
         stages = [] if no_explain else [explain_stage()]
         pipeline = Pipeline(sensor=sensor, stages=stages, sinks=[ConsoleSink(sys.stdout, as_json)],
                             on_stage_error=_stage_error_reporter())
@@ -118,6 +122,31 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     finally:
         sensor.close()
     click.echo(f"gputrace: {summary.line()}", err=True)
+
+
+def start_sensor(name: str, bpf_config: "BpfConfig") -> "tuple[Sensor, str]":
+    """Start the chosen sensor; `auto` falls back from BPF to audit, saying why."""
+    from tracer.errors import EnvironmentProblem
+    from tracer.sensors.audit_pipeline import AuditConfig
+    from tracer.sensors.audit_sensor import AuditSensor
+    from tracer.sensors.bpf_sensor import BpfSensor
+
+    if name in ("auto", "bpf"):
+        bpf = BpfSensor(bpf_config)
+        try:
+            bpf.start()
+            return bpf, f"bpf {bpf.hook}, {bpf.transport}"
+        except EnvironmentProblem as exc:
+            bpf.close()
+            if name == "bpf":
+                raise
+            click.echo(f"gputrace: BPF sensor unavailable ({exc}); falling back to Linux audit",
+                       err=True)
+    if set(bpf_config.errnos) - {errno_mod.EACCES, errno_mod.EPERM}:
+        click.echo("gputrace: the audit sensor reports EACCES and EPERM only", err=True)
+    audit = AuditSensor(AuditConfig(extra_prefixes=bpf_config.extra_prefixes))
+    audit.start()
+    return audit, "audit"
 
 
 def explain_stage(host: Optional["HostPaths"] = None) -> "Callable[[Event], None]":

@@ -1,4 +1,4 @@
-"""A live BPF sensor running in a background thread, for real-kernel tests."""
+"""A live sensor (BPF or audit) running in a background thread, for real-kernel tests."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import time
 from typing import Callable, Optional
 
 from tracer.event import Event
+from tracer.pipeline import Sensor
 from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
 
 
 class SensorHarness:
-    def __init__(self, config: BpfConfig) -> None:
-        self.sensor = BpfSensor(config, say=lambda msg: None)
+    def __init__(self, config: "BpfConfig | None" = None, sensor: "Sensor | None" = None) -> None:
+        self.sensor = sensor if sensor is not None else BpfSensor(config or BpfConfig(),
+                                                                  say=lambda msg: None)
         self.events: list[Event] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()

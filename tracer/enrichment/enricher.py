@@ -15,6 +15,7 @@ from typing import Generic, Optional, TypeVar
 
 from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
                                          podman_storage_has, read_containerenv)
+from tracer.enrichment.backfill import backfill_process
 from tracer.enrichment.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.host_facts import (device_cgroup_facts, host_group_table,
                                           logind_session_facts, nvidia_params_facts,
@@ -88,7 +89,8 @@ class Enricher:
         """Facts for one event; also stored JSON-ready in `event.facts`."""
         proc = event.process
         facts = Facts()
-        kernel_facts(proc, facts)
+        read_live = backfill_process(self.host, event)
+        kernel_facts(proc, facts, event.missing, read_live)
         live = process_is_live(self.host, proc)
         facts.put("process.live", live, LIVE if live else INFERRED,
                   self.host.proc_pid(proc.pid))

@@ -7,7 +7,7 @@ reused pid is not mistaken for it).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.facts import KERNEL, LIVE, Facts, SkipCounter
@@ -21,10 +21,21 @@ from tracer.host import HostPaths
 MAX_ANCESTORS = 12
 
 
-def kernel_facts(proc: Process, facts: Facts) -> None:
-    """Credentials the sensor captured in the kernel with the event."""
+def kernel_facts(proc: Process, facts: Facts, missing: Iterable[str] = (),
+                 read_live: Iterable[str] = ()) -> None:
+    """Credentials the sensor captured with the event.  Fields the sensor could
+    not provide (`missing`) are left out; those completed from /proc afterwards
+    (`read_live`) are marked live."""
+    absent, live = set(missing), set(read_live)
+
     def put(name: str, value: object) -> None:
-        facts.put(name, value, KERNEL, "event")
+        field = name if name.startswith("process.") else "process." + name.split(".")[0]
+        if field in absent:
+            return
+        if field in live:
+            facts.put(name, value, LIVE, "/proc (the sensor could not capture it)")
+        else:
+            facts.put(name, value, KERNEL, "event")
 
     put("process.pid", proc.pid)
     put("process.comm", proc.comm.decode("utf-8", "replace"))

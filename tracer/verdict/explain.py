@@ -151,5 +151,5 @@ def _facts_for(event: Event, enricher: Optional[Enricher]) -> Facts:
     if enricher is not None:
         return enricher.enrich(event)
     facts = Facts()
-    kernel_facts(event.process, facts)
+    kernel_facts(event.process, facts, event.missing)
     return facts

@@ -1,0 +1,116 @@
+"""The six real scenarios of the verdict issue, end to end: a real denial (podman,
+runc, crun, ACLs, device cgroups, mounts), caught by the BPF sensor, enriched
+from the live host and explained."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from tests.support import scenarios
+from tracer.enrichment.enricher import Enricher
+from tracer.event import Event
+from tracer.host import HostPaths
+from tracer.verdict.explain import explain
+from tracer.verdict.reasons import Verdict
+
+pytestmark = [pytest.mark.kernel, pytest.mark.podman]
+
+
+@pytest.fixture(scope="module")
+def enricher() -> Enricher:
+    return Enricher(HostPaths())
+
+
+def caught(bpf_sensor, attempt) -> Event:
+    denials = bpf_sensor.wait_for(
+        lambda e: e.process.pid == attempt.host_pid and e.kind == "denial", timeout=15)
+    assert len(denials) == 1, denials
+    return denials[0]
+
+
+def explained(bpf_sensor, enricher, attempt) -> tuple[Event, Verdict]:
+    event = caught(bpf_sensor, attempt)
+    verdict = explain(event, enricher)  # the process still holds: facts are live
+    assert event.verdict == verdict.to_json()
+    return event, verdict
+
+
+def commands(verdict: Verdict) -> str:
+    return "\n".join(f.command for f in verdict.fixes)
+
+
+def test_rootless_podman_runc_drops_the_video_group(bpf_sensor, enricher):
+    with scenarios.rootless_podman(runtime="runc", keep_groups=True) as attempt:
+        assert attempt.errno == errno.EACCES  # runc cannot keep groups, even when asked
+        event, verdict = explained(bpf_sensor, enricher, attempt)
+    assert event.process.userns.level == 1
+    assert verdict.reason == "group_dropped_in_userns", verdict.to_json()
+    text = commands(verdict)
+    assert "--group-add keep-groups" in text and "crun" in text
+    assert "run.oci.keep_original_groups=1" in text
+    assert "--userns keep-id" in text or "--userns=keep-id" in text
+    mode_fix = [f for f in verdict.fixes if "NVreg_DeviceFileMode=0666" in f.command]
+    assert mode_fix and mode_fix[0].security_note
+    said = " ".join([verdict.summary, *verdict.notes, *(f.summary for f in verdict.fixes)])
+    assert "runc" in said
+    facts = event.facts
+    assert "podman" in str(facts) and "runc" in str(facts)
+
+
+def test_rootless_podman_crun_keep_groups_is_not_denied(bpf_sensor):
+    with scenarios.rootless_podman(runtime="crun", keep_groups=True) as attempt:
+        assert attempt.errno == errno.ENXIO  # permission granted; no driver behind the node
+        with pytest.raises(AssertionError):
+            bpf_sensor.wait_for(lambda e: e.process.pid == attempt.host_pid, timeout=2)
+
+
+def test_seat_acl_for_another_user(bpf_sensor, enricher):
+    with scenarios.seat_acl(opener="ssh", acl=True) as attempt:
+        assert attempt.errno == errno.EACCES
+        event, verdict = explained(bpf_sensor, enricher, attempt)
+    assert (event.node.major if event.node.major is not None else 226) == 226
+    assert verdict.reason == "seat_acl_only", verdict.to_json()
+
+
+def test_render_group_without_acl_is_not_in_group(bpf_sensor, enricher):
+    with scenarios.seat_acl(opener="ssh", acl=False) as attempt:
+        assert attempt.errno == errno.EACCES
+        _event, verdict = explained(bpf_sensor, enricher, attempt)
+        gid = attempt.details["render_gid"]
+        group = attempt.details["render_group"]
+    assert verdict.reason == "not_in_group", verdict.to_json()
+    assert group in verdict.summary and str(gid) in verdict.summary
+
+
+def test_device_cgroup_deny_rule(bpf_sensor, enricher):
+    with scenarios.device_cgroup_v1() as attempt:
+        assert attempt.errno == errno.EPERM
+        event, verdict = explained(bpf_sensor, enricher, attempt)
+    assert event.errno == errno.EPERM
+    assert verdict.reason == "device_cgroup", verdict.to_json()
+
+
+def test_rootful_bind_mount_without_device_is_device_cgroup(bpf_sensor, enricher):
+    with scenarios.rootful_podman(via="bind") as attempt:
+        assert attempt.errno == errno.EPERM
+        _event, verdict = explained(bpf_sensor, enricher, attempt)
+    assert verdict.reason == "device_cgroup", verdict.to_json()
+    assert "--device" in commands(verdict)
+
+
+def test_nodev_mount(bpf_sensor, enricher):
+    with scenarios.nodev_mount() as attempt:
+        assert attempt.errno == errno.EACCES
+        _event, verdict = explained(bpf_sensor, enricher, attempt)
+    assert verdict.reason == "nodev_mount", verdict.to_json()
+
+
+def test_container_group_gid_differs_from_the_host(bpf_sensor, enricher):
+    with scenarios.container_gid_mismatch() as attempt:
+        assert attempt.errno == errno.EACCES
+        _event, verdict = explained(bpf_sensor, enricher, attempt)
+        host_gid = attempt.details["host_gid"]
+    assert verdict.reason == "gid_mismatch_in_container", verdict.to_json()
+    assert f"--group-add {host_gid}" in commands(verdict)

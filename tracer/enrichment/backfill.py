@@ -1,0 +1,95 @@
+"""Fill credentials a sensor could not capture (audit has no groups, caps or
+namespaces) from /proc while the process still lives.
+
+Only fields the event lists in `missing` are touched; what was filled is
+reported so the facts can say it was read live rather than captured.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Optional
+
+from tracer.enrichment import procfs
+from tracer.event import Event
+from tracer.host import HostPaths
+
+NS_GET_PARENT = 0xB702      # _IO(0xb7, 0x2)
+NS_GET_OWNER_UID = 0xB704   # _IO(0xb7, 0x4)
+_MAX_USERNS_DEPTH = 33      # the kernel allows 32 nested user namespaces
+
+
+def _status(host: HostPaths, pid: int) -> dict[str, str]:
+    text = procfs.read_text(host.proc_pid(pid, "status")) or ""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def userns_level_and_owner(ns_path: str) -> Optional[tuple[int, int]]:
+    """Nesting level and creator uid of the user namespace at `ns_path`."""
+    try:
+        fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        owner = int.from_bytes(fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4), "little")
+        level = 0
+        current = os.dup(fd)
+        while level < _MAX_USERNS_DEPTH:
+            try:
+                parent = fcntl.ioctl(current, NS_GET_PARENT)
+            except OSError:  # EPERM: no parent visible, this is the initial namespace
+                break
+            os.close(current)
+            current = parent
+            level += 1
+        os.close(current)
+        return level, owner
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def backfill_process(host: HostPaths, event: Event) -> list[str]:
+    """Complete `event.process` from /proc for fields in `event.missing`."""
+    missing = set(event.missing)
+    proc = event.process
+    if not missing or procfs.read_text(host.proc_pid(proc.pid, "status")) is None:
+        return []
+    filled: list[str] = []
+    status = _status(host, proc.pid)
+    if "process.groups" in missing and "Groups" in status:
+        proc.groups = [int(g) for g in status["Groups"].split() if g.isdigit()]
+        proc.ngroups = len(proc.groups)
+        filled += ["process.groups", "process.ngroups"]
+    if "process.cap_effective" in missing and "CapEff" in status:
+        try:
+            proc.cap_effective = int(status["CapEff"], 16)
+            filled.append("process.cap_effective")
+        except ValueError:
+            pass
+    if "process.ns_pid" in missing and status.get("NSpid"):
+        proc.ns_pid = int(status["NSpid"].split()[-1])
+        filled.append("process.ns_pid")
+    for name, attr in (("mnt", "mntns"), ("pid", "pidns"), ("cgroup", "cgroupns")):
+        if f"process.{attr}" in missing:
+            inum = procfs.ns_inum(procfs.read_link(host.proc_pid(proc.pid, "ns", name)))
+            if inum:
+                setattr(proc, attr, inum)
+                filled.append(f"process.{attr}")
+    if "process.userns" in missing:
+        ns_path = host.proc_pid(proc.pid, "ns", "user")
+        inum = procfs.ns_inum(procfs.read_link(ns_path))
+        found = userns_level_and_owner(ns_path)
+        if inum and found:
+            proc.userns.inum = inum
+            proc.userns.level, proc.userns.owner_uid = found
+            filled.append("process.userns")
+    event.missing = [m for m in event.missing if m not in filled]
+    return filled

@@ -12,6 +12,16 @@ from tracer.sensors.bpf_sensor import BpfConfig
 pytest_plugins = ["tests.support.nodes"]
 
 URANDOM = (1, 9)  # ioctl RNDADDTOENTCNT on it needs CAP_SYS_ADMIN: a real EPERM
+SCENARIO_PREFIXES = ("/dev/dri-gttest/", "/tmp/gttest-nodev-")  # where tests/support/scenarios.py puts nodes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stale_scenarios():
+    """Undo what a killed earlier run left behind (users, nodes, mounts, containers)."""
+    if os.geteuid() == 0:
+        from tests.support.scenarios import sweep_stale_scenarios
+        sweep_stale_scenarios()
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -26,7 +36,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 def bpf_sensor():
     """One live sensor for the session: default errnos, plus /dev/urandom's device
     so a real driver-level EPERM from ioctl can be provoked without a GPU."""
-    harness = SensorHarness(BpfConfig(extra_devs=(URANDOM,), aggregate_interval_s=0.5,
+    harness = SensorHarness(BpfConfig(extra_devs=(URANDOM,), extra_prefixes=SCENARIO_PREFIXES,
+                                      aggregate_interval_s=0.5,
                                       sweep_interval_s=0.5)).start()
     yield harness
     harness.close()

@@ -61,7 +61,13 @@ def test_watch_json_lines_and_clean_ctrl_c(hostile_node):
         time.sleep(2.5)  # past one sweep, so the repeat count is out
     finally:
         out, err = stop_watch(proc)
-    events = [json.loads(line) for line in out.splitlines()]
+    events = []
+    for line in out.split("\n"):
+        if line:
+            try:
+                events.append(json.loads(line))
+            except ValueError as exc:
+                raise AssertionError(f"not one JSON object per line ({exc}): {line!r}") from None
     mine = [e for e in events if e["process"]["pid"] == res.pid]
     first = mine[0]
     assert first["kind"] == "denial" and first["sensor"] == "bpf"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 from tracer.event import Event
 
@@ -36,28 +37,67 @@ class Summary:
 
     @property
     def dropped(self) -> int:
-        return sum(v for k, v in self.sensor_stats.items()
-                   if k.startswith("dropped_") or k == "first_event_lost")
+        """Events that never reached the sinks in full (their counts are kept)."""
+        s = self.sensor_stats
+        return (s.get("first_event_lost", 0) + s.get("dropped_queue_full", 0)
+                + s.get("dropped_perf_lost", 0))
 
     def line(self) -> str:
         s = self.sensor_stats
+        full = s.get("dropped_buffer_full", 0)
+        lost = s.get("first_event_lost", 0)
         return (f"{self.denials} denial events, {self.repeats} repeats aggregated, "
-                f"{self.dropped} dropped (buffer full {s.get('dropped_buffer_full', 0)}, "
-                f"updates {s.get('dropped_update', 0)}, first events lost "
-                f"{s.get('first_event_lost', 0)})")
+                f"{self.dropped} dropped (kernel buffer full {full}: {max(full - lost, 0)} "
+                f"resent, {lost} reported as counts only; queue full "
+                f"{s.get('dropped_queue_full', 0)}; perf lost {s.get('dropped_perf_lost', 0)}; "
+                f"count updates {s.get('dropped_update', 0)})")
 
 
 @dataclass
 class Pipeline:
+    """The sensor is drained on its own thread into a bounded queue, so a slow
+    stage (enrichment reads /proc) never lets the kernel buffer overflow; what
+    the queue cannot hold is counted as `dropped_queue_full`."""
+
     sensor: Sensor
     stages: list[Stage]
     sinks: list[Sink]
     on_stage_error: Callable[[Event, Exception], None] = lambda e, exc: None
+    queue_size: int = 10000
 
     def run(self, stop: threading.Event) -> Summary:
+        pending: "queue.Queue[Optional[Event]]" = queue.Queue(self.queue_size)
+        dropped = {"dropped_queue_full": 0}
+        failure: list[BaseException] = []
+
+        def drain_sensor() -> None:
+            try:
+                for event in self.sensor.events(stop):
+                    try:
+                        pending.put_nowait(event)
+                    except queue.Full:
+                        dropped["dropped_queue_full"] += 1
+            except BaseException as exc:  # re-raised on the consuming thread
+                failure.append(exc)
+            finally:
+                pending.put(None)
+
+        producer = threading.Thread(target=drain_sensor, name="sensor", daemon=True)
+        producer.start()
+        summary = self._consume(pending)
+        producer.join()
+        if failure:
+            raise failure[0]
+        summary.sensor_stats = {**self.sensor.stats(), **dropped}
+        return summary
+
+    def _consume(self, pending: "queue.Queue[Optional[Event]]") -> Summary:
         summary = Summary()
         last_count: dict[str, int] = {}
-        for event in self.sensor.events(stop):
+        while True:
+            event = pending.get()
+            if event is None:
+                return summary
             if event.kind == "denial":
                 summary.denials += 1
                 for stage in self.stages:
@@ -77,5 +117,3 @@ class Pipeline:
                     del last_count[next(iter(last_count))]
             for sink in self.sinks:
                 sink.consume(event)
-        summary.sensor_stats = self.sensor.stats()
-        return summary

@@ -50,7 +50,7 @@ class BpfConfig:
     extra_devs: tuple[tuple[int, Optional[int]], ...] = ()  # (major, minor or None)
     hook: str = "auto"          # auto | fexit | tracepoint
     transport: str = "auto"     # auto | ringbuf | perf
-    ringbuf_pages: int = 64
+    ringbuf_pages: int = 1024  # 4 MiB: a burst of ~7,000 distinct denials
     aggregate_interval_s: float = 1.0
     aggregate_max: int = 16384
     sweep_interval_s: float = 1.0

@@ -155,3 +155,39 @@ def test_auto_sensor_falls_back_to_audit_and_says_why(tmp_path):
     mine = [json.loads(l) for l in out.splitlines() if f'"pid": {res.pid},' in l]
     assert mine and mine[0]["sensor"] == "audit" and mine[0]["node"]["path"] == node
     assert mine[0]["process"]["uid"] == 1702 and mine[0]["errno"] == "EACCES"
+
+
+def test_exited_process_gets_its_user_namespace_facts_from_the_cache():
+    """The first denial from a user namespace snapshots its facts; a later process
+    of the same namespace that is gone before enrichment still gets them."""
+    node = f"/dev/nvidia-{unique()}"
+    make_node(node, NodeSpec(major=195, minor=93, mode=0o600))
+    proc = start_watch("--json")
+    drop = ["setpriv", "--reuid=1810", "--regid=1810", "--clear-groups"]
+    holder = subprocess.Popen([*drop, "unshare", "--user", "--map-root-user", "sh", "-c",
+                               f"cat {node}; sleep 20"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{holder.pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+            assert time.monotonic() < deadline, "the holder never entered its namespace"
+            time.sleep(0.05)
+        time.sleep(2.0)  # the holder's denial is seen and its namespace primed
+        quick = subprocess.run([*drop, "nsenter", "--preserve-credentials",
+                                f"--user=/proc/{holder.pid}/ns/user", "--",
+                                "sh", "-c", f"cat {node}; exit 0"], capture_output=True)
+        quick_pid_hint = quick.returncode
+        time.sleep(2.0)
+    finally:
+        holder.kill()
+        holder.wait()
+        out, _err = stop_watch(proc)
+        os.unlink(node)
+    assert quick_pid_hint == 0, quick.stderr
+    events = [json.loads(l) for l in out.split("\n") if l and node in l]
+    denials = [e for e in events if e["kind"] == "denial"]
+    assert len(denials) >= 2, denials
+    inum = denials[0]["process"]["userns"]["inum"]
+    later = [e for e in denials[1:] if e["process"]["userns"]["inum"] == inum]
+    assert later, "the second process of the namespace was not seen"
+    gid_map = later[-1]["facts"].get("userns.gid_map")
+    assert gid_map is not None and gid_map["source"] == "cached", later[-1]["facts"]

@@ -115,9 +115,11 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     try:
         names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
         click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
-        stages = [] if no_explain else [explain_stage()]
-        pipeline = Pipeline(sensor=sensor, stages=stages, sinks=[ConsoleSink(sys.stdout, as_json)],
-                            on_stage_error=_stage_error_reporter())
+        on_arrival, stage = explain_stages()
+        pipeline = Pipeline(sensor=sensor, stages=[] if no_explain else [stage],
+                            sinks=[ConsoleSink(sys.stdout, as_json)],
+                            on_stage_error=_stage_error_reporter(),
+                            on_arrival=None if no_explain else on_arrival)
         summary = pipeline.run(stop)
     finally:
         sensor.close()
@@ -149,17 +151,26 @@ def start_sensor(name: str, bpf_config: "BpfConfig") -> "tuple[Sensor, str]":
     return audit, "audit"
 
 
-def explain_stage(host: Optional["HostPaths"] = None) -> "Callable[[Event], None]":
-    """The enrichment + verdict stage of the pipeline, for the live host."""
+def explain_stages(host: Optional["HostPaths"] = None
+                   ) -> "tuple[Callable[[Event], None], Callable[[Event], None]]":
+    """(on_arrival, stage) for the pipeline: snapshot a new container's facts the
+    moment its first denial arrives, then enrich and explain."""
     from tracer.enrichment.enricher import Enricher
     from tracer.host import HostPaths
     from tracer.verdict.explain import explain
 
     enricher = Enricher(host or HostPaths())
+    lock = threading.Lock()  # the enricher's caches are shared by both threads
+
+    def on_arrival(event: "Event") -> None:
+        if enricher.needs_prime(event.process):
+            with lock:
+                enricher.prime(event.process)
 
     def stage(event: "Event") -> None:
-        explain(event, enricher)
-    return stage
+        with lock:
+            explain(event, enricher)
+    return on_arrival, stage
 
 
 def _stage_error_reporter() -> "Callable[[Event, Exception], None]":

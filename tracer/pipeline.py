@@ -64,6 +64,9 @@ class Pipeline:
     sinks: list[Sink]
     on_stage_error: Callable[[Event, Exception], None] = lambda e, exc: None
     queue_size: int = 10000
+    # runs on the sensor thread as each denial arrives, before any queueing delay:
+    # the place to snapshot facts of a process that may exit in a moment
+    on_arrival: Optional[Stage] = None
 
     def run(self, stop: threading.Event) -> Summary:
         pending: "queue.Queue[Optional[Event]]" = queue.Queue(self.queue_size)
@@ -73,6 +76,11 @@ class Pipeline:
         def drain_sensor() -> None:
             try:
                 for event in self.sensor.events(stop):
+                    if self.on_arrival is not None and event.kind == "denial":
+                        try:
+                            self.on_arrival(event)
+                        except Exception:  # a failed snapshot is retried by enrichment
+                            dropped["arrival_errors"] = dropped.get("arrival_errors", 0) + 1
                     try:
                         pending.put_nowait(event)
                     except queue.Full:

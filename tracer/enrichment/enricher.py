@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
+from dataclasses import replace
 from typing import Generic, Optional, TypeVar
 
 from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
                                          podman_storage_has, read_containerenv)
+from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
 from tracer.enrichment.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.host_facts import (device_cgroup_facts, host_group_table,
@@ -111,7 +113,7 @@ class Enricher:
         """Snapshot container-wide facts of a live process whose userns or cgroup
         is not cached yet; call when the pipeline first meets one."""
         new_userns = self._userns_key(proc) is not None and self._userns_key(proc) not in self.by_userns
-        new_cgroup = proc.cgroup_id != 0 and proc.cgroup_id not in self.by_cgroup
+        new_cgroup = self._cgroup_key(proc) is not None and proc.cgroup_id not in self.by_cgroup
         if not (new_userns or new_cgroup) or not process_is_live(self.host, proc):
             return False
         self._snapshot(proc)
@@ -123,12 +125,23 @@ class Enricher:
         # the initial userns is shared by every host process: not a container key
         return proc.userns.inum if proc.userns.level > 0 and proc.userns.inum else None
 
+    @staticmethod
+    def _cgroup_key(proc: Process) -> Optional[int]:
+        # id 1 is the v2 root cgroup, shared by every process outside any container
+        return proc.cgroup_id if proc.cgroup_id > 1 else None
+
+    def needs_prime(self, proc: Process) -> bool:
+        """Cheap check (no I/O) whether `prime` would snapshot anything."""
+        userns, cgroup = self._userns_key(proc), self._cgroup_key(proc)
+        return (userns is not None and userns not in self.by_userns) or \
+            (cgroup is not None and cgroup not in self.by_cgroup)
+
     def _snapshot(self, proc: Process) -> Facts:
         shared = self._read_shared(proc)
         key = self._userns_key(proc)
         if key is not None:
             self.by_userns.put(key, shared)
-        if proc.cgroup_id:
+        if self._cgroup_key(proc) is not None:
             self.by_cgroup.put(proc.cgroup_id, shared)
         return shared
 
@@ -165,11 +178,27 @@ class Enricher:
     def _add_cached(self, proc: Process, facts: Facts) -> None:
         key = self._userns_key(proc)
         by_userns = self.by_userns.get(key) if key is not None else None
-        by_cgroup = self.by_cgroup.get(proc.cgroup_id) if proc.cgroup_id else None
+        if key is not None and by_userns is None:
+            by_userns = self._from_sibling(proc, key)
+        by_cgroup = self.by_cgroup.get(proc.cgroup_id) if self._cgroup_key(proc) else None
         for shared in (by_userns, by_cgroup):
             if shared is not None:
                 facts.update(shared, CACHED)
         self.counters["cache_hit" if (by_userns or by_cgroup) else "cache_miss"] += 1
+
+    def _from_sibling(self, proc: Process, userns: int) -> Optional[Facts]:
+        """The process is gone, but its user namespace may live on in another
+        process (the container's init): snapshot the shared facts from that one."""
+        sibling = procfs.process_in_user_namespace(self.host.proc, userns)
+        if sibling is None:
+            return None
+        stand_in = replace(proc, pid=sibling, cgroup_id=0)  # its cgroup may differ
+        shared = self._read_shared(stand_in)
+        shared.put("userns.read_from_pid", sibling, INFERRED,
+                   "a live process in the same user namespace")
+        self.by_userns.put(userns, shared)
+        self.counters["sibling_snapshot"] += 1
+        return shared
 
     @staticmethod
     def _add_rootless_inference(proc: Process, facts: Facts) -> None:

@@ -41,3 +41,13 @@ def ns_inum(link_target: Optional[str]) -> Optional[int]:
         return None
     digits = link_target[link_target.index("[") + 1:-1]
     return int(digits) if digits.isdigit() else None
+
+
+def process_in_user_namespace(proc_root: str, inum: int, limit: int = 100000) -> Optional[int]:
+    """A live pid whose user namespace has inode `inum` (e.g. a container's init,
+    when the process that was denied has already exited)."""
+    want = f"user:[{inum}]"
+    for name in list_dir(proc_root)[:limit]:
+        if name.isdigit() and read_link(os.path.join(proc_root, name, "ns", "user")) == want:
+            return int(name)
+    return None

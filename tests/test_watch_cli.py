@@ -144,15 +144,17 @@ def test_auto_sensor_falls_back_to_audit_and_says_why(tmp_path):
     make_node(node, NodeSpec(major=195, minor=92, mode=0o600))
     proc = start_watch("--json", "--btf", str(tmp_path / "no-btf"))
     try:
+        time.sleep(1.0)
         res = actor.spawn({"uid": 1702, "gid": 1702, "groups": [],
                            "actions": [{"op": "open", "path": node}]}).check()
-        time.sleep(2.0)
+        time.sleep(3.0)
     finally:
         out, err = stop_watch(proc)
         os.unlink(node)
     err = proc.startup_stderr + err
     assert "falling back to Linux audit" in err and "no BTF" in err
     mine = [json.loads(l) for l in out.splitlines() if f'"pid": {res.pid},' in l]
+    assert mine, (out[-2000:], err)
     assert mine and mine[0]["sensor"] == "audit" and mine[0]["node"]["path"] == node
     assert mine[0]["process"]["uid"] == 1702 and mine[0]["errno"] == "EACCES"
 

@@ -92,9 +92,11 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
 @click.option("--btf", "btf_path", default=None, help="BTF file (default /sys/kernel/btf/vmlinux).")
 @click.option("--tracefs", default="/sys/kernel/tracing", show_default=True)
 @click.option("--no-explain", is_flag=True, help="Only report denials; skip enrichment and verdicts.")
+@click.option("--nodes/--no-nodes", "watch_nodes", default=True, show_default=True,
+              help="Also report GPU nodes appearing, disappearing or changing mode/owner.")
 def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], devices: tuple,
           sensor_name: str, hook: str, transport: str, duration: Optional[float],
-          btf_path: Optional[str], tracefs: str, no_explain: bool) -> None:
+          btf_path: Optional[str], tracefs: str, no_explain: bool, watch_nodes: bool) -> None:
     """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
     from tracer.pipeline import Pipeline
     from tracer.sensors.bpf_sensor import BpfConfig
@@ -108,6 +110,7 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     sensor, how = start_sensor(sensor_name, config)
+    side: list = []
     if duration is not None:
         timer = threading.Timer(duration, stop.set)
         timer.daemon = True
@@ -116,13 +119,22 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
         click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
         on_arrival, stage = explain_stages()
+        if watch_nodes:
+            from tracer.sensors.node_watch import NodeWatcher
+
+            watcher = NodeWatcher(extra_prefixes=prefixes,
+                                  extra_majors=tuple(m for m, _ in devices))
+            watcher.start()
+            side.append(watcher)
         pipeline = Pipeline(sensor=sensor, stages=[] if no_explain else [stage],
                             sinks=[ConsoleSink(sys.stdout, as_json)],
                             on_stage_error=_stage_error_reporter(),
-                            on_arrival=None if no_explain else on_arrival)
+                            on_arrival=None if no_explain else on_arrival, side_sources=side)
         summary = pipeline.run(stop)
     finally:
         sensor.close()
+        for source in side:
+            source.close()
     click.echo(f"gputrace: {summary.line()}", err=True)
 
 

@@ -185,7 +185,7 @@ class Event:
             "kind": self.kind,
             "sensor": self.sensor,
             "syscall": self.syscall,
-            "errno": self.errno_name,
+            "errno": self.errno_name if self.errno else None,
             "errno_num": self.errno,
             "count": self.count,
             "key": self.key,

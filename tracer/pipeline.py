@@ -67,15 +67,17 @@ class Pipeline:
     # runs on the sensor thread as each denial arrives, before any queueing delay:
     # the place to snapshot facts of a process that may exit in a moment
     on_arrival: Optional[Stage] = None
+    # more event sources drained into the same queue (e.g. the node lifecycle watcher)
+    side_sources: list[Sensor] = field(default_factory=list)
 
     def run(self, stop: threading.Event) -> Summary:
         pending: "queue.Queue[Optional[Event]]" = queue.Queue(self.queue_size)
         dropped = {"dropped_queue_full": 0}
         failure: list[BaseException] = []
 
-        def drain_sensor() -> None:
+        def drain_sensor(source: Sensor) -> None:
             try:
-                for event in self.sensor.events(stop):
+                for event in source.events(stop):
                     if self.on_arrival is not None and event.kind == "denial":
                         try:
                             self.on_arrival(event)
@@ -90,22 +92,30 @@ class Pipeline:
             finally:
                 pending.put(None)
 
-        producer = threading.Thread(target=drain_sensor, name="sensor", daemon=True)
-        producer.start()
-        summary = self._consume(pending)
-        producer.join()
+        sources = [self.sensor, *self.side_sources]
+        producers = [threading.Thread(target=drain_sensor, args=(s,), name="sensor", daemon=True)
+                     for s in sources]
+        for producer in producers:
+            producer.start()
+        summary = self._consume(pending, len(producers))
+        for producer in producers:
+            producer.join()
         if failure:
             raise failure[0]
-        summary.sensor_stats = {**self.sensor.stats(), **dropped}
+        summary.sensor_stats = {k: v for s in sources for k, v in s.stats().items()}
+        summary.sensor_stats.update(dropped)
         return summary
 
-    def _consume(self, pending: "queue.Queue[Optional[Event]]") -> Summary:
+    def _consume(self, pending: "queue.Queue[Optional[Event]]", producers: int) -> Summary:
         summary = Summary()
         last_count: dict[str, int] = {}
         while True:
             event = pending.get()
             if event is None:
-                return summary
+                producers -= 1
+                if producers == 0:
+                    return summary
+                continue
             if event.kind == "denial":
                 summary.denials += 1
                 for stage in self.stages:

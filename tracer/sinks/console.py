@@ -32,6 +32,15 @@ def update_line(event: Event) -> str:
             f"{event.errno_name} x{event.count} so far")
 
 
+def node_line(event: Event) -> str:
+    f, n = event.facts, event.node
+    dev = f" ({n.major}:{n.minor})" if n.major is not None else ""
+    perms = (f" mode {f['node.mode']} uid {f['node.uid']} gid {f['node.gid']}"
+             if "node.mode" in f else "")
+    return (f"{_clock(event.time)} node {escape(str(f.get('node.change', '?')))} "
+            f"{escape(n.path)}{dev}{perms} [{event.sensor}]")
+
+
 def verdict_lines(verdict: dict[str, Any]) -> list[str]:
     lines = [f"  why: [{escape(str(verdict.get('reason', 'unknown')))}] "
              f"{escape(str(verdict.get('summary', '')))}"]
@@ -56,6 +65,8 @@ class ConsoleSink:
             self.out.write(json.dumps(event.to_json(), sort_keys=False) + "\n")
         elif event.kind == "update":
             self.out.write(update_line(event) + "\n")
+        elif event.kind == "node":
+            self.out.write(node_line(event) + "\n")
         else:
             self.out.write(denial_line(event) + "\n")
             if event.verdict:

@@ -1,0 +1,106 @@
+"""GPU node lifecycle from inotify and kernel uevents, on the real kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support.nodes import NodeSpec, make_node, unique
+from tracer.event import Event
+from tracer.sensors.node_watch import NodeWatcher
+
+pytestmark = pytest.mark.kernel
+
+
+def collect(watcher: NodeWatcher, until, timeout: float = 5.0) -> list[Event]:
+    seen: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(seen):
+        seen += watcher.poll(0.1)
+    return seen
+
+
+def changes(events: list[Event], path: str) -> list[str]:
+    return [e.facts["node.change"] for e in events if e.node.path == path.encode()]
+
+
+def test_created_mode_owner_acl_removed():
+    watcher = NodeWatcher(use_uevents=False)
+    watcher.start()
+    path = f"/dev/nvidia-{unique()}"
+    try:
+        steps = [
+            ("created", lambda: make_node(path, NodeSpec(major=195, minor=94, mode=0o600))),
+            ("mode_changed", lambda: os.chmod(path, 0o660)),
+            ("owner_changed", lambda: os.chown(path, 0, 44)),
+            ("acl_changed", lambda: subprocess.run(["setfacl", "-m", "u:1234:rw", path],
+                                                    check=True)),
+            ("removed", lambda: os.unlink(path)),
+        ]
+        seen: list[Event] = []
+        for change, step in steps:
+            step()
+            seen += collect(watcher, lambda ev: change in changes(ev, path))
+            assert changes(seen, path)[-1] == change, changes(seen, path)
+        created = [e for e in seen if e.node.path == path.encode()][0]
+        assert (created.node.major, created.node.minor) == (195, 94)
+        assert created.kind == "node" and created.to_json()["errno"] is None
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        watcher.close()
+
+
+def test_unrelated_files_are_ignored():
+    watcher = NodeWatcher(use_uevents=False)
+    watcher.start()
+    path = f"/dev/gtplain-{unique()}"
+    try:
+        with open(path, "w"):
+            pass
+        os.unlink(path)
+        marker = f"/dev/nvidia-{unique()}"
+        make_node(marker, NodeSpec(major=195, minor=95))
+        os.unlink(marker)
+        seen = collect(watcher, lambda ev: changes(ev, marker)[-1:] == ["removed"])
+        assert changes(seen, marker) and not changes(seen, path)
+    finally:
+        watcher.close()
+
+
+def test_kernel_uevent_for_a_watched_major():
+    """A real uevent: ask the kernel to re-announce /dev/null (major 1), watched
+    here as an extra major, as a driver would announce a GPU."""
+    watcher = NodeWatcher(extra_majors=(1,))
+    watcher.start()
+    try:
+        with open("/sys/devices/virtual/mem/null/uevent", "w") as trigger:
+            trigger.write("change")
+        seen = collect(watcher, lambda ev: any(e.sensor == "uevent" for e in ev))
+        ours = [e for e in seen if e.sensor == "uevent" and e.node.path == b"/dev/null"]
+        assert ours and ours[0].facts["node.change"] == "device_change"
+        assert (ours[0].node.major, ours[0].node.minor) == (1, 3)
+    finally:
+        watcher.close()
+
+
+def test_watch_json_carries_node_events():
+    from tests.test_watch_cli import start_watch, stop_watch  # same helpers as the CLI tests
+    import json
+
+    proc = start_watch("--json", "--no-explain")
+    path = f"/dev/nvidia-{unique()}"
+    try:
+        make_node(path, NodeSpec(major=195, minor=96, mode=0o600))
+        time.sleep(1.0)
+        os.unlink(path)
+        time.sleep(1.0)
+    finally:
+        out, _ = stop_watch(proc)
+    mine = [json.loads(l) for l in out.split("\n") if l and path in l]
+    assert [e["facts"]["node.change"] for e in mine][:1] == ["created"]
+    assert mine[-1]["facts"]["node.change"] == "removed" and mine[-1]["kind"] == "node"

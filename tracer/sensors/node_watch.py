@@ -1,0 +1,230 @@
+"""GPU node lifecycle: nodes appearing, disappearing, changing mode or owner.
+
+Two sources, both event-driven: the kernel's uevents (a driver adding or
+removing a device; pyroute2's uevent socket) and inotify on the directories
+that hold GPU nodes (a node file created, deleted or re-permissioned by udev,
+a runtime hook or an administrator).  "The node was created after the
+container started" (CAUSES.md #8) becomes a line on the timeline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from tracer.event import Event, Node, Process
+from tracer.host import HostPaths
+from tracer.sensors import gpu_nodes
+
+IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x40, 0x80
+IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_Q_OVERFLOW = 0x100, 0x200, 0x400, 0x4000
+IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
+_WATCH_MASK = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
+_EVENT_HEAD = struct.Struct("iIII")
+WATCHED_SUBDIRS = ("", "dri", "nvidia-caps", "nvgpu", "char")
+
+
+@dataclass
+class NodeState:
+    mode: int
+    uid: int
+    gid: int
+    rdev: int
+    acl: Optional[bytes] = None
+    label: Optional[bytes] = None
+
+
+def _xattr(path: str, name: str) -> Optional[bytes]:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def node_event(action: str, path: str, state: Optional[NodeState], source: str,
+               major: Optional[int] = None, minor: Optional[int] = None) -> Event:
+    facts: dict[str, object] = {"node.change": action}
+    if state is not None:
+        major, minor = os.major(state.rdev), os.minor(state.rdev)
+        facts.update({"node.mode": f"{stat.S_IMODE(state.mode):04o}", "node.uid": state.uid,
+                      "node.gid": state.gid})
+    return Event(time=time.time(), sensor=source, syscall="", errno=0, kind="node", count=0,
+                 process=Process(pid=0, tid=0), node=Node(path=path.encode(), major=major,
+                                                           minor=minor), facts=facts)
+
+
+class _Inotify:
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.dirs: dict[int, str] = {}
+
+    def watch(self, directory: str) -> bool:
+        wd = self._libc.inotify_add_watch(self.fd, directory.encode(), _WATCH_MASK)
+        if wd < 0:
+            return False
+        self.dirs[wd] = directory
+        return True
+
+    def read(self) -> Iterator[tuple[str, int, str]]:
+        """(directory, mask, name) for every pending event."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        offset = 0
+        while offset + _EVENT_HEAD.size <= len(data):
+            wd, mask, _cookie, length = _EVENT_HEAD.unpack_from(data, offset)
+            raw = data[offset + _EVENT_HEAD.size: offset + _EVENT_HEAD.size + length]
+            offset += _EVENT_HEAD.size + length
+            yield self.dirs.get(wd, ""), mask, raw.rstrip(b"\0").decode("utf-8", "surrogateescape")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class NodeWatcher:
+    """Yields kind="node" Events; `known` is bounded (oldest forgotten first)."""
+
+    host: HostPaths = field(default_factory=HostPaths)
+    extra_prefixes: tuple[str, ...] = ()
+    extra_majors: tuple[int, ...] = ()
+    max_known: int = 4096
+    use_uevents: bool = True
+
+    def __post_init__(self) -> None:
+        self.nodes = gpu_nodes.discover(self.host.proc, self.host.dev, self.extra_prefixes,
+                                        tuple((m, None) for m in self.extra_majors))
+        self.known: "OrderedDict[str, NodeState]" = OrderedDict()
+        self.counters = {"node_events": 0, "inotify_overflow": 0, "uevents": 0}
+        self._inotify: Optional[_Inotify] = None
+        self._uevents = None
+
+    def start(self) -> None:
+        self._inotify = _Inotify()
+        dirs = {os.path.dirname(p.rstrip("/") + "/x") for p in self.nodes.prefixes}
+        dirs |= {os.path.join(self.host.dev, d) if d else self.host.dev for d in WATCHED_SUBDIRS}
+        for directory in sorted(dirs):
+            if os.path.isdir(directory):
+                self._inotify.watch(directory)
+                for name in os.listdir(directory):
+                    self._remember(os.path.join(directory, name))
+        if self.use_uevents:
+            from pyroute2 import UeventSocket
+
+            self._uevents = UeventSocket()
+            self._uevents.bind()
+
+    def _matches(self, path: str) -> bool:
+        return any(path.startswith(p) for p in self.nodes.prefixes)
+
+    def _state(self, path: str) -> Optional[NodeState]:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISCHR(st.st_mode):
+            return None
+        return NodeState(st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
+                         _xattr(path, "system.posix_acl_access"), _xattr(path, "security.selinux"))
+
+    def _remember(self, path: str) -> Optional[NodeState]:
+        state = self._state(path) if self._matches(path) else None
+        if state is not None:
+            self.known[path] = state
+            self.known.move_to_end(path)
+            while len(self.known) > self.max_known:
+                self.known.popitem(last=False)
+        return state
+
+    def _from_inotify(self) -> list[Event]:
+        out = []
+        assert self._inotify is not None
+        for directory, mask, name in self._inotify.read():
+            if mask & IN_Q_OVERFLOW:
+                self.counters["inotify_overflow"] += 1
+                continue
+            path = os.path.join(directory, name)
+            if not name or not self._matches(path):
+                continue
+            before = self.known.get(path)
+            if mask & (IN_DELETE | IN_MOVED_FROM):
+                if self.known.pop(path, None) is not None or before is None:
+                    out.append(node_event("removed", path, before, "inotify"))
+                continue
+            after = self._remember(path)
+            if after is None:
+                if mask & (IN_CREATE | IN_MOVED_TO):  # gone again before we looked
+                    out.append(node_event("created", path, None, "inotify"))
+                continue
+            if mask & (IN_CREATE | IN_MOVED_TO) or before is None:
+                out.append(node_event("created", path, after, "inotify"))
+            elif after.rdev != before.rdev:
+                out.append(node_event("device_changed", path, after, "inotify"))
+            elif stat.S_IMODE(after.mode) != stat.S_IMODE(before.mode):
+                out.append(node_event("mode_changed", path, after, "inotify"))
+            elif (after.uid, after.gid) != (before.uid, before.gid):
+                out.append(node_event("owner_changed", path, after, "inotify"))
+            elif after.acl != before.acl:
+                out.append(node_event("acl_changed", path, after, "inotify"))
+            elif after.label != before.label:
+                out.append(node_event("label_changed", path, after, "inotify"))
+            # else: a change already reported (IN_ATTRIB events arrive after the fact)
+        return out
+
+    def _from_uevents(self) -> list[Event]:
+        out = []
+        for msg in self._uevents.get():
+            self.counters["uevents"] += 1
+            try:
+                major, minor = int(msg.get("MAJOR")), int(msg.get("MINOR"))
+            except (TypeError, ValueError):
+                continue
+            if major not in self.nodes.majors and \
+                    gpu_nodes.mkdev(major, minor) not in self.nodes.exact:
+                continue
+            path = os.path.join("/dev", msg.get("DEVNAME") or "?")
+            action = {"add": "device_added", "remove": "device_removed"}.get(
+                msg.get("ACTION"), f"device_{msg.get('ACTION')}")
+            out.append(node_event(action, path, None, "uevent", major, minor))
+        return out
+
+    def poll(self, timeout_s: float) -> list[Event]:
+        sources = [self._inotify.fd] + ([self._uevents] if self._uevents is not None else [])
+        try:
+            ready, _, _ = select.select(sources, [], [], timeout_s)
+        except InterruptedError:
+            return []
+        out: list[Event] = []
+        if self._inotify.fd in ready:
+            out += self._from_inotify()
+        if self._uevents is not None and self._uevents in ready:
+            out += self._from_uevents()
+        self.counters["node_events"] += len(out)
+        return out
+
+    def events(self, stop: threading.Event) -> Iterator[Event]:
+        while not stop.is_set():
+            yield from self.poll(0.2)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+        if self._uevents is not None:
+            self._uevents.close()
+            self._uevents = None

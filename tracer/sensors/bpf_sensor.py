@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Deque, Iterator, Optional
+from typing import Any, Callable, Deque, Iterator, Optional
 
 from tracer.errors import EnvironmentProblem
 from tracer.event import Event, Node, Process
@@ -73,7 +73,7 @@ class BpfSensor:
     say: Callable[[str], None] = lambda msg: print(f"gputrace: {msg}", file=sys.stderr)
 
     def __post_init__(self) -> None:
-        self.bpf = None
+        self.bpf: Any = None  # bcc.BPF once started
         self.hook = ""
         self.transport = ""
         self.nodes: Optional[gpu_nodes.GpuNodeSet] = None
@@ -94,7 +94,7 @@ class BpfSensor:
             os.environ["BCC_KERNEL_SOURCE"] = choice.source
         arch = current_arch()
         with KernelBtf(self.config.btf_path or self.host.btf_vmlinux) as btf:
-            flags = offset_flags(btf, arch)
+            flags: dict[str, object] = dict(offset_flags(btf, arch))
             hooks = self._hook_order(btf, arch.syscall_prefix)
             ringbuf = self.config.transport == "ringbuf" or (
                 self.config.transport == "auto" and btf.has_func("bpf_ringbuf_output"))
@@ -120,7 +120,7 @@ class BpfSensor:
         self._open_buffer()
 
     def _hook_order(self, btf: KernelBtf, prefix: str) -> list[tuple[str, dict]]:
-        tracepoint = ("tracepoint", {})
+        tracepoint: tuple[str, dict] = ("tracepoint", {})
         if self.config.hook == "tracepoint":
             return [tracepoint]
         fns = {f"FN_{n.upper()}": prefix + n for n in ("open", "creat", "openat", "openat2", "ioctl")}
@@ -136,7 +136,7 @@ class BpfSensor:
             return [tracepoint]
         return [fexit, tracepoint]
 
-    def _load(self, flags: dict) -> object:
+    def _load(self, flags: dict) -> Any:
         from bcc import BPF  # imported late: only the BPF sensor needs BCC
 
         src = os.path.join(bpf_source_dir(), "gputrace.bpf.c")

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from tracer.event import Event, Node, Process
 from tracer.host import HostPaths
@@ -109,7 +109,7 @@ class NodeWatcher:
         self.known: "OrderedDict[str, NodeState]" = OrderedDict()
         self.counters = {"node_events": 0, "inotify_overflow": 0, "uevents": 0}
         self._inotify: Optional[_Inotify] = None
-        self._uevents = None
+        self._uevents: Any = None  # pyroute2 UeventSocket once started
 
     def start(self) -> None:
         self._inotify = _Inotify()
@@ -201,6 +201,7 @@ class NodeWatcher:
         return out
 
     def poll(self, timeout_s: float) -> list[Event]:
+        assert self._inotify is not None, "start() first"
         sources = [self._inotify.fd] + ([self._uevents] if self._uevents is not None else [])
         try:
             ready, _, _ = select.select(sources, [], [], timeout_s)

@@ -114,3 +114,17 @@ def test_container_group_gid_differs_from_the_host(bpf_sensor, enricher):
         host_gid = attempt.details["host_gid"]
     assert verdict.reason == "gid_mismatch_in_container", verdict.to_json()
     assert f"--group-add {host_gid}" in commands(verdict)
+
+
+@pytest.mark.parametrize("runtime,keep_groups,check_runtime", [
+    ("runc", True, "podman-runc"), ("crun", True, "podman-crun-keep-groups")])
+def test_check_predicts_what_the_real_runtime_did(runtime, keep_groups, check_runtime):
+    """`gputrace check` (no tracing, the access model only) agrees with the kernel's
+    answer to the real container."""
+    from tracer.verdict.check import check_access
+
+    with scenarios.rootless_podman(runtime=runtime, keep_groups=keep_groups) as attempt:
+        rows = check_access(HostPaths(), attempt.user, check_runtime)
+        row = next(r for r in rows if r.node == attempt.node.path)
+        really_allowed = attempt.errno == errno.ENXIO  # granted; no driver behind it
+    assert row.allowed == really_allowed, (row, attempt.errno_name)

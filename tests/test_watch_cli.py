@@ -193,3 +193,40 @@ def test_exited_process_gets_its_user_namespace_facts_from_the_cache():
     assert later, "the second process of the namespace was not seen"
     gid_map = later[-1]["facts"].get("userns.gid_map")
     assert gid_map is not None and gid_map["source"] == "cached", later[-1]["facts"]
+
+
+def test_watch_attaches_to_a_running_daemon(tmp_path):
+    from tests.support.daemon_proc import DaemonProcess, service_config, write_config
+
+    path = write_config(str(tmp_path), service_config(str(tmp_path)))
+    daemon = DaemonProcess(path).start()
+    node = f"/dev/nvidia-{unique()}"
+    make_node(node, NodeSpec(major=195, minor=97, mode=0o600))
+    try:
+        proc = subprocess.Popen(GPUTRACE + ["watch", "--json", "--config", path],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        first = b""
+        while b"attached" not in first and time.monotonic() < deadline:
+            first += proc.stderr.readline()
+        assert b"attached to the running gputrace daemon" in first, first
+        res = actor.spawn({"uid": 1703, "gid": 1703, "groups": [],
+                           "actions": [{"op": "open", "path": node}]}).check()
+        time.sleep(3.0)
+        out, err = stop_watch(proc)
+    finally:
+        daemon.stop()
+        os.unlink(node)
+    mine = [json.loads(l) for l in out.splitlines() if f'"pid": {res.pid},' in l]
+    assert mine and mine[0]["verdict"]["reason"]  # explained by the daemon
+    assert "repeats aggregated" in err
+
+
+def test_watch_without_a_daemon_says_it_runs_standalone(tmp_path):
+    from tests.support.daemon_proc import service_config, write_config
+
+    path = write_config(str(tmp_path), service_config(str(tmp_path)))
+    proc = start_watch("--config", path, "--duration", "1")
+    out, err = proc.communicate(timeout=60)
+    assert "no daemon at" in proc.startup_stderr and "running standalone" in proc.startup_stderr
+    assert proc.returncode == 0

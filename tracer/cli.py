@@ -7,13 +7,14 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, TextIO
 
 if TYPE_CHECKING:
     from tracer.event import Event
     from tracer.host import HostPaths
     from tracer.pipeline import Sensor
     from tracer.sensors.bpf_sensor import BpfConfig
+    from tracer.subscribe import Subscription
 
 import click
 
@@ -94,9 +95,14 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
 @click.option("--no-explain", is_flag=True, help="Only report denials; skip enrichment and verdicts.")
 @click.option("--nodes/--no-nodes", "watch_nodes", default=True, show_default=True,
               help="Also report GPU nodes appearing, disappearing or changing mode/owner.")
+@click.option("--standalone", is_flag=True,
+              help="Load a probe of our own even when a gputrace daemon is running.")
+@click.option("--config", "config_path", default=None, metavar="PATH",
+              help="Daemon configuration, to find its socket (default /etc/gputrace/config.yaml).")
 def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], devices: tuple,
           sensor_name: str, hook: str, transport: str, duration: Optional[float],
-          btf_path: Optional[str], tracefs: str, no_explain: bool, watch_nodes: bool) -> None:
+          btf_path: Optional[str], tracefs: str, no_explain: bool, watch_nodes: bool,
+          standalone: bool, config_path: Optional[str]) -> None:
     """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
     from tracer.pipeline import Pipeline
     from tracer.sensors.bpf_sensor import BpfConfig
@@ -109,12 +115,25 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sensor, how = start_sensor(sensor_name, config)
-    side: list = []
     if duration is not None:
         timer = threading.Timer(duration, stop.set)
         timer.daemon = True
         timer.start()
+    if not standalone:
+        from tracer import config as config_mod
+        from tracer.subscribe import attach
+
+        socket_path = config_mod.load(config_path).socket_path
+        subscription = attach(socket_path)
+        if subscription is not None:
+            click.echo(f"gputrace: attached to the running gputrace daemon (pid "
+                       f"{subscription.daemon_pid}) at {socket_path}; its sensor and settings "
+                       "apply (--standalone loads a probe of our own)", err=True)
+            _watch_daemon(subscription, as_json, stop)
+            return
+        click.echo(f"gputrace: no daemon at {socket_path}; running standalone", err=True)
+    sensor, how = start_sensor(sensor_name, config)
+    side: list = []
     try:
         names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
         click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
@@ -136,6 +155,43 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         for source in side:
             source.close()
     click.echo(f"gputrace: {summary.line()}", err=True)
+
+
+class _DaemonStream:
+    """A running daemon's event stream, shaped as a sensor for the pipeline."""
+
+    def __init__(self, subscription: "Subscription") -> None:
+        self.subscription = subscription
+
+    def start(self) -> None:
+        pass  # attached already
+
+    def events(self, stop: threading.Event) -> "Iterator[Event]":
+        yield from self.subscription.events(stop)
+        if not stop.is_set():
+            click.echo("gputrace: the daemon closed the stream", err=True)
+            stop.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"dropped_subscriber_queue": self.subscription.dropped,
+                "unreadable_lines": self.subscription.bad_lines}
+
+    def close(self) -> None:
+        self.subscription.close()
+
+
+def _watch_daemon(subscription: "Subscription", as_json: bool, stop: threading.Event) -> None:
+    from tracer.pipeline import Pipeline
+    from tracer.sinks.console import ConsoleSink
+
+    stream = _DaemonStream(subscription)
+    try:  # the daemon already enriched and explained every event
+        summary = Pipeline(sensor=stream, stages=[], sinks=[ConsoleSink(sys.stdout, as_json)]
+                           ).run(stop)
+    finally:
+        stream.close()
+    click.echo(f"gputrace: {summary.line()}; the daemon dropped "
+               f"{subscription.dropped} events for this slow reader", err=True)
 
 
 def start_sensor(name: str, bpf_config: "BpfConfig") -> "tuple[Sensor, str]":
@@ -259,6 +315,15 @@ def _login_name() -> str:
 
     return pwd.getpwuid(os.getuid()).pw_name
 
+
+def _register_service_commands() -> None:
+    from tracer.commands_service import daemon_command, report_command
+
+    cli.add_command(daemon_command)
+    cli.add_command(report_command)
+
+
+_register_service_commands()
 
 if __name__ == "__main__":
     main()

@@ -73,6 +73,7 @@ class Pipeline:
     def run(self, stop: threading.Event) -> Summary:
         pending: "queue.Queue[Optional[Event]]" = queue.Queue(self.queue_size)
         dropped = {"dropped_queue_full": 0}
+        self.dropped = dropped  # live view for scrapes while running
         failure: list[BaseException] = []
 
         def drain_sensor(source: Sensor) -> None:

@@ -1,7 +1,8 @@
 """Syscall-loop overhead of each configuration, interleaved round by round.
 
-Timings on shared VMs drift; interleaving (A B C A B C ...) and comparing
-medians within one run keeps the ratios honest.
+Timings on shared VMs drift; interleaving (A B C ... then ... C B A) and
+comparing medians within one run keeps the ratios honest.  Each round starts
+the tracer, runs every workload once under it, and stops it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,23 @@ import os
 import statistics
 import subprocess
 from dataclasses import dataclass, field
+from typing import Callable
+
+from contrib.bench.machine import BenchHost
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    mode: str      # syscall_loop mode
+    path: str
+    iterations: int
 
 
 @dataclass
 class Series:
-    name: str
+    config: str
+    workload: str
     ns_per_call: list[float] = field(default_factory=list)
 
     @property
@@ -25,39 +38,54 @@ class Series:
 def build_loop(workdir: str) -> str:
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "syscall_loop.c")
     exe = os.path.join(workdir, "syscall_loop")
-    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", exe, src], check=True)
+    os.chmod(exe, 0o755)
     return exe
 
 
-def run_loop(exe: str, mode: str, path: str, iterations: int) -> float:
-    out = subprocess.run([exe, mode, path, str(iterations)], check=True, capture_output=True,
-                         text=True).stdout.split()
-    return float(out[0])
+def ioctl_target() -> str:
+    """A device with a driver that answers FIONREAD: a fresh pty master, else /dev/null."""
+    try:
+        fd = os.open("/dev/ptmx", os.O_RDONLY | os.O_NOCTTY)
+        os.close(fd)
+        return "/dev/ptmx"
+    except OSError:
+        return "/dev/null"
 
 
-def interleaved(tracers: list, exe: str, mode: str, path: str, iterations: int,
-                rounds: int) -> list[Series]:
-    series = [Series(t.name) for t in tracers]
+def run_loop(host: BenchHost, exe: str, work: Workload) -> float:
+    done = subprocess.run([exe, work.mode, work.path, str(work.iterations)], capture_output=True,
+                          text=True, check=True, **host.user_popen_kwargs())
+    return float(done.stdout.split()[0])
+
+
+def interleaved(host: BenchHost, exe: str, configs: list, workloads: list[Workload], rounds: int,
+                say: Callable[[str], None]) -> list[Series]:
+    series = {(c.name, w.name): Series(c.name, w.name) for c in configs for w in workloads}
     for r in range(rounds):
-        order = list(range(len(tracers)))
-        if r % 2:
-            order.reverse()  # alternate order so drift hits every configuration alike
-        for i in order:
-            tracers[i].attach()
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        say(f"overhead round {r + 1}/{rounds}")
+        for config in order:
+            host.audit_context_for_loops(config.audit_context)
+            config.attach()
             try:
-                series[i].ns_per_call.append(run_loop(exe, mode, path, iterations))
+                for work in workloads:
+                    series[(config.name, work.name)].ns_per_call.append(run_loop(host, exe, work))
             finally:
-                tracers[i].detach()
-    return series
+                config.detach()
+    host.audit_context_for_loops(False)
+    return list(series.values())
 
 
-def table(series: list[Series], title: str) -> tuple[str, list[dict]]:
-    base = series[0].median
-    rows, lines = [], [title, f"{'configuration':<22}{'ns/call':>10}{'ratio':>9}{'min-max ratio':>18}"]
+def rows(series: list[Series]) -> list[dict]:
+    """Per workload: median ns/call, ratio to no tracer, min-max ratio spread."""
+    base = {s.workload: s.median for s in series if s.config == "none"}
+    out = []
     for s in series:
-        lo, hi = min(s.ns_per_call) / base, max(s.ns_per_call) / base
-        rows.append({"configuration": s.name, "median_ns": round(s.median, 1),
-                     "ratio": round(s.median / base, 3), "min_ratio": round(lo, 3),
-                     "max_ratio": round(hi, 3), "samples": len(s.ns_per_call)})
-        lines.append(f"{s.name:<22}{s.median:>10.1f}{s.median / base:>8.3f}x{lo:>9.3f}-{hi:.3f}x")
-    return "\n".join(lines), rows
+        b = base[s.workload]
+        out.append({"workload": s.workload, "configuration": s.config,
+                    "median_ns": round(s.median, 1), "ratio": round(s.median / b, 3),
+                    "min_ratio": round(min(s.ns_per_call) / b, 3),
+                    "max_ratio": round(max(s.ns_per_call) / b, 3),
+                    "samples_ns": [round(v, 1) for v in s.ns_per_call]})
+    return out

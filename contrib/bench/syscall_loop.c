@@ -1,61 +1,158 @@
-/* Tight syscall loops for the overhead benchmark; prints ns per iteration.
- *   syscall_loop open PATH N     open()+close() of PATH, N times
- *   syscall_loop ioctl PATH N    ioctl(FIONREAD) on an open PATH, N times
- *   syscall_loop deny PATH N     open() expected to fail; prints failures too */
+/* Workloads for `python -m contrib.bench`.  Every mode forks once and runs its
+ * loop in the child, so the measured task is created by the caller's uid (the
+ * bench's audit "task,never" rule for that uid then keeps it off the audit
+ * slow path, as on a host where audit was never enabled).
+ *
+ *   syscall_loop open  PATH N        open()+close() of PATH N times: "ns/call failures"
+ *   syscall_loop ioctl PATH N        ioctl(FIONREAD) on an open PATH: "ns/call failures"
+ *   syscall_loop deny  PATH SECONDS  open() expected to fail, for SECONDS:
+ *                                    "attempts eacces other_failures opened"
+ *   syscall_loop probe PATH N GAP_MS N times: fork a child that opens PATH (expected
+ *                                    EACCES), prints "pid sec.nsec" (CLOCK_REALTIME right
+ *                                    after the failing return), stays alive HOLD_MS, exits */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-static double now_ns(void)
+#define HOLD_MS 300
+
+static double mono_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
 
-int main(int argc, char **argv)
+static void sleep_ms(long ms)
 {
-	if (argc != 4) {
-		fprintf(stderr, "usage: %s open|ioctl|deny PATH N\n", argv[0]);
-		return 2;
+	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
+}
+
+static int loop_open(const char *path, long n)
+{
+	long failures = 0;
+	double t0 = mono_ns();
+	for (long i = 0; i < n; i++) {
+		int fd = open(path, O_RDONLY);
+		if (fd < 0)
+			failures++;
+		else
+			close(fd);
 	}
-	const char *mode = argv[1], *path = argv[2];
-	long n = atol(argv[3]), failures = 0;
-	double t0 = now_ns();
-	if (!strcmp(mode, "open")) {
-		for (long i = 0; i < n; i++) {
+	printf("%.3f %ld\n", (mono_ns() - t0) / n, failures);
+	return 0;
+}
+
+static int loop_ioctl(const char *path, long n)
+{
+	int fd = open(path, O_RDONLY | O_NOCTTY), v;
+	long failures = 0;
+	if (fd < 0) {
+		perror(path);
+		return 1;
+	}
+	double t0 = mono_ns();
+	for (long i = 0; i < n; i++)
+		if (ioctl(fd, FIONREAD, &v) < 0)
+			failures++;
+	printf("%.3f %ld\n", (mono_ns() - t0) / n, failures);
+	close(fd);
+	return 0;
+}
+
+static int loop_deny(const char *path, double seconds)
+{
+	long attempts = 0, eacces = 0, other = 0, opened = 0;
+	double end = mono_ns() + seconds * 1e9;
+	do {
+		for (int i = 0; i < 1024; i++) {
 			int fd = open(path, O_RDONLY);
-			if (fd < 0)
-				failures++;
-			else
+			attempts++;
+			if (fd >= 0) {
+				opened++;
 				close(fd);
+			} else if (errno == EACCES) {
+				eacces++;
+			} else {
+				other++;
+			}
 		}
-	} else if (!strcmp(mode, "ioctl")) {
-		int fd = open(path, O_RDONLY), v;
-		if (fd < 0) {
-			perror(path);
+	} while (mono_ns() < end);
+	printf("%ld %ld %ld %ld\n", attempts, eacces, other, opened);
+	return 0;
+}
+
+static int probe(const char *path, long n, long gap_ms)
+{
+	for (long i = 0; i < n; i++) {
+		pid_t pid = fork();
+		if (pid < 0) {
+			perror("fork");
 			return 1;
 		}
-		for (long i = 0; i < n; i++)
-			if (ioctl(fd, FIONREAD, &v) < 0)
-				failures++;
-		close(fd);
-	} else if (!strcmp(mode, "deny")) {
-		for (long i = 0; i < n; i++) {
+		if (pid == 0) {
 			int fd = open(path, O_RDONLY);
-			if (fd < 0)
-				failures++;
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			if (fd >= 0 || errno != EACCES)
+				printf("%d error %d\n", (int)getpid(), fd >= 0 ? 0 : errno);
 			else
-				close(fd);
+				printf("%d %ld.%09ld\n", (int)getpid(), (long)ts.tv_sec, ts.tv_nsec);
+			fflush(stdout);
+			sleep_ms(HOLD_MS); /* alive while gputrace reads its /proc entry */
+			_exit(0);
 		}
-	} else {
-		fprintf(stderr, "unknown mode %s\n", mode);
+		sleep_ms(gap_ms);
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			;
+	}
+	while (wait(NULL) > 0)
+		;
+	return 0;
+}
+
+static int run(int argc, char **argv)
+{
+	const char *mode = argv[1], *path = argv[2];
+	if (!strcmp(mode, "open"))
+		return loop_open(path, atol(argv[3]));
+	if (!strcmp(mode, "ioctl"))
+		return loop_ioctl(path, atol(argv[3]));
+	if (!strcmp(mode, "deny"))
+		return loop_deny(path, atof(argv[3]));
+	if (!strcmp(mode, "probe") && argc == 5)
+		return probe(path, atol(argv[3]), atol(argv[4]));
+	fprintf(stderr, "unknown mode %s\n", mode);
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	int status;
+	if (argc < 4) {
+		fprintf(stderr, "usage: %s open|ioctl|deny|probe PATH N [GAP_MS]\n", argv[0]);
 		return 2;
 	}
-	printf("%.3f %ld\n", (now_ns() - t0) / n, failures);
-	return 0;
+	fflush(stdout);
+	pid_t child = fork();
+	if (child < 0) {
+		perror("fork");
+		return 1;
+	}
+	if (child == 0) {
+		int rc = run(argc, argv);
+		fflush(stdout);
+		_exit(rc);
+	}
+	if (waitpid(child, &status, 0) < 0)
+		return 1;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }

@@ -1,22 +1,33 @@
-"""The configurations a benchmark compares, each attachable and detachable.
+"""The configurations the overhead benchmark compares, each attachable and detachable.
 
-Every configuration runs the same workload in the same process tree; only what
-is attached to the kernel differs.  `attach()` returns once the probe is live.
+Every configuration runs the same workload as the same user; only what is
+attached to the kernel differs.  `attach()` returns once the probe is live.
+`audit_context` says whether the workload's tasks must carry an audit context
+(the audit configurations: audit only sees tasks that have one).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import threading
-import time
+import shutil
 from typing import Optional
 
-from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor, bpf_source_dir
+from contrib.bench.machine import AuditControl
+from contrib.bench.processes import Gputrace, TracerFailed, TracerProcess
+
+PLAIN_AUDIT_KEY = "gtbench"
+OPENSNOOP = "opensnoop-bpfcc"
+TRACE = "trace-bpfcc"
+
+
+class Unavailable(RuntimeError):
+    """This configuration cannot run on this machine; the message says why."""
 
 
 class NoTracer:
     name = "none"
+    audit_context = False
+    note = ""
 
     def attach(self) -> None:
         pass
@@ -28,20 +39,42 @@ class NoTracer:
         pass
 
 
-class EmptyProgram:
+class AuditContextOnly(NoTracer):
+    """No tracer, but the workload's tasks carry an audit context, as every task does
+    once audit has been enabled since boot (auditd running, or any audit rule ever)."""
+
+    name = "none, audit context"
+    audit_context = True
+    note = "slow-path floor: syscall work flag set, no probe, no rule"
+
+
+def bcc_environment() -> dict:
+    """BCC_KERNEL_SOURCE pointing at headers BCC can compile with (as gputrace finds them)."""
+    from tracer.sensors import kernel_headers
+
+    env = dict(os.environ)
+    choice = kernel_headers.find_headers()
+    if choice.source:
+        env["BCC_KERNEL_SOURCE"] = choice.source
+    return env
+
+
+class EmptyProgram(NoTracer):
     """An empty BPF program on gputrace's hook: the floor for that hook."""
 
-    name = "empty-sys_exit"
+    name = "empty BPF program"
+    note = "raw tracepoint sys_exit, returns 0"
 
     def __init__(self) -> None:
         from bcc import BPF
 
-        from tracer.sensors import kernel_headers, preflight
+        from tracer.sensors import preflight
+        from tracer.sensors.bpf_sensor import bpf_source_dir
 
         preflight.require_tracefs()
-        choice = kernel_headers.find_headers()
-        if choice.source:
-            os.environ["BCC_KERNEL_SOURCE"] = choice.source
+        source = bcc_environment().get("BCC_KERNEL_SOURCE")
+        if source:
+            os.environ["BCC_KERNEL_SOURCE"] = source
         self.bpf = BPF(src_file=os.path.join(bpf_source_dir(), "bench_empty.bpf.c").encode())
         self.bpf.detach_raw_tracepoint(b"sys_exit")
 
@@ -55,75 +88,121 @@ class EmptyProgram:
         self.bpf.cleanup()
 
 
-class GputraceProbe:
-    """gputrace's own sensor, compiled once, its probe attached per round, with
-    its userspace loop consuming events in a thread as `watch` does."""
+class GputraceTracer(NoTracer):
+    """gputrace started as its own process for each round, stopped after it."""
 
-    name = "gputrace"
-
-    def __init__(self, config: Optional[BpfConfig] = None) -> None:
-        self.sensor = BpfSensor(config or BpfConfig(), say=lambda m: None)
-        self.sensor.start()
-        self.fn = b"raw_tracepoint__sys_exit"
-        if self.sensor.hook != "tracepoint":
-            self.name = f"gputrace-{self.sensor.hook}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._consume, daemon=True)
-        self._thread.start()
-        self.detach()
-
-    def _consume(self) -> None:
-        for _ in self.sensor.events(self._stop):
-            pass
+    def __init__(self, kind: str, workdir: str) -> None:
+        self.gputrace = Gputrace(kind, workdir, tag=f"overhead-{kind}")
+        self.audit_context = kind == "watch-audit"
+        self.name = {"daemon": "gputrace daemon (BPF)", "watch-bpf": "gputrace watch (BPF)",
+                     "watch-audit": "gputrace audit sensor"}[kind]
+        self.ready_s: list[float] = []
 
     def attach(self) -> None:
-        if self.sensor.hook == "tracepoint":
-            self.sensor.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=self.fn)
+        self.gputrace.start()
+        assert self.gputrace.process is not None
+        self.ready_s.append(self.gputrace.process.ready_s)
+        self.note = self.gputrace.label
 
     def detach(self) -> None:
-        if self.sensor.hook == "tracepoint":
-            self.sensor.bpf.detach_raw_tracepoint(b"sys_exit")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sensor.close()
+        self.gputrace.stop()
 
 
-class CommandTracer:
-    """A tracer that runs as its own process (a peer tool or the gputrace daemon)."""
+def why_bcc_tool_failed(stderr_lines: list[str]) -> str:
+    """A one-line reason from a BCC tool's traceback, and whether its kprobe fallback exists."""
+    text = "".join(stderr_lines)
+    reasons = []
+    if "kretfunc" in text or "kfunc" in text:
+        refused = "Operation not permitted" in text
+        reasons.append("its fentry/fexit programs do not load"
+                       + (" (bpf: Operation not permitted)" if refused else ""))
+    if not os.path.exists("/sys/kernel/tracing/kprobe_events"):
+        reasons.append("kprobes, its other mode, are unavailable (no "
+                       "/sys/kernel/tracing/kprobe_events)")
+    return "; ".join(reasons)
 
-    def __init__(self, name: str, argv: list[str], ready: str, ready_on_stderr: bool = True,
-                 settle_s: float = 0.0) -> None:
-        self.name, self.argv, self.ready = name, argv, ready
-        self.ready_on_stderr, self.settle_s = ready_on_stderr, settle_s
-        self.proc: Optional[subprocess.Popen] = None
+
+def opensnoop_argv() -> list[str]:
+    return [OPENSNOOP, "-x"]
+
+
+def trace_standin_argv() -> list[str]:
+    """The stock BCC tool that does load here: every failed openat, one line each."""
+    return [TRACE, "-T", "t:syscalls:sys_exit_openat (args->ret < 0) \"ret=%d\", args->ret"]
+
+
+class PeerTool(NoTracer):
+    """opensnoop-bpfcc -x, or where it cannot load, trace-bpfcc on the syscall tracepoint."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.env = bcc_environment()
+        self.why_not_opensnoop = ""
+        self.argv, self.name = opensnoop_argv(), "opensnoop-bpfcc -x"
+        self.note = ""
+        try:
+            self._probe_once()
+        except (Unavailable, TracerFailed) as exc:
+            self.why_not_opensnoop = str(exc)
+            self.argv = trace_standin_argv()
+            self.name = "trace-bpfcc (stand-in)"
+            self.note = f"opensnoop-bpfcc could not run: {exc}"
+            self._probe_once()
+        self.process: Optional[TracerProcess] = None
+
+    def _probe_once(self) -> None:
+        if shutil.which(self.argv[0]) is None:
+            raise Unavailable(f"{self.argv[0]} is not installed (Debian package bpfcc-tools)")
+        proc = self.make_process(os.path.join(self.workdir, "peer-probe.out"))
+        try:
+            proc.start()
+        except TracerFailed as exc:
+            raise Unavailable(why_bcc_tool_failed(proc.stderr_lines) or str(exc)) from None
+        finally:
+            proc.stop()
+
+    def make_process(self, stdout_path: str) -> TracerProcess:
+        return TracerProcess(self.name, self.argv, r"PID", ready_on_stdout=True,
+                             stdout_path=stdout_path, env=self.env)
 
     def attach(self) -> None:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL if self.ready_on_stderr
-                                     else subprocess.PIPE,
-                                     stderr=subprocess.PIPE if self.ready_on_stderr else subprocess.DEVNULL,
-                                     text=True)
-        stream = self.proc.stderr if self.ready_on_stderr else self.proc.stdout
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = stream.readline()
-            if self.ready in line:
-                break
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited before it was ready")
-        threading.Thread(target=lambda: stream.read(), daemon=True).start()  # keep pipes drained
-        time.sleep(self.settle_s)
+        self.process = self.make_process(os.path.join(self.workdir, "peer.out"))
+        self.process.start()
 
     def detach(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        if self.process:
+            self.process.stop()
+            self.process = None
 
-    def close(self) -> None:
-        self.detach()
+
+def plain_audit_rules() -> list[list[str]]:
+    """The audit rules equivalent to gputrace's audit sensor, as an admin would type them."""
+    syscalls = "openat,open,openat2,creat,ioctl"
+    return [["exit,always", "-F", "arch=b64", "-S", syscalls, "-F", f"exit=-{err}",
+             "-k", PLAIN_AUDIT_KEY] for err in ("EACCES", "EPERM")]
+
+
+class PlainAuditRules(NoTracer):
+    """auditctl rules for denied opens and ioctls; no audit daemon (records go to printk)."""
+
+    name = "audit rules (auditctl)"
+    audit_context = True
+    note = "exit=-EACCES/-EPERM on open*,creat,ioctl; no auditd"
+
+    def __init__(self, audit: AuditControl) -> None:
+        self.audit = audit
+        self.enabled_by_us = False
+
+    def attach(self) -> None:
+        if int(self.audit.status().get("enabled", "0")) == 0:
+            self.audit.set_enabled(1)
+            self.enabled_by_us = True
+        for rule in plain_audit_rules():
+            self.audit.add(rule)
+
+    def detach(self) -> None:
+        for rule in plain_audit_rules():
+            self.audit.delete(rule)
+        if self.enabled_by_us:
+            self.audit.set_enabled(0)
+            self.enabled_by_us = False

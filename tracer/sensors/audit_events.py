@@ -80,7 +80,7 @@ class EventMapper:
         if -ret not in WATCHED_ERRNOS:
             return self._drop("other_result")
         process = process_from(sc)
-        args = [int(sc.get(f"a{i}") or b"0", 16) for i in range(4)]
+        args = [sc.number(f"a{i}", 16) if sc.get(f"a{i}") else 0 for i in range(4)]
         node, facts = self._node(group, sc, name, args)
         if name == "ioctl" and node.path is None:
             return self._drop("ioctl_fd_unresolved")  # the process closed it or exited

@@ -22,7 +22,8 @@ from tracer.sensors.audit_marshal import (AUDIT_CWD, AUDIT_EOE, AUDIT_PATH, AUDI
 EVENT_RECORD_TYPES = frozenset({AUDIT_SYSCALL, AUDIT_PATH, AUDIT_CWD, AUDIT_PROCTITLE})
 # Fields the kernel writes with audit_log_untrustedstring(): quoted or hex.
 UNTRUSTED_FIELDS = frozenset({b"comm", b"exe", b"name", b"cwd", b"key", b"proctitle"})
-HEADER = re.compile(rb"audit\((\d+)\.(\d{3}):(\d+)\): ?")
+HEADER = re.compile(rb"audit\((\d{1,12})\.(\d{3}):(\d{1,20})\): ?")  # bounded: int() limits
+MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
 PARSE_ERROR_REASONS = ("bad_header", "bad_token", "bad_hex", "unterminated_quote",
                        "missing_field", "bad_number", "no_syscall_record", "missing_path_record",
                        "late_record", "bad_netlink_header")
@@ -62,6 +63,8 @@ def parse_record(kind: int, text: bytes) -> AuditRecord:
     if head is None:
         raise RecordError("bad_header", repr(text[:40]))
     stamp = int(head.group(1)) + int(head.group(2)) / 1000.0
+    if stamp >= MAX_EPOCH_S:  # not a time an event can carry (datetime stops at 9999)
+        raise RecordError("bad_header", f"time {head.group(1)[:20]!r}")
     return AuditRecord(kind, stamp, int(head.group(3)), parse_fields(text[head.end():]))
 
 

@@ -1,0 +1,74 @@
+"""Markdown tables of the bench results (printed, and pasted into BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def markdown(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def overhead_table(rows: list[dict], notes: dict[str, str]) -> str:
+    out = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == workload]
+        empty = next((r for r in mine if r["configuration"] == "empty BPF program"), None)
+        body = []
+        for r in mine:
+            vs_empty = (f"{r['median_ns'] / empty['median_ns']:.3f}x"
+                        if empty and r["configuration"].startswith("gputrace") and "BPF" in r["configuration"]
+                        else "")
+            body.append([r["configuration"], f"{r['median_ns']:.0f}", f"{r['ratio']:.3f}x",
+                         f"{r['min_ratio']:.2f}-{r['max_ratio']:.2f}x", vs_empty,
+                         notes.get(r["configuration"], "")])
+        out.append(f"**{workload}** ({len(mine[0]['samples_ns'])} interleaved rounds)\n\n"
+                   + markdown(["configuration", "ns/call", "vs none", "min-max", "vs empty",
+                               "note"], body))
+    return "\n\n".join(out)
+
+
+def storm_table(rows: list[dict], peers: list[dict]) -> str:
+    body = []
+    for r in rows:
+        lost = ", ".join(f"{k} {v}" for k, v in r["discarded"].items()) or "0"
+        body.append([r["procs"], f"{r['attempts_eacces']:,}", f"{r['denials_per_s']:,}",
+                     f"{r['counted_by_gputrace']:,}", "yes" if r["exact"] else "**no**",
+                     r["events_delivered"], lost, f"{r['daemon_cpu_percent']}%",
+                     f"{r['daemon_peak_rss_mib']} MiB"])
+    text = markdown(["K", "denials attempted", "per s", "counted by gputrace", "exact",
+                     "events delivered", "discarded (reason)", "daemon CPU", "peak RSS"], body)
+    if peers:
+        pbody = [[p["tracer"], p["procs"], f"{p['attempts_eacces']:,}", f"{p['denials_per_s']:,}",
+                  f"{p['events_printed']:,}", f"{p['missing']:,} ({p['loss_percent']}%)",
+                  p["lost_reported_by_tool"], f"{p['tool_cpu_percent']}%"]
+                 for p in peers]
+        text += "\n\n" + markdown(["peer tool", "K", "denials attempted", "per s",
+                                   "events printed", "missing", "tool says lost", "tool CPU"],
+                                  pbody)
+    return text
+
+
+def latency_table(rows: list[dict]) -> str:
+    return markdown(["condition", "p50", "p99", "max", "received", "storm denials/s"],
+                    [[r["condition"], f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", f"{r['max_ms']} ms",
+                      f"{r['received']}/{r['samples']}", f"{r['storm_denials_per_s']:,}"]
+                     for r in rows])
+
+
+def startup_table(s: dict) -> str:
+    text = markdown(["runs", "ready (median)", "ready (max)", "idle RSS", "of which anon / file",
+                     "peak RSS"],
+                    [[s["runs"], f"{s['ready_median_s']} s", f"{s['ready_max_s']} s",
+                      f"{s['idle_rss_mib']} MiB",
+                      f"{s['idle_rss_anon_mib']} / {s['idle_rss_file_mib']} MiB",
+                      f"{s['peak_rss_mib']} MiB"]])
+    phases = [p for p in s.get("phases", []) if "seconds" in p]
+    if phases:
+        text += "\n\nWhere it goes (one fresh process, phase by phase):\n\n" + markdown(
+            ["phase", "seconds", "RSS after", "anon", "file-backed"],
+            [[p["phase"], p["seconds"], f"{p['rss_mib']} MiB", f"{p['anon_mib']} MiB",
+              f"{p['file_mib']} MiB"] for p in phases])
+    return text

@@ -1,0 +1,1 @@
+"""Fuzz support: example counters for hypothesis targets and atheris harnesses."""

@@ -1,0 +1,214 @@
+"""Prometheus metrics: what gputrace saw, and whether it saw everything.
+
+Denials are counted per event here (exact: repeats arrive as count updates and
+add their difference).  Kernel-side counters are not copied per event: a
+custom collector reads `sensor.stats()` at scrape time.  Labels are bounded:
+node class, errno name, verdict reason, container engine; never a pid, a path
+or a container id.
+
+Metric names (all prefixed ``gputrace_``) are listed in METRIC_NAMES; the
+Grafana dashboard and alert rules in contrib/ use only these.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import platform
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tracer import __version__
+from tracer.errors import EnvironmentProblem
+from tracer.event import Event
+
+METRIC_NAMES = (
+    "gputrace_denials_total",
+    "gputrace_last_denial_timestamp_seconds",
+    "gputrace_events_discarded_total",
+    "gputrace_sensor_counter_total",
+    "gputrace_probe_attached",
+    "gputrace_subscribers",
+    "gputrace_journal_lines_written_total",
+    "gputrace_build_info",
+)
+DENIAL_LABELS = ("node_class", "errno", "reason", "container_engine")
+MAX_TRACKED_KEYS = 65536
+
+# sensor stat -> (discard reason, intentional)
+KERNEL_DISCARDS = {
+    "dropped_buffer_full": ("kernel_buffer_full", False),
+    "dropped_update": ("kernel_buffer_full", False),
+    "dropped_perf_lost": ("kernel_buffer_full", False),
+    "first_event_lost": ("first_event_lost", False),
+    "aggregated": ("rate_aggregated", True),
+}
+# userspace discard reason -> intentional
+USER_DISCARDS = {"queue_full": False, "subscriber_queue_full": False, "enrichment_failed": False,
+                 "journal_disk_full": False, "journal_write_error": False, "decode_error": False}
+
+
+def fact_value(event: Event, name: str) -> Any:
+    fact = event.facts.get(name)
+    return fact.get("value") if isinstance(fact, dict) else fact
+
+
+def node_class(event: Event) -> str:
+    value = fact_value(event, "node.class")
+    if isinstance(value, str) and value:
+        return value
+    from tracer.enrichment.node import classify_node  # the enrichment's own classes
+    path = event.node.path.decode("utf-8", "replace") if event.node.path else None
+    return classify_node(path, event.node.major, event.node.minor, {})
+
+
+def denial_labels(event: Event) -> tuple[str, str, str, str]:
+    reason = (event.verdict or {}).get("reason") or "unknown"
+    engine = fact_value(event, "container.engine") or "none"
+    return node_class(event), event.errno_name, str(reason), str(engine)
+
+
+@dataclass
+class Probe:
+    sensor: str
+    hook: str
+    transport: str
+    attached: bool
+
+
+@dataclass
+class DaemonState:
+    """What the collector reads at scrape time; the daemon keeps it current."""
+    sensor_stats: Callable[[], dict[str, int]] = dict
+    probes: Callable[[], list[Probe]] = list
+    user_discards: dict[str, int] = field(default_factory=dict)   # USER_DISCARDS keys
+    sensor_name: Callable[[], str] = lambda: "bpf"
+    queue_full: Callable[[], int] = lambda: 0    # the pipeline's bounded queue overflowed
+    subscribers: Callable[[], int] = lambda: 0
+    journal_lines: Callable[[], int] = lambda: 0
+
+    def discard(self, reason: str, count: int = 1) -> None:
+        if reason not in USER_DISCARDS:
+            raise ValueError(f"unbounded discard reason {reason!r}")
+        self.user_discards[reason] = self.user_discards.get(reason, 0) + count
+
+
+class StateCollector:
+    """Kernel and daemon counters, read when Prometheus scrapes."""
+
+    def __init__(self, state: DaemonState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.state.sensor_stats()
+        discarded = CounterMetricFamily("gputrace_events_discarded", "Events not delivered, by "
+                                        "reason; intentional=true for designed rate limiting.",
+                                        labels=["reason", "intentional"])
+        totals: dict[tuple[str, bool], int] = {}
+        for stat, (reason, intentional) in KERNEL_DISCARDS.items():
+            totals[(reason, intentional)] = totals.get((reason, intentional), 0) + stats.get(stat, 0)
+        decode = sum(v for k, v in stats.items() if k.startswith("decode_error_"))
+        user = dict(self.state.user_discards)
+        user["decode_error"] = user.get("decode_error", 0) + decode
+        user["queue_full"] = user.get("queue_full", 0) + self.state.queue_full()
+        for reason, intentional in USER_DISCARDS.items():
+            totals[(reason, intentional)] = user.get(reason, 0)
+        for (reason, intentional), value in sorted(totals.items()):
+            discarded.add_metric([reason, str(intentional).lower()], value)
+        yield discarded
+        raw = CounterMetricFamily("gputrace_sensor_counter", "The sensor's own counters "
+                                  "(kernel map values and userspace decode counts).",
+                                  labels=["sensor", "counter"])
+        sensor = self.state.sensor_name()
+        for name, value in sorted(stats.items()):
+            raw.add_metric([sensor, name], value)
+        yield raw
+        probes = GaugeMetricFamily("gputrace_probe_attached", "1 while the sensor's probe is "
+                                   "attached.", labels=["sensor", "hook", "transport"])
+        for probe in self.state.probes():
+            probes.add_metric([probe.sensor, probe.hook or "none", probe.transport or "none"],
+                              1 if probe.attached else 0)
+        yield probes
+        yield GaugeMetricFamily("gputrace_subscribers", "Clients attached to the event socket.",
+                                value=self.state.subscribers())
+        yield CounterMetricFamily("gputrace_journal_lines_written", "Lines written to the "
+                                  "journal.", value=self.state.journal_lines())
+        info = GaugeMetricFamily("gputrace_build_info", "Build information.",
+                                 labels=["version", "python_version"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+class MetricsSink:
+    """Per-event metrics; with `listen`, serves them over HTTP."""
+
+    def __init__(self, state: DaemonState, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.denials = Counter("gputrace_denials", "GPU node denials seen, repeats included.",
+                               DENIAL_LABELS, registry=self.registry)
+        self.last_denial = LastDenialCollector()
+        self.registry.register(self.last_denial)
+        self.registry.register(StateCollector(state))
+        self._labels: "OrderedDict[str, tuple[tuple[str, ...], int]]" = OrderedDict()
+        self.server: Any = None
+        self.thread: Any = None
+
+    def consume(self, event: Event) -> None:
+        if event.kind == "denial":
+            labels: tuple[str, ...] = denial_labels(event)
+            added = event.count
+            if event.key:
+                self._remember(event.key, labels, event.count)
+        else:
+            known = self._labels.get(event.key)
+            if known is None:
+                return  # its first event was never seen (counted by the sensor)
+            labels, seen = known
+            added = max(event.count - seen, 0)
+            self._remember(event.key, labels, max(event.count, seen))
+        if added:
+            self.denials.labels(*labels).inc(added)
+            self.last_denial.value = max(self.last_denial.value or 0.0, event.time)
+
+    def _remember(self, key: str, labels: tuple[str, ...], count: int) -> None:
+        self._labels[key] = (labels, count)
+        self._labels.move_to_end(key)
+        while len(self._labels) > MAX_TRACKED_KEYS:
+            self._labels.popitem(last=False)
+
+    def serve(self, listen: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
+        try:
+            self.server, self.thread = start_http_server(port, addr=listen, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno_mod.EADDRINUSE:
+                raise EnvironmentProblem(f"metrics port {listen}:{port} is already in use "
+                                         "(set metrics.port in the configuration)") from None
+            if isinstance(exc, socket.gaierror) or exc.errno == errno_mod.EADDRNOTAVAIL:
+                raise EnvironmentProblem(f"metrics address {listen!r} is not usable here "
+                                         "(set metrics.listen)") from None
+            raise EnvironmentProblem(f"cannot serve metrics on {listen}:{port}: "
+                                     f"{exc.strerror or exc}") from None
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class LastDenialCollector:
+    """The time of the newest denial; absent until there is one."""
+
+    def __init__(self) -> None:
+        self.value: Optional[float] = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.value is not None:
+            yield GaugeMetricFamily("gputrace_last_denial_timestamp_seconds",
+                                    "Unix time of the newest denial seen.", value=self.value)

@@ -106,7 +106,8 @@ def _cause_lines(number: int, cause: dict[str, Any]) -> list[str]:
         for i, fix in enumerate(cause["fixes"], 1):
             where = f" (in `{fix['where']}`)" if fix.get("where") else ""
             lines.append(f"{i}. {fix.get('summary', '')} — applies to {fix.get('applies_to', 'any')}{where}")
-            lines += ["", "   ```", f"   {fix.get('command', '')}", "   ```"]
+            command = str(fix.get("command", "")).split("\n")
+            lines += ["", "   ```", *(f"   {part}" for part in command), "   ```"]
             if fix.get("security_note"):
                 lines.append(f"   > Security: {fix['security_note']}")
             lines.append("")

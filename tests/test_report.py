@@ -165,3 +165,25 @@ def test_cli_report_to_file_on_this_host(journal, tmp_path):
     assert missing.returncode == 5 and "no journal at" in missing.stderr
     bad = run_cli("report", "--config", config, "--since", "yesterday")
     assert bad.returncode == 5 and bad.stderr.count("\n") == 1
+
+
+def test_timeline_shows_a_node_created_after_the_first_denial(tmp_path):
+    """CAUSES #8: the node appeared late.  The timeline puts the first denial
+    before the node's creation; node events do not count as denials."""
+    from tracer.sensors.node_watch import NodeState, node_event
+
+    sink = JournalSink(str(tmp_path))
+    first = denial(100, path="/dev/nvidia-uvm", at=T0)
+    created = node_event("created", "/dev/nvidia-uvm", NodeState(0o20666, 0, 0, os.makedev(511, 0)),
+                         "inotify")
+    created.time = T0 + 5
+    for event in (first, created):
+        sink.consume(event)
+    sink.close()
+    report = report_of(str(tmp_path))
+    jsonschema.validate(report, report_schema())
+    assert report["totals"]["denials"] == 1
+    assert [e["what"] for e in report["timeline"]] == ["first denial (EACCES)", "node created"]
+    assert report["timeline"][1]["mode"] == "0666" and report["timeline"][1]["major"] == 511
+    text = render_markdown(report)
+    assert "## Timeline" in text and "node created" in text

@@ -52,6 +52,9 @@ class SensorConfig:
     tracefs: str = field(default="/sys/kernel/tracing", metadata=doc("Where tracefs is mounted."))
     btf: Optional[str] = field(default=None, metadata=doc(
         "Kernel BTF file; null means /sys/kernel/btf/vmlinux."))
+    watch_nodes: bool = field(default=True, metadata=doc(
+        "Also record GPU nodes created, removed, or changing mode, owner or ACL (inotify on "
+        "/dev) and GPU devices added or removed by drivers (kernel uevents)."))
 
 
 @dataclass

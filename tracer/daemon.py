@@ -98,6 +98,7 @@ class Daemon:
         self.journal: Optional[JournalSink] = None
         self.socket: Optional[SubscriptionSink] = None
         self.sensor: Optional[Sensor] = None
+        self.side_sources: list[Sensor] = []  # the node lifecycle watcher
         self.sensor_how = ""
         self.stages: list[Stage] = []
         self.on_arrival: Optional[Stage] = None
@@ -172,6 +173,17 @@ class Daemon:
             self.sensor.close()
             self.sensor = None
         self.sensor, self.sensor_how = start_sensor(self.cfg.sensor.kind, bpf_config(self.cfg))
+        for watcher in self.side_sources:
+            watcher.close()
+        self.side_sources = []
+        if self.cfg.sensor.watch_nodes:
+            from tracer.sensors.node_watch import NodeWatcher
+
+            config = bpf_config(self.cfg)
+            watcher = NodeWatcher(self.host, extra_prefixes=config.extra_prefixes,
+                                  extra_majors=tuple(m for m, _ in config.extra_devs))
+            watcher.start()
+            self.side_sources = [watcher]
 
     def sinks(self) -> list[Sink]:
         out: list[Sink] = []
@@ -231,7 +243,8 @@ class Daemon:
             while True:
                 assert self.sensor is not None
                 self.pipeline = Pipeline(self.sensor, self.stages, self.sinks(),
-                                         self._on_stage_error, on_arrival=self.on_arrival)
+                                         self._on_stage_error, on_arrival=self.on_arrival,
+                                         side_sources=self.side_sources)
                 summary = self.pipeline.run(self.stop)
                 self.pipeline = None
                 self.queue_full_before += summary.sensor_stats.get("dropped_queue_full", 0)
@@ -266,6 +279,9 @@ class Daemon:
         sd_notify("READY=1")
 
     def _close(self) -> None:
+        for watcher in self.side_sources:
+            watcher.close()
+        self.side_sources = []
         if self.sensor is not None:
             self.sensor.close()
             self.sensor = None

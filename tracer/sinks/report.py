@@ -156,6 +156,32 @@ class ReportInputs:
     now: Optional[float] = None
 
 
+TIMELINE_MAX = 500
+
+
+def timeline(events: Iterable[Event], aggs: list[Aggregate], since: Optional[float]
+             ) -> list[dict[str, Any]]:
+    """Node lifecycle changes and first denials in time order, so that "the node
+    appeared after the container started" can be read off (most recent kept)."""
+    out: list[dict[str, Any]] = []
+    for event in events:
+        if event.kind != "node" or (since is not None and event.time < since):
+            continue
+        out.append({"time": iso(event.time), "what": f"node {event.facts.get('node.change', '?')}",
+                    "path": _text(event.node.path), "sensor": event.sensor,
+                    "major": event.node.major, "minor": event.node.minor,
+                    "mode": event.facts.get("node.mode"), "uid": event.facts.get("node.uid"),
+                    "gid": event.facts.get("node.gid")})
+    for agg in aggs:
+        e = agg.first
+        out.append({"time": iso(agg.first_in_window), "what": f"first denial ({e.errno_name})",
+                    "path": _text(e.node.path), "sensor": e.sensor, "major": e.node.major,
+                    "minor": e.node.minor, "pid": e.process.pid,
+                    "reason": (e.verdict or {}).get("reason")})
+    out.sort(key=lambda entry: entry["time"] or "")
+    return out[-TIMELINE_MAX:]
+
+
 def build_report(inputs: ReportInputs) -> dict[str, Any]:
     now = inputs.now if inputs.now is not None else time.time()
     since = now - inputs.since_s if inputs.since_s is not None else None
@@ -184,6 +210,7 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         "totals": {"denials": sum(c["count"] for c in causes), "aggregates": len(aggs),
                    "causes": len(causes)},
         "causes": causes,
+        "timeline": timeline(journal.events, aggs, since),
         "host": host_snapshot(inputs.host, inputs.statter, inputs.versions, uids),
     }
 

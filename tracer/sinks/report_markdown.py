@@ -178,5 +178,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["No denials recorded in this window.", ""]
     for number, cause in enumerate(report["causes"], 1):
         lines += _cause_lines(number, cause)
+    lines += _timeline_lines(report.get("timeline") or [])
     lines += _host_lines(report["host"])
     return "\n".join(lines) + "\n"
+
+
+def _timeline_lines(entries: list[dict]) -> list[str]:
+    if not entries:
+        return []
+    rows = []
+    for e in entries:
+        dev = f" ({e['major']}:{e['minor']})" if e.get("major") is not None else ""
+        if "pid" in e:
+            detail = f"pid {e['pid']}, {e.get('reason') or 'unknown'}"
+        elif e.get("mode"):
+            detail = f"mode {e['mode']} uid {e.get('uid')} gid {e.get('gid')}"
+        else:
+            detail = e.get("sensor", "")
+        rows.append([e["time"], e["what"], f"{e.get('path')}{dev}", detail])
+    return ["## Timeline", ""] + _table(["time", "what", "node", "detail"], rows) + [""]

@@ -62,7 +62,7 @@ def fexit_status() -> dict:
     return {"loads": ok, "why": why}
 
 
-def run_overhead(host: Any, exe: str, args: argparse.Namespace, peer: Any) -> dict:
+def run_overhead(host: Any, exe: str, kind: str, args: argparse.Namespace, peer: Any) -> dict:
     from contrib.bench import overhead, tables, tracers
 
     target = os.path.join(host.workdir, "plain-file")
@@ -73,7 +73,7 @@ def run_overhead(host: Any, exe: str, args: argparse.Namespace, peer: Any) -> di
                  overhead.Workload(f"ioctl(FIONREAD) on {ioctl_path}", "ioctl", ioctl_path,
                                    args.ioctl_iterations)]
     configs: list = [tracers.NoTracer(), tracers.EmptyProgram(),
-                     tracers.GputraceTracer("daemon", host.workdir)]
+                     tracers.GputraceTracer(kind, host.workdir)]
     if peer is not None:
         configs.append(peer)
     configs += [tracers.GputraceTracer("watch-audit", host.workdir),
@@ -90,11 +90,11 @@ def run_overhead(host: Any, exe: str, args: argparse.Namespace, peer: Any) -> di
     return {"rows": rows, "notes": notes, "ready_s_per_round": ready, "text": text}
 
 
-def run_storm(host: Any, exe: str, args: argparse.Namespace, peer: Any) -> dict:
+def run_storm(host: Any, exe: str, kind: str, args: argparse.Namespace, peer: Any) -> dict:
     from contrib.bench import storm, tables
 
     ks = [int(k) for k in args.storm_procs.split(",") if k.strip()]
-    rows = [storm.gputrace_storm(host, exe, k, args.seconds, say) for k in ks]
+    rows = [storm.gputrace_storm(host, exe, kind, k, args.seconds, say) for k in ks]
     peers = [storm.peer_storm(host, exe, peer, k, args.seconds, say) for k in ks] if peer else []
     return {"rows": rows, "peers": peers, "text": tables.storm_table(rows, peers)}
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: run as root (it loads BPF programs, adds audit rules and device nodes)",
               file=sys.stderr)
         return 2
-    from contrib.bench import latency, machine, overhead, tables, tracers
+    from contrib.bench import latency, machine, overhead, processes, tables, tracers
 
     started = time.monotonic()
     results: dict[str, Any] = {"machine": machine.machine_facts(), "command": " ".join(
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             "tracepoint and the fexit target (<= 1.03x) cannot be measured on this machine")
     with machine.BenchHost() as host:
         exe = overhead.build_loop(host.workdir)
+        kind, results["gputrace_process"] = processes.choose_bpf_process(host.workdir)
+        say(f"gputrace process: {results['gputrace_process']}")
         peer = None
         if not args.no_peer and {"overhead", "storm"} & set(args.parts):
             peer = tracers.PeerTool(host.workdir)
@@ -124,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"opensnoop-bpfcc -x cannot run here ({peer.why_not_opensnoop}); "
                     f"comparing with {' '.join(peer.argv)}")
         if "overhead" in args.parts:
-            results["overhead"] = run_overhead(host, exe, args, peer)
+            results["overhead"] = run_overhead(host, exe, kind, args, peer)
         if "storm" in args.parts:
-            results["storm"] = run_storm(host, exe, args, peer)
+            results["storm"] = run_storm(host, exe, kind, args, peer)
         if "latency" in args.parts:
-            rows = latency.measure(host, exe, args.latency_samples, args.latency_gap_ms,
+            rows = latency.measure(host, exe, kind, args.latency_samples, args.latency_gap_ms,
                                    args.latency_storm_procs, say)
             results["latency"] = {"rows": rows, "text": tables.latency_table(rows)}
         if "startup" in args.parts:
-            s = latency.startup(host, args.startup_runs, 3.0, say)
+            s = latency.startup(host, kind, args.startup_runs, 3.0, say)
             results["startup"] = {**s, "text": tables.startup_table(s)}
     results["elapsed_s"] = round(time.monotonic() - started)
     results["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -149,6 +151,7 @@ def report(results: dict) -> str:
     m = results["machine"]
     parts = [f"gputrace bench, {m['date']}: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, "
              f"{m['mem_gib']} GiB, load average {m['loadavg_1m_at_start']} at start"]
+    parts.append(f"gputrace process: {results.get('gputrace_process', '?')}")
     fexit = results.get("fexit", {})
     if fexit and not fexit["loads"]:
         parts.append(f"fexit: {fexit['why']} -- gputrace uses the sys_exit raw tracepoint; "

@@ -39,9 +39,9 @@ def probe_samples(host: BenchHost, exe: str, node: str, samples: int, gap_ms: in
     return out
 
 
-def measure(host: BenchHost, exe: str, samples: int, gap_ms: int, storm_procs: int,
+def measure(host: BenchHost, exe: str, kind: str, samples: int, gap_ms: int, storm_procs: int,
             say: Callable[[str], None]) -> list[dict]:
-    gt = Gputrace("daemon", host.workdir, tag="latency")
+    gt = Gputrace(kind, host.workdir, tag="latency")
     gt.start(tap=True)
     results = []
     try:
@@ -77,7 +77,8 @@ def measure(host: BenchHost, exe: str, samples: int, gap_ms: int, storm_procs: i
     return results
 
 
-def startup(host: BenchHost, runs: int, idle_s: float, say: Callable[[str], None]) -> dict:
+def startup(host: BenchHost, kind: str, runs: int, idle_s: float,
+            say: Callable[[str], None]) -> dict:
     """Time from starting the daemon to its readiness line (probe attached); idle RSS."""
     ready: list[float] = []
     rss: list[float] = []
@@ -86,7 +87,7 @@ def startup(host: BenchHost, runs: int, idle_s: float, say: Callable[[str], None
     hwm: list[float] = []
     label, hook_notes = "", set[str]()
     for i in range(runs):
-        gt = Gputrace("daemon", host.workdir, tag=f"startup{i}")
+        gt = Gputrace(kind, host.workdir, tag=f"startup{i}")
         gt.start()
         try:
             assert gt.process is not None

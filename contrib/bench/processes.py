@@ -117,15 +117,8 @@ class TracerProcess:
 
 # -- gputrace itself ------------------------------------------------------------------
 def daemon_argv(config_path: str) -> tuple[list[str], str]:
-    """`python -m tracer daemon`, or a one-line registration shim while cli.py lacks it."""
-    from tracer.cli import cli
-
-    if "daemon" in cli.commands:
-        return [sys.executable, "-m", "tracer", "daemon", "--config", config_path], "gputrace daemon"
-    shim = ("from tracer.cli import cli, main; from tracer.commands_service import daemon_command; "
-            "cli.add_command(daemon_command); main()")
-    return ([sys.executable, "-c", shim, "daemon", "--config", config_path],
-            "gputrace daemon (registered by a shim: tracer/cli.py does not add it yet)")
+    """`python -m tracer daemon` with its configuration, and how to label it."""
+    return [sys.executable, "-m", "tracer", "daemon", "--config", config_path], "gputrace daemon"
 
 
 def write_daemon_config(workdir: str, tag: str) -> tuple[str, str]:
@@ -207,6 +200,18 @@ class Gputrace:
             self.tap.close()
         lines = [line.strip() for line in self.process.stderr_lines if line.strip()]
         return lines[-1] if lines else ""
+
+
+def choose_bpf_process(workdir: str) -> tuple[str, str]:
+    """The daemon when it starts here, else `gputrace watch`; returns (kind, why)."""
+    trial = Gputrace("daemon", workdir, tag="trial")
+    try:
+        trial.start()
+    except (TracerFailed, OSError) as exc:
+        return "watch-bpf", f"the daemon did not start ({exc}); using gputrace watch --json"
+    finally:
+        trial.stop()
+    return "daemon", trial.label
 
 
 class EventTap:

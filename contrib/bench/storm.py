@@ -88,9 +88,9 @@ def sensor_counter(metrics: dict[str, float], counter: str) -> int:
                    and labels_of(k).get("counter") == counter))
 
 
-def gputrace_storm(host: BenchHost, exe: str, procs: int, seconds: float,
+def gputrace_storm(host: BenchHost, exe: str, kind: str, procs: int, seconds: float,
                    say: Callable[[str], None]) -> dict:
-    gt = Gputrace("daemon", host.workdir, tag=f"storm{procs}")
+    gt = Gputrace(kind, host.workdir, tag=f"storm{procs}")
     gt.start(tap=True)
     try:
         storm = Storm(host, exe, procs, seconds)
@@ -114,6 +114,7 @@ def gputrace_storm(host: BenchHost, exe: str, procs: int, seconds: float,
     pids = storm_pids(events, storm.nodes)
     counted = gt.tap.counted_for(pids) if gt.tap else 0
     delivered = sum(1 for _, e in events if e.get("process", {}).get("pid") in pids)
+    others = len(events) - delivered  # denials of other processes on this host meanwhile
     say(f"storm K={procs} gputrace: {result.attempts} attempts, {counted} counted")
     return {
         "tracer": gt.label, "procs": procs, "seconds": round(result.seconds, 2),
@@ -121,7 +122,7 @@ def gputrace_storm(host: BenchHost, exe: str, procs: int, seconds: float,
         "attempts_other_errors": result.other_failures,
         "denials_per_s": round(result.rate), "counted_by_gputrace": counted,
         "exact": counted == result.eacces,
-        "events_delivered": delivered,
+        "events_delivered": delivered, "events_from_other_processes": others,
         "kernel_denials_counter": sensor_counter(after, "denials") - sensor_counter(before, "denials"),
         "kernel_events_emitted": sensor_counter(after, "emitted") - sensor_counter(before, "emitted"),
         "kernel_count_updates": sensor_counter(after, "updates") - sensor_counter(before, "updates"),

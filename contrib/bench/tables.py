@@ -23,10 +23,10 @@ def overhead_table(rows: list[dict], notes: dict[str, str]) -> str:
                         else "")
             body.append([r["configuration"], f"{r['median_ns']:.0f}", f"{r['ratio']:.3f}x",
                          f"{r['min_ratio']:.2f}-{r['max_ratio']:.2f}x", vs_empty,
-                         notes.get(r["configuration"], "")])
+                         f"{r['wall_ratio']:.3f}x", notes.get(r["configuration"], "")])
         out.append(f"**{workload}** ({len(mine[0]['samples_ns'])} interleaved rounds)\n\n"
-                   + markdown(["configuration", "ns/call", "vs none", "min-max", "vs empty",
-                               "note"], body))
+                   + markdown(["configuration", "CPU ns/call", "vs none", "min-max", "vs empty",
+                               "wall vs none", "note"], body))
     return "\n\n".join(out)
 
 
@@ -36,10 +36,10 @@ def storm_table(rows: list[dict], peers: list[dict]) -> str:
         lost = ", ".join(f"{k} {v}" for k, v in r["discarded"].items()) or "0"
         body.append([r["procs"], f"{r['attempts_eacces']:,}", f"{r['denials_per_s']:,}",
                      f"{r['counted_by_gputrace']:,}", "yes" if r["exact"] else "**no**",
-                     r["events_delivered"], lost, f"{r['daemon_cpu_percent']}%",
+                     f"{r['events_delivered']} ({r['events_from_other_processes']})", lost, f"{r['daemon_cpu_percent']}%",
                      f"{r['daemon_peak_rss_mib']} MiB"])
     text = markdown(["K", "denials attempted", "per s", "counted by gputrace", "exact",
-                     "events delivered", "discarded (reason)", "daemon CPU", "peak RSS"], body)
+                     "events delivered (others')", "discarded (reason)", "daemon CPU", "peak RSS"], body)
     if peers:
         pbody = [[p["tracer"], p["procs"], f"{p['attempts_eacces']:,}", f"{p['denials_per_s']:,}",
                   f"{p['events_printed']:,}", f"{p['missing']:,} ({p['loss_percent']}%)",

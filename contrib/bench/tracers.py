@@ -102,7 +102,8 @@ class GputraceTracer(NoTracer):
         self.gputrace.start()
         assert self.gputrace.process is not None
         self.ready_s.append(self.gputrace.process.ready_s)
-        self.note = self.gputrace.label
+        self.note = ("gputrace watch --sensor audit, own process" if self.gputrace.kind == "watch-audit"
+                     else "own process, default configuration")
 
     def detach(self) -> None:
         self.gputrace.stop()
@@ -146,7 +147,7 @@ class PeerTool(NoTracer):
             self.why_not_opensnoop = str(exc)
             self.argv = trace_standin_argv()
             self.name = "trace-bpfcc (stand-in)"
-            self.note = f"opensnoop-bpfcc could not run: {exc}"
+            self.note = "every failed openat, one line each (opensnoop-bpfcc cannot load here)"
             self._probe_once()
         self.process: Optional[TracerProcess] = None
 

@@ -9,7 +9,6 @@ import errno
 import json
 import struct
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -104,14 +103,16 @@ PLAUSIBLE = {"arch": "c000003e", "syscall": "257", "exit": "-13", "success": "no
 
 
 @st.composite
-def record_body(draw: st.DrawFn, keys: tuple[str, ...]) -> str:
+def record_body(draw: st.DrawFn, keys: tuple[str, ...], damage: int) -> str:
+    """Fields of one record; each one is missing or random with odds `damage`/30."""
     parts = []
     for key in keys:
-        if draw(st.integers(0, 9)) == 0:
+        roll = draw(st.integers(0, 59))
+        if roll < damage:
             continue  # a missing field
-        value = PLAUSIBLE.get(key) if draw(st.integers(0, 7)) else None
-        parts.append(f"{key}={value if value is not None else draw(VALUE)}")
-    if draw(st.integers(0, 5)) == 0:
+        plausible = PLAUSIBLE.get(key) if roll >= 2 * damage else None
+        parts.append(f"{key}={plausible if plausible is not None else draw(VALUE)}")
+    if draw(st.integers(0, 29)) < damage:
         parts.insert(draw(st.integers(0, len(parts))), draw(st.text(max_size=10)))
     return " ".join(parts)
 
@@ -121,18 +122,19 @@ def audit_event(draw: st.DrawFn) -> list[tuple[int, bytes]]:
     """One serial's records (sometimes damaged), as (type, text) pairs."""
     serial = draw(st.integers(0, 50).map(str) | st.just("9" * 4400))
     head = f"audit({draw(st.integers(0, 2**40))}.{draw(st.integers(0, 999)):03d}:{serial}): "
-    records = [(AUDIT_SYSCALL, head + draw(record_body(SYSCALL_KEYS)))]
+    damage = draw(st.sampled_from([0, 1, 4, 15]))
+    records = [(AUDIT_SYSCALL, head + draw(record_body(SYSCALL_KEYS, damage)))]
     for _ in range(draw(st.integers(0, 3))):
-        records.append((AUDIT_PATH, head + draw(record_body(PATH_KEYS))))
+        records.append((AUDIT_PATH, head + draw(record_body(PATH_KEYS, damage))))
     if draw(st.booleans()):
-        records.append((AUDIT_CWD, head + draw(record_body(("cwd",)))))
+        records.append((AUDIT_CWD, head + draw(record_body(("cwd",), damage))))
     if draw(st.booleans()):
         records.append((AUDIT_PROCTITLE, head + "proctitle=" + draw(VALUE)))
     if draw(st.booleans()):
         records.append((AUDIT_EOE, head))
     records = draw(st.permutations(records))
     out = [(kind, text.encode("utf-8", "surrogateescape")) for kind, text in records]
-    if draw(st.integers(0, 4)) == 0:  # raw damage anywhere
+    if draw(st.integers(0, 29)) < damage:  # raw damage anywhere
         i = draw(st.integers(0, len(out) - 1))
         kind, text = out[i]
         cut = draw(st.integers(0, len(text)))
@@ -157,7 +159,7 @@ def datagram(kind: int, text: bytes) -> bytes:
     return body + b"\0" * (-len(body) % 4)
 
 
-@fuzz(700)
+@fuzz(1200)
 @given(st.lists(audit_event(), min_size=1, max_size=3))
 def test_audit_records_group_and_map_without_raising(events: list) -> None:
     ran("audit pipeline (records -> events)")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F401
 from tracer.event import Event, Node, Process
 from tracer.sinks import console, terminal_text
-from tracer.sinks.console import ConsoleSink, denial_line, update_line, verdict_lines
+from tracer.sinks.console import denial_line, update_line, verdict_lines
 from tracer.sinks.terminal_text import escape
 
 FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}

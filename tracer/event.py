@@ -12,6 +12,7 @@ bad bytes and a sibling `<key>_b64` field holds the exact bytes (base64).
 from __future__ import annotations
 
 import base64
+import re
 import datetime as _dt
 import errno as _errno
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ def put_bytes(out: dict[str, Any], key: str, raw: Optional[bytes]) -> None:
 
 def get_bytes(src: dict[str, Any], key: str) -> Optional[bytes]:
     if src.get(key + "_b64") is not None:
+        if not isinstance(src[key + "_b64"], str):
+            raise ValueError(f"{key}_b64 must be a string")
         return base64.b64decode(src[key + "_b64"], validate=True)
     value = src.get(key)
     if value is None:
@@ -56,6 +59,56 @@ def get_bytes(src: dict[str, Any], key: str) -> Optional[bytes]:
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string")
     return value.encode("utf-8")
+
+
+# Reading JSON back (`from_json`): recorded files travel, so every field is
+# checked here and a bad one raises ValueError/TypeError/KeyError, the errors
+# explain_records and the journal reader count; nothing else may escape.
+MAX_EVENT_TIME = 253402214400.0  # 9999-12-30: every sink can still print the date
+SYSCALL_NAME = re.compile(r"[A-Za-z0-9_?]{0,32}")
+EVENT_KINDS = ("denial", "update", "node")
+
+
+def _int(value: Any, name: str) -> int:
+    """An integer field: JSON int, integral float or decimal string (never bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{name} must be an integer")
+    if isinstance(value, float) and not value.is_integer():  # also NaN and infinities
+        raise ValueError(f"{name} must be an integer")
+    return int(value)
+
+
+def _opt_int(value: Any, name: str) -> Optional[int]:
+    return None if value is None else _int(value, name)
+
+
+def _hex(value: Any, name: str) -> int:
+    """A hex string field ("0x1f" or "1f") or an integer."""
+    number = int(value, 16) if isinstance(value, str) else _int(value, name)
+    if number < 0:
+        raise ValueError(f"{name} must not be negative")
+    return number
+
+
+def _obj(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object")
+    return value
+
+
+def _epoch(stamp: Any) -> float:
+    if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
+        when = float(stamp)
+    elif isinstance(stamp, str):
+        try:
+            when = _dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except (OverflowError, OSError) as exc:
+            raise ValueError(f"time {stamp[:40]!r} is out of range") from exc
+    else:
+        raise TypeError("time must be a number or an ISO 8601 string")
+    if not 0.0 <= when < MAX_EVENT_TIME:  # also rejects NaN
+        raise ValueError("time is out of range")
+    return when
 
 
 @dataclass
@@ -109,23 +162,30 @@ class Process:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Process":
-        uns = d.get("userns") or {}
-        cap = d.get("cap_effective", 0)
+        d = _obj(d, "process")
+        uns = _obj(d.get("userns") or {}, "process.userns")
+        groups = d.get("groups", [])
+        if not isinstance(groups, list):
+            raise TypeError("process.groups must be a list")
+
+        def num(key: str, default: Any = 0) -> int:
+            return _int(d.get(key, default), f"process.{key}")
         return cls(
-            pid=int(d["pid"]), tid=int(d.get("tid", d["pid"])), ppid=int(d.get("ppid", 0)),
+            pid=num("pid", d["pid"]), tid=num("tid", d["pid"]), ppid=num("ppid"),
             comm=get_bytes(d, "comm") or b"",
-            uid=int(d.get("uid", 0)), gid=int(d.get("gid", 0)),
-            euid=int(d.get("euid", d.get("uid", 0))), egid=int(d.get("egid", d.get("gid", 0))),
-            fsuid=int(d.get("fsuid", d.get("uid", 0))), fsgid=int(d.get("fsgid", d.get("gid", 0))),
-            groups=[int(g) for g in d.get("groups", [])],
-            ngroups=int(d.get("ngroups", len(d.get("groups", [])))),
-            cap_effective=int(cap, 16) if isinstance(cap, str) else int(cap),
-            userns=UserNs(int(uns.get("inum", 0)), int(uns.get("level", 0)),
-                          int(uns.get("owner_uid", 0))),
-            mntns=int(d.get("mntns", 0)), pidns=int(d.get("pidns", 0)),
-            cgroupns=int(d.get("cgroupns", 0)), cgroup_id=int(d.get("cgroup_id", 0)),
-            ns_pid=int(d.get("ns_pid", 0)),
-            loginuid=d.get("loginuid"), sessionid=d.get("sessionid"),
+            uid=num("uid"), gid=num("gid"),
+            euid=num("euid", d.get("uid", 0)), egid=num("egid", d.get("gid", 0)),
+            fsuid=num("fsuid", d.get("uid", 0)), fsgid=num("fsgid", d.get("gid", 0)),
+            groups=[_int(g, "process.groups") for g in groups],
+            ngroups=num("ngroups", len(groups)),
+            cap_effective=_hex(d.get("cap_effective", 0), "process.cap_effective"),
+            userns=UserNs(_int(uns.get("inum", 0), "userns.inum"),
+                          _int(uns.get("level", 0), "userns.level"),
+                          _int(uns.get("owner_uid", 0), "userns.owner_uid")),
+            mntns=num("mntns"), pidns=num("pidns"), cgroupns=num("cgroupns"),
+            cgroup_id=num("cgroup_id"), ns_pid=num("ns_pid"),
+            loginuid=_opt_int(d.get("loginuid"), "process.loginuid"),
+            sessionid=_opt_int(d.get("sessionid"), "process.sessionid"),
         )
 
 
@@ -149,7 +209,9 @@ class Node:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Node":
-        return cls(path=get_bytes(d, "path"), major=d.get("major"), minor=d.get("minor"),
+        d = _obj(d, "node")
+        return cls(path=get_bytes(d, "path"), major=_opt_int(d.get("major"), "node.major"),
+                   minor=_opt_int(d.get("minor"), "node.minor"),
                    path_as_given=get_bytes(d, "path_as_given"),
                    path_truncated=bool(d.get("path_truncated", False)))
 
@@ -208,20 +270,29 @@ class Event:
     def from_json(cls, d: dict[str, Any]) -> "Event":
         if not isinstance(d, dict):
             raise ValueError("event must be a JSON object")
-        stamp = d["time"]
-        if isinstance(stamp, (int, float)):
-            when = float(stamp)
-        else:
-            when = _dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
         err = d.get("errno_num", d.get("errno"))
-        cmd = d.get("ioctl_cmd")
+        if isinstance(err, (float, bool)):
+            err = _int(err, "errno")
+        if err is not None and not isinstance(err, (int, str)):
+            raise TypeError("errno must be a name or a number")
+        syscall, kind = d["syscall"], d.get("kind", "denial")
+        if not isinstance(syscall, str) or not SYSCALL_NAME.fullmatch(syscall):
+            raise ValueError("syscall must be a syscall name")
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(EVENT_KINDS)}")
+        cmd, missing = d.get("ioctl_cmd"), d.get("missing", [])
+        if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+            raise TypeError("missing must be a list of strings")
+        verdict = d.get("verdict")
+        if verdict is not None:
+            verdict = _obj(verdict, "verdict")
         return cls(
-            time=when, sensor=str(d.get("sensor", "replay")), syscall=str(d["syscall"]),
+            time=_epoch(d["time"]), sensor=str(d.get("sensor", "replay")), syscall=syscall,
             errno=errno_number(err) if err is not None else 0,
             process=Process.from_json(d["process"]), node=Node.from_json(d.get("node") or {}),
-            kind=str(d.get("kind", "denial")), count=int(d.get("count", 1)),
-            open_flags=d.get("open_flags"),
-            ioctl_cmd=int(cmd, 16) if isinstance(cmd, str) else cmd,
-            key=str(d.get("key", "")), missing=list(d.get("missing", [])),
-            facts=dict(d.get("facts") or {}), verdict=d.get("verdict"),
+            kind=kind, count=_int(d.get("count", 1), "count"),
+            open_flags=_opt_int(d.get("open_flags"), "open_flags"),
+            ioctl_cmd=None if cmd is None else _hex(cmd, "ioctl_cmd"),
+            key=str(d.get("key", "")), missing=list(missing),
+            facts=dict(_obj(d.get("facts") or {}, "facts")), verdict=verdict,
         )

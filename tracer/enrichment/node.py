@@ -72,7 +72,10 @@ def resolve_in_root(root: str, path: str) -> Optional[str]:
             links += 1
             if links > MAX_SYMLINKS:
                 return None
-            target = os.readlink(candidate)
+            try:
+                target = os.readlink(candidate)
+            except OSError:  # replaced or gone since the lstat (the process exited)
+                return None
             if target.startswith("/"):
                 done = []
             pending = [p for p in target.split("/") if p] + pending

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tracer.enrichment.facts import SkipCounter
+from tracer.enrichment.parse_proc import decimal
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,12 @@ def parse_group_file(text: str, skips: SkipCounter) -> list[GroupEntry]:
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split(":")
-        if len(parts) != 4 or not parts[0] or not parts[2].isdigit():
+        gid = decimal(parts[2]) if len(parts) == 4 else None
+        if gid is None or not parts[0]:
             skips.skip("group:bad_line")
             continue
         members = tuple(m for m in parts[3].split(",") if m)
-        out.append(GroupEntry(parts[0], int(parts[2]), members))
+        out.append(GroupEntry(parts[0], gid, members))
     return out
 
 
@@ -50,10 +52,11 @@ def parse_passwd_file(text: str, skips: SkipCounter) -> list[PasswdEntry]:
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split(":")
-        if len(parts) != 7 or not parts[0] or not parts[2].isdigit() or not parts[3].isdigit():
+        uid, gid = (decimal(parts[2]), decimal(parts[3])) if len(parts) == 7 else (None, None)
+        if uid is None or gid is None or not parts[0]:
             skips.skip("passwd:bad_line")
             continue
-        out.append(PasswdEntry(parts[0], int(parts[2]), int(parts[3]), parts[5]))
+        out.append(PasswdEntry(parts[0], uid, gid, parts[5]))
     return out
 
 
@@ -82,8 +85,9 @@ def parse_nvidia_params(text: str, skips: SkipCounter) -> dict[str, object]:
         if not sep or not key or " " in key:
             skips.skip("nvidia_params:bad_line")
             continue
-        if value.lstrip("-").isdigit():
-            out[key] = int(value)
+        number = decimal(value[1:] if value.startswith("-") else value)
+        if number is not None:
+            out[key] = -number if value.startswith("-") else number
         elif len(value) >= 2 and value[0] == value[-1] == '"':
             out[key] = value[1:-1]
         else:

@@ -12,6 +12,15 @@ from typing import Optional
 from tracer.enrichment.facts import SkipCounter
 
 IdMap = list[tuple[int, int, int]]  # (inside, outside, count)
+MAX_DECIMAL_DIGITS = 20  # a u64; also far below int()'s 4300-digit limit
+
+
+def decimal(text: str) -> Optional[int]:
+    """A non-negative ASCII decimal, else None.  str.isdigit() alone is not enough:
+    it accepts '²' and other Unicode digits that int() rejects."""
+    if not 0 < len(text) <= MAX_DECIMAL_DIGITS or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def parse_id_map(text: str, skips: SkipCounter, what: str = "id_map") -> IdMap:
@@ -21,7 +30,7 @@ def parse_id_map(text: str, skips: SkipCounter, what: str = "id_map") -> IdMap:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        if len(parts) != 3 or any(decimal(p) is None for p in parts):
             skips.skip(f"{what}:bad_line")
             continue
         inside, outside, count = (int(p) for p in parts)
@@ -68,7 +77,7 @@ def _unescape_mount_field(raw: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal
     out, i = [], 0
     while i < len(raw):
-        if raw[i] == "\\" and i + 3 < len(raw) and raw[i + 1:i + 4].isdigit():
+        if raw[i] == "\\" and i + 3 < len(raw) and all(c in "01234567" for c in raw[i + 1:i + 4]):
             out.append(chr(int(raw[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -88,11 +97,12 @@ def parse_mountinfo(text: str, skips: SkipCounter) -> list[Mount]:
         except ValueError:
             skips.skip("mountinfo:no_separator")
             continue
-        if sep + 3 > len(parts) or not parts[0].isdigit() or not parts[1].isdigit():
+        mount_id, parent_id = decimal(parts[0]), decimal(parts[1])
+        if sep + 3 > len(parts) or mount_id is None or parent_id is None:
             skips.skip("mountinfo:bad_line")
             continue
         mounts.append(Mount(
-            mount_id=int(parts[0]), parent_id=int(parts[1]), dev=parts[2],
+            mount_id=mount_id, parent_id=parent_id, dev=parts[2],
             root=_unescape_mount_field(parts[3]),
             mount_point=_unescape_mount_field(parts[4]),
             options=tuple(parts[5].split(",")), fstype=parts[sep + 1],
@@ -161,11 +171,12 @@ def parse_proc_cgroup(text: str, skips: SkipCounter) -> list[CgroupLine]:
         if not line:
             continue
         parts = line.split(":", 2)
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].startswith("/"):
+        hierarchy = decimal(parts[0]) if len(parts) == 3 else None
+        if hierarchy is None or not parts[2].startswith("/"):
             skips.skip("cgroup:bad_line")
             continue
         ctrls = tuple(c for c in parts[1].split(",") if c)
-        out.append(CgroupLine(int(parts[0]), ctrls, parts[2]))
+        out.append(CgroupLine(hierarchy, ctrls, parts[2]))
     return out
 
 
@@ -181,11 +192,12 @@ def parse_proc_devices(text: str, skips: SkipCounter) -> dict[int, str]:
             section = stripped[:-1].lower()
             continue
         parts = stripped.split(None, 1)
-        if len(parts) != 2 or not parts[0].isdigit():
+        major = decimal(parts[0]) if len(parts) == 2 else None
+        if major is None:
             skips.skip("devices:bad_line")
             continue
         if section == "character devices":
-            out[int(parts[0])] = parts[1]
+            out[major] = parts[1]
     return out
 
 

@@ -40,7 +40,7 @@ def ns_inum(link_target: Optional[str]) -> Optional[int]:
     if not link_target or "[" not in link_target or not link_target.endswith("]"):
         return None
     digits = link_target[link_target.index("[") + 1:-1]
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
 
 
 def process_in_user_namespace(proc_root: str, inum: int, limit: int = 100000) -> Optional[int]:

@@ -123,7 +123,7 @@ def explain_records(lines: Iterable[str], enricher: Optional[Enricher] = None,
             continue
         try:
             event = Event.from_json(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting too deep
             errors["bad_json"] += 1
             yield ExplainedRecord(number, error="bad_json")
             continue

@@ -120,9 +120,9 @@ struct gpu_event {
 _Static_assert(sizeof(struct gpu_event) == EVENT_SIZE, "event layout differs from bpf_event.py");
 #endif
 
-struct prefix {
-	u32 len;
-	char s[PREFIX_CAP];
+struct prefix_key { /* LPM trie key: the longest configured prefix of the path wins */
+	u32 prefixlen; /* bits */
+	char data[PREFIX_CAP];
 };
 
 struct scratch {
@@ -131,6 +131,7 @@ struct scratch {
 	char dir[2 * PATH_CAP];
 	char name[NAME_CAP];
 	char full[4 * PATH_CAP];
+	struct prefix_key pkey;
 };
 
 #ifdef USE_RINGBUF
@@ -141,7 +142,7 @@ BPF_PERF_OUTPUT(events);
 BPF_HASH(agg, struct agg_key, struct agg_val, AGG_MAX);
 BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
 BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
-BPF_ARRAY(prefixes, struct prefix, MAX_PREFIXES);
+BPF_LPM_TRIE(prefixes, struct prefix_key, u8, MAX_PREFIXES);
 BPF_HASH(gpu_devs, u32, u8, 256);
 
 static __always_inline u64 rd_u64(const void *base, u32 off)
@@ -253,26 +254,12 @@ static __always_inline u32 dir_to_full(struct scratch *s, int start)
 	return len;
 }
 
-static __always_inline int prefix_match(const char *p)
+/* One trie lookup on the first PREFIX_CAP bytes: no loop for the verifier to unroll. */
+static __always_inline int prefix_match(struct scratch *s, const char *p)
 {
-	for (u32 i = 0; i < MAX_PREFIXES; i++) {
-		u32 k = i;
-		struct prefix *pf = prefixes.lookup(&k);
-		if (!pf || pf->len == 0)
-			return 0;
-		int ok = 1;
-		for (u32 j = 0; j < PREFIX_CAP; j++) {
-			if (j >= pf->len)
-				break;
-			if (p[j] != pf->s[j]) {
-				ok = 0;
-				break;
-			}
-		}
-		if (ok)
-			return 1;
-	}
-	return 0;
+	s->pkey.prefixlen = PREFIX_CAP * 8;
+	bpf_probe_read_kernel(s->pkey.data, PREFIX_CAP, p);
+	return prefixes.lookup(&s->pkey) != 0;
 }
 
 static __always_inline u64 path_hash(const char *p)
@@ -467,12 +454,18 @@ static __always_inline int on_open(void *ctx, u32 sys, long ret, s32 dirfd,
 		match = s->full;
 		ev->path_flags |= F_RELATIVE | ((off & 0xffff) << 16);
 	}
-	if (!prefix_match(match))
+	if (!prefix_match(s, match))
 		return 0;
 
 	if (len >= PATH_CAP) {
 		ev->path_flags |= F_TRUNCATED;
 		len = PATH_CAP - 1;
+	}
+	if (n == PATH_CAP) { /* the user's path filled the buffer: was there more? */
+		char more = 0;
+		bpf_probe_read_user(&more, 1, upath + PATH_CAP - 1);
+		if (more)
+			ev->path_flags |= F_TRUNCATED;
 	}
 	ev->path_len = len;
 	bpf_probe_read_kernel_str(ev->path, PATH_CAP, match);

@@ -185,13 +185,6 @@ def small_table_sensor():
     harness.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tracer/sensors/bpf_sensor.py _ingest(): with the aggregation table full the kernel sends "
-    "every repeat as a full event with count=1 and F_UNAGGREGATED; _ingest() finds the key "
-    "already booked and treats the record as a resend (`self._count(key, record.count)` with "
-    "count 1 <= reported), so each repeat beyond the first is lost from the totals; those "
-    "_book entries are also never removed, since sweep() only visits keys in the kernel table "
-    "(fix: for F_UNAGGREGATED records add record.count to agg.reported and emit an update)"))
 def test_full_aggregation_table_keeps_totals_exact(small_table_sensor) -> None:
     with denied_dir() as base:
         result = storm(base, 600, names=200)  # 200 keys, 3 denials each
@@ -204,11 +197,6 @@ def test_full_aggregation_table_keeps_totals_exact(small_table_sensor) -> None:
     assert reported_total(small_table_sensor, result.pid) == 600
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tracer/sensors/bpf_sensor.py: BpfSensor._book keeps one entry (with the first Event) per "
-    "key; sweep() forgets a key only when it finds it in the kernel table and the process is "
-    "gone, so keys that never made it into the full table stay for ever: memory grows with "
-    "every storm of distinct paths (fix: in sweep(), drop _book keys of dead tgids too)"))
 def test_sensor_forgets_keys_of_exited_processes(small_table_sensor) -> None:
     with denied_dir() as base:
         result = storm(base, 300, names=300)
@@ -237,12 +225,6 @@ def test_path_max_path_is_captured_without_crash(bpf_sensor) -> None:
     assert Event.from_json(event.to_json()).node.path == event.node.path
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bpf/gputrace.bpf.c on_open(): an absolute path is read with "
-    "bpf_probe_read_user_str(s->rel, PATH_CAP, upath), so n <= PATH_CAP and len = n - 1 <= 255 "
-    "never reaches the `len >= PATH_CAP` test: F_TRUNCATED is never set for absolute paths "
-    "longer than 255 bytes (fix: when n == PATH_CAP, read the byte at upath + PATH_CAP - 1 "
-    "and set F_TRUNCATED when it is not NUL)"))
 def test_path_max_path_is_flagged_truncated(bpf_sensor) -> None:
     with denied_dir() as base:
         event = long_path_event(bpf_sensor, base)

@@ -270,12 +270,12 @@ def explain(source: "TextIO", as_json: bool) -> None:
             explained += 1
             sink.consume(record.event)
     bad = sum(errors.values())
-    if bad:
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
-        click.echo(f"gputrace: skipped {bad} unreadable lines ({detail})", err=True)
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
     if explained == 0 and bad:
         raise GputraceError(f"{getattr(source, 'name', 'input')}: no event could be read "
-                            f"({bad} bad lines)", ExitStatus.BAD_INPUT)
+                            f"({bad} bad lines: {detail})", ExitStatus.BAD_INPUT)
+    if bad:
+        click.echo(f"gputrace: skipped {bad} unreadable lines ({detail})", err=True)
 
 
 @cli.command()

@@ -53,6 +53,7 @@ class BpfConfig:
     ringbuf_pages: int = 1024  # 4 MiB: a burst of ~7,000 distinct denials
     aggregate_interval_s: float = 1.0
     aggregate_max: int = 16384
+    book_max: int = 65536  # aggregates remembered in userspace (oldest forgotten first)
     sweep_interval_s: float = 1.0
     tracefs: str = "/sys/kernel/tracing"
     headers_cache: str = "/var/cache/gputrace"
@@ -157,14 +158,14 @@ class BpfSensor:
         table = self.bpf[b"prefixes"]
         if len(self.nodes.prefixes) > MAX_PREFIXES:
             raise EnvironmentProblem(f"at most {MAX_PREFIXES} path prefixes are supported")
-        for i, prefix in enumerate(self.nodes.prefixes):
+        for prefix in self.nodes.prefixes:
             raw = prefix.encode()
-            if len(raw) > PREFIX_CAP:
-                raise EnvironmentProblem(f"path prefix too long ({PREFIX_CAP} bytes max): {prefix}")
-            leaf = table.Leaf()
-            leaf.len = len(raw)
-            leaf.s = raw
-            table[ctypes.c_int(i)] = leaf
+            if not raw or len(raw) > PREFIX_CAP:
+                raise EnvironmentProblem(f"path prefix must be 1 to {PREFIX_CAP} bytes: {prefix}")
+            key = table.Key()
+            key.prefixlen = len(raw) * 8
+            key.data = raw
+            table[key] = ctypes.c_uint8(1)
         devs = self.bpf[b"gpu_devs"]
         for key in self.nodes.kernel_dev_keys():
             devs[ctypes.c_uint32(key)] = ctypes.c_uint8(1)
@@ -200,10 +201,17 @@ class BpfSensor:
         assert key is not None
         agg = self._book.get(key)
         if agg is not None and agg.first is not None:
-            self._count(key, record.count)  # a resend after a refused buffer
+            if record.facts.get("sensor.unaggregated"):
+                # the kernel table was full: each repeat arrives alone, count 1
+                self._count(key, agg.reported + record.count)
+            else:
+                self._count(key, record.count)  # a resend after a refused buffer
             return
         pending = agg.pending if agg else 0
         self._book[key] = _Aggregate(first=record, reported=record.count)
+        while len(self._book) > self.config.book_max:  # oldest aggregates first
+            self._user_stats["aggregates_forgotten"] += 1
+            del self._book[next(iter(self._book))]
         self._queue.append(record)
         if pending > record.count:
             self._count(key, pending)
@@ -222,8 +230,10 @@ class BpfSensor:
     def sweep(self, final: bool = False) -> None:
         """Report counts that changed since the last update; forget exited processes."""
         table = self.bpf[b"agg"]
+        in_table = set()
         for k, v in list(table.items()):
             key = AggKey(k.tgid, k.sys, k.err, k.target)
+            in_table.add(key)
             self._count(key, v.count)
             alive = os.path.exists(self.host.proc_pid(k.tgid))
             if final or not alive:
@@ -236,6 +246,13 @@ class BpfSensor:
                     except KeyError:
                         pass
                     self._book.pop(key, None)
+        # aggregates the kernel never held (its table was full): forget exited processes
+        alive: dict[int, bool] = {}
+        for key in [k for k in self._book if k not in in_table]:
+            if key.tgid not in alive:
+                alive[key.tgid] = os.path.exists(self.host.proc_pid(key.tgid))
+            if not alive[key.tgid]:
+                del self._book[key]
         self._last_sweep = time.monotonic()
 
     def _orphan(self, key: AggKey, count: int) -> None:

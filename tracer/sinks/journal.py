@@ -179,7 +179,7 @@ def read_journal(directory: str, since: Optional[float] = None) -> JournalRead:
     for _path, _number, raw, complete in iter_lines(directory):
         try:
             event = Event.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             out.lost["unterminated_line" if not complete else "unreadable_line"] += 1
             continue
         if since is None or event.time >= since:

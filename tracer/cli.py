@@ -135,8 +135,6 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     sensor, how = start_sensor(sensor_name, config)
     side: list = []
     try:
-        names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
-        click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
         on_arrival, stage = explain_stages()
         if watch_nodes:
             from tracer.sensors.node_watch import NodeWatcher
@@ -145,6 +143,8 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
                                   extra_majors=tuple(m for m, _ in devices))
             watcher.start()
             side.append(watcher)
+        names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
+        click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
         pipeline = Pipeline(sensor=sensor, stages=[] if no_explain else [stage],
                             sinks=[ConsoleSink(sys.stdout, as_json)],
                             on_stage_error=_stage_error_reporter(),

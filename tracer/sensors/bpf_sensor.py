@@ -247,11 +247,11 @@ class BpfSensor:
                         pass
                     self._book.pop(key, None)
         # aggregates the kernel never held (its table was full): forget exited processes
-        alive: dict[int, bool] = {}
+        living: dict[int, bool] = {}
         for key in [k for k in self._book if k not in in_table]:
-            if key.tgid not in alive:
-                alive[key.tgid] = os.path.exists(self.host.proc_pid(key.tgid))
-            if not alive[key.tgid]:
+            if key.tgid not in living:
+                living[key.tgid] = os.path.exists(self.host.proc_pid(key.tgid))
+            if not living[key.tgid]:
                 del self._book[key]
         self._last_sweep = time.monotonic()
 

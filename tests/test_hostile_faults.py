@@ -237,6 +237,6 @@ def storm_one(path: str, uid: int = 65534) -> int:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     code = "import os,sys\ntry: os.open(sys.argv[1], os.O_RDONLY)\nexcept OSError as e: print(e.errno)"
-    proc = subprocess.run(["python3", "-c", code, path], capture_output=True, text=True,
+    proc = subprocess.run(["/usr/bin/python3", "-c", code, path], capture_output=True, text=True,
                           preexec_fn=drop, timeout=30, check=True)
     return int(proc.stdout)

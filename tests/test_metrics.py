@@ -58,7 +58,7 @@ def test_collector_reads_sensor_counters_at_scrape_time():
              "dropped_perf_lost": 3, "first_event_lost": 1, "decode_error_short": 2}
     state = DaemonState(sensor_stats=lambda: dict(stats),
                         probes=lambda: [Probe("bpf", "tracepoint", "ringbuf", True)],
-                        queue_full=lambda: 4)
+                        pipeline_discards=lambda: {"queue_full": 4, "rate_limited": 6})
     state.discard("subscriber_queue_full", 5)
     state.discard("enrichment_failed")
     sink = MetricsSink(state)
@@ -68,6 +68,7 @@ def test_collector_reads_sensor_counters_at_scrape_time():
     assert got[(d, (("intentional", "true"), ("reason", "rate_aggregated")))] == 6
     assert got[(d, (("intentional", "false"), ("reason", "first_event_lost")))] == 1
     assert got[(d, (("intentional", "false"), ("reason", "queue_full")))] == 4
+    assert got[(d, (("intentional", "true"), ("reason", "rate_limited")))] == 6
     assert got[(d, (("intentional", "false"), ("reason", "subscriber_queue_full")))] == 5
     assert got[(d, (("intentional", "false"), ("reason", "enrichment_failed")))] == 1
     assert got[(d, (("intentional", "false"), ("reason", "decode_error")))] == 2

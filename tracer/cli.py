@@ -119,11 +119,14 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         timer = threading.Timer(duration, stop.set)
         timer.daemon = True
         timer.start()
+    from tracer import config as config_mod
+    from tracer.daemon import rate_limiter
+
+    settings = config_mod.load(config_path)  # pipeline bounds; defaults without a file
     if not standalone:
-        from tracer import config as config_mod
         from tracer.subscribe import attach
 
-        socket_path = config_mod.load(config_path).socket_path
+        socket_path = settings.socket_path
         subscription = attach(socket_path)
         if subscription is not None:
             click.echo(f"gputrace: attached to the running gputrace daemon (pid "
@@ -135,7 +138,7 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     sensor, how = start_sensor(sensor_name, config)
     side: list = []
     try:
-        on_arrival, stage = explain_stages()
+        on_arrival, stage = explain_stages(cache_size=settings.pipeline.cache_size)
         if watch_nodes:
             from tracer.sensors.node_watch import NodeWatcher
 
@@ -148,7 +151,9 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         pipeline = Pipeline(sensor=sensor, stages=[] if no_explain else [stage],
                             sinks=[ConsoleSink(sys.stdout, as_json)],
                             on_stage_error=_stage_error_reporter(),
-                            on_arrival=None if no_explain else on_arrival, side_sources=side)
+                            on_arrival=None if no_explain else on_arrival, side_sources=side,
+                            queue_size=settings.pipeline.queue_size,
+                            rate_limiter=rate_limiter(settings))
         summary = pipeline.run(stop)
     finally:
         sensor.close()
@@ -219,7 +224,7 @@ def start_sensor(name: str, bpf_config: "BpfConfig") -> "tuple[Sensor, str]":
     return audit, "audit"
 
 
-def explain_stages(host: Optional["HostPaths"] = None
+def explain_stages(host: Optional["HostPaths"] = None, cache_size: int = 256
                    ) -> "tuple[Callable[[Event], None], Callable[[Event], None]]":
     """(on_arrival, stage) for the pipeline: snapshot a new container's facts the
     moment its first denial arrives, then enrich and explain."""
@@ -227,7 +232,7 @@ def explain_stages(host: Optional["HostPaths"] = None
     from tracer.host import HostPaths
     from tracer.verdict.explain import explain
 
-    enricher = Enricher(host or HostPaths())
+    enricher = Enricher(host or HostPaths(), cache_size=cache_size)
     lock = threading.Lock()  # the enricher's caches are shared by both threads
 
     def on_arrival(event: "Event") -> None:

@@ -44,6 +44,12 @@ class SensorConfig:
         choices=("auto", "fexit", "tracepoint")))
     transport: str = field(default="auto", metadata=doc(
         "Kernel-to-user buffer.", choices=("auto", "ringbuf", "perf")))
+    aggregate_max: int = field(default=16384, metadata=doc(
+        "Size of the kernel table that folds repeats into counts; when full, repeats are "
+        "sent one by one (counted: aggregation_table_full).", minimum=64))
+    ringbuf_pages: int = field(default=1024, metadata=doc(
+        "Kernel ring buffer size in 4 KiB pages (a power of two); 1024 = 4 MiB holds a burst of "
+        "about 7,000 distinct denials.", minimum=1))
     aggregate_interval_s: float = field(default=1.0, metadata=doc(
         "Repeats of one (process, node, errno) are folded and reported at most this often.",
         minimum=0.01))
@@ -99,6 +105,20 @@ class MetricsConfig:
 class PipelineConfig:
     explain: bool = field(default=True, metadata=doc(
         "Enrich each denial and attach a verdict (cause and fixes)."))
+    queue_size: int = field(default=10000, metadata=doc(
+        "Events waiting between the sensor and enrichment; beyond it they are dropped and "
+        "counted (queue_full).  Each queued event takes about 2 KiB.", minimum=10))
+    rate_limit_per_cgroup: float = field(default=200.0, metadata=doc(
+        "Distinct denial events per second accepted from one cgroup (container); repeats of "
+        "the same denial are folded in the kernel and never limited.  Over it, events are "
+        "dropped before enrichment and counted (rate_limited).  0 disables the limit.",
+        minimum=0))
+    rate_limit_burst: int = field(default=1000, metadata=doc(
+        "Events one cgroup may send at once before its rate limit applies.", minimum=1))
+    cache_size: int = field(default=256, metadata=doc(
+        "Containers (user namespaces and cgroups) whose facts are cached, least recently used "
+        "first out, so a process that already exited still gets its container's facts.",
+        minimum=1))
 
 
 @dataclass

@@ -24,9 +24,10 @@ from typing import Callable, Optional
 
 from tracer import config as config_mod
 from tracer.config import Config
-from tracer.errors import ExitStatus, GputraceError
+from tracer.errors import BadInput, ExitStatus, GputraceError
 from tracer.event import Event
 from tracer.host import HostPaths
+from tracer.rate_limit import RateLimiter
 from tracer.pipeline import Pipeline, Sensor, Sink, Stage, Summary
 from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
 from tracer.sinks.journal import JournalSink
@@ -65,10 +66,19 @@ class DaemonLock:
 
 def bpf_config(cfg: Config) -> BpfConfig:
     s = cfg.sensor
+    if s.ringbuf_pages & (s.ringbuf_pages - 1):
+        raise BadInput(f"sensor.ringbuf_pages must be a power of two, not {s.ringbuf_pages}")
     return BpfConfig(errnos=cfg.errno_numbers(), extra_prefixes=tuple(s.extra_prefixes),
                      extra_devs=cfg.device_pairs(), hook=s.hook, transport=s.transport,
-                     aggregate_interval_s=s.aggregate_interval_s,
+                     aggregate_interval_s=s.aggregate_interval_s, aggregate_max=s.aggregate_max,
+                     ringbuf_pages=s.ringbuf_pages,
                      sweep_interval_s=s.sweep_interval_s, tracefs=s.tracefs, btf_path=s.btf)
+
+
+def rate_limiter(cfg: Config) -> Optional[RateLimiter]:
+    p = cfg.pipeline
+    return RateLimiter(p.rate_limit_per_cgroup, p.rate_limit_burst) \
+        if p.rate_limit_per_cgroup > 0 else None
 
 
 def sd_notify(message: str) -> None:
@@ -103,14 +113,14 @@ class Daemon:
         self.stages: list[Stage] = []
         self.on_arrival: Optional[Stage] = None
         self.pipeline: Optional[Pipeline] = None
-        self.queue_full_before = 0  # queue drops of pipeline runs that ended (reloads)
+        self.discards_before: dict[str, int] = {}  # pipeline drops of runs that ended (reloads)
         self.stop = threading.Event()
         self.terminating = False
         self.reload_requested = False
         self._last_stage_log = 0.0
         self.state.sensor_stats = lambda: self.sensor.stats() if self.sensor else {}
         self.state.sensor_name = lambda: self._sensor_name()
-        self.state.queue_full = self._queue_full
+        self.state.pipeline_discards = self._pipeline_discards
         self.state.probes = self._probes
         self.state.subscribers = lambda: self.socket.subscriber_count if self.socket else 0
         self.state.journal_lines = lambda: self.journal.lines_written if self.journal else 0
@@ -126,9 +136,10 @@ class Daemon:
             return [Probe(name, sensor.hook, sensor.transport, sensor.bpf is not None)]
         return [Probe(name, "netlink" if sensor else "", "", sensor is not None)]
 
-    def _queue_full(self) -> int:
+    def _pipeline_discards(self) -> dict[str, int]:
         live = getattr(self.pipeline, "dropped", None) or {}  # while a run is going
-        return self.queue_full_before + int(live.get("dropped_queue_full", 0))
+        return {reason: self.discards_before.get(reason, 0) + int(live.get(f"dropped_{reason}", 0))
+                for reason in ("queue_full", "rate_limited")}
 
     # -- building the outputs ----------------------------------------------------
     def _open_outputs(self, old: Optional[Config]) -> None:
@@ -159,7 +170,7 @@ class Daemon:
         if old is None or old.pipeline != cfg.pipeline:
             from tracer.cli import explain_stages  # the stages `watch` runs
 
-            on_arrival, stage = explain_stages(self.host)
+            on_arrival, stage = explain_stages(self.host, cfg.pipeline.cache_size)
             self.stages = [stage] if cfg.pipeline.explain else []
             self.on_arrival = on_arrival if cfg.pipeline.explain else None
 
@@ -243,11 +254,16 @@ class Daemon:
             while True:
                 assert self.sensor is not None
                 self.pipeline = Pipeline(self.sensor, self.stages, self.sinks(),
-                                         self._on_stage_error, on_arrival=self.on_arrival,
-                                         side_sources=self.side_sources)
+                                         self._on_stage_error,
+                                         queue_size=self.cfg.pipeline.queue_size,
+                                         on_arrival=self.on_arrival,
+                                         side_sources=self.side_sources,
+                                         rate_limiter=rate_limiter(self.cfg))
                 summary = self.pipeline.run(self.stop)
                 self.pipeline = None
-                self.queue_full_before += summary.sensor_stats.get("dropped_queue_full", 0)
+                for reason in ("queue_full", "rate_limited"):
+                    self.discards_before[reason] = self.discards_before.get(reason, 0) + \
+                        summary.sensor_stats.get(f"dropped_{reason}", 0)
                 total.denials += summary.denials
                 total.total += summary.total
                 total.stage_errors += summary.stage_errors

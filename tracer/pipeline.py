@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
 
 from tracer.event import Event
+from tracer.rate_limit import RateLimiter
 
 
 class Sensor(Protocol):
@@ -37,19 +38,21 @@ class Summary:
 
     @property
     def dropped(self) -> int:
-        """Events that never reached the sinks in full (their counts are kept)."""
+        """Events that never reached the sinks in full: refused by the kernel buffer
+        (unless resent by a later repeat), or dropped by the queue or the rate limit."""
         s = self.sensor_stats
-        return (s.get("first_event_lost", 0) + s.get("dropped_queue_full", 0)
-                + s.get("dropped_perf_lost", 0))
+        return (s.get("dropped_buffer_full", 0) + s.get("dropped_queue_full", 0)
+                + s.get("dropped_perf_lost", 0) + s.get("dropped_rate_limited", 0))
 
     def line(self) -> str:
         s = self.sensor_stats
         full = s.get("dropped_buffer_full", 0)
         lost = s.get("first_event_lost", 0)
         return (f"{self.denials} denial events, {self.repeats} repeats aggregated, "
-                f"{self.dropped} dropped (kernel buffer full {full}: {max(full - lost, 0)} "
-                f"resent, {lost} reported as counts only; queue full "
-                f"{s.get('dropped_queue_full', 0)}; perf lost {s.get('dropped_perf_lost', 0)}; "
+                f"{self.dropped} dropped (kernel buffer full {full}, of which {lost} reported "
+                f"later as counts only; queue full "
+                f"{s.get('dropped_queue_full', 0)}; rate limited {s.get('dropped_rate_limited', 0)}; "
+                f"perf lost {s.get('dropped_perf_lost', 0)}; "
                 f"count updates {s.get('dropped_update', 0)})")
 
 
@@ -69,16 +72,22 @@ class Pipeline:
     on_arrival: Optional[Stage] = None
     # more event sources drained into the same queue (e.g. the node lifecycle watcher)
     side_sources: list[Sensor] = field(default_factory=list)
+    # per-container limit on distinct denials (None: unlimited); drops are counted
+    rate_limiter: Optional[RateLimiter] = None
 
     def run(self, stop: threading.Event) -> Summary:
         pending: "queue.Queue[Optional[Event]]" = queue.Queue(self.queue_size)
-        dropped = {"dropped_queue_full": 0}
+        dropped = {"dropped_queue_full": 0, "dropped_rate_limited": 0}
         self.dropped = dropped  # live view for scrapes while running
         failure: list[BaseException] = []
 
         def drain_sensor(source: Sensor) -> None:
             try:
                 for event in source.events(stop):
+                    if self.rate_limiter is not None and event.kind == "denial" \
+                            and not self.rate_limiter.allow(event):
+                        dropped["dropped_rate_limited"] += 1
+                        continue
                     if self.on_arrival is not None and event.kind == "denial":
                         try:
                             self.on_arrival(event)

@@ -53,7 +53,7 @@ class BpfConfig:
     ringbuf_pages: int = 1024  # 4 MiB: a burst of ~7,000 distinct denials
     aggregate_interval_s: float = 1.0
     aggregate_max: int = 16384
-    book_max: int = 65536  # aggregates remembered in userspace (oldest forgotten first)
+    book_max: int = 16384  # aggregates remembered in userspace (oldest forgotten first)
     sweep_interval_s: float = 1.0
     tracefs: str = "/sys/kernel/tracing"
     headers_cache: str = "/var/cache/gputrace"

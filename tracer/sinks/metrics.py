@@ -48,7 +48,8 @@ KERNEL_DISCARDS = {
     "aggregated": ("rate_aggregated", True),
 }
 # userspace discard reason -> intentional
-USER_DISCARDS = {"queue_full": False, "subscriber_queue_full": False, "enrichment_failed": False,
+USER_DISCARDS = {"queue_full": False, "rate_limited": True, "subscriber_queue_full": False,
+                 "enrichment_failed": False,
                  "journal_disk_full": False, "journal_write_error": False, "decode_error": False}
 
 
@@ -87,7 +88,8 @@ class DaemonState:
     probes: Callable[[], list[Probe]] = list
     user_discards: dict[str, int] = field(default_factory=dict)   # USER_DISCARDS keys
     sensor_name: Callable[[], str] = lambda: "bpf"
-    queue_full: Callable[[], int] = lambda: 0    # the pipeline's bounded queue overflowed
+    # the pipeline's own drops: queue_full (bounded queue overflowed), rate_limited (per cgroup)
+    pipeline_discards: Callable[[], dict[str, int]] = dict
     subscribers: Callable[[], int] = lambda: 0
     journal_lines: Callable[[], int] = lambda: 0
 
@@ -114,7 +116,8 @@ class StateCollector:
         decode = sum(v for k, v in stats.items() if k.startswith("decode_error_"))
         user = dict(self.state.user_discards)
         user["decode_error"] = user.get("decode_error", 0) + decode
-        user["queue_full"] = user.get("queue_full", 0) + self.state.queue_full()
+        for reason, count in self.state.pipeline_discards().items():
+            user[reason] = user.get(reason, 0) + count
         for reason, intentional in USER_DISCARDS.items():
             totals[(reason, intentional)] = user.get(reason, 0)
         for (reason, intentional), value in sorted(totals.items()):

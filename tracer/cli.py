@@ -106,7 +106,9 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
     """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
     from tracer.pipeline import Pipeline
     from tracer.sensors.bpf_sensor import BpfConfig
+    from tracer.sensors.choose import start_sensor
     from tracer.sinks.console import ConsoleSink
+    from tracer.verdict.stage import explain_stages
 
     if not errnos:
         raise click.BadParameter("at least one errno", param_hint="--errno")
@@ -120,7 +122,7 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         timer.daemon = True
         timer.start()
     from tracer import config as config_mod
-    from tracer.daemon import rate_limiter
+    from tracer.rate_limit import configured
 
     settings = config_mod.load(config_path)  # pipeline bounds; defaults without a file
     if not standalone:
@@ -135,7 +137,7 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
             _watch_daemon(subscription, as_json, stop)
             return
         click.echo(f"gputrace: no daemon at {socket_path}; running standalone", err=True)
-    sensor, how = start_sensor(sensor_name, config)
+    sensor, how = start_sensor(sensor_name, config, say)
     side: list = []
     try:
         on_arrival, stage = explain_stages(cache_size=settings.pipeline.cache_size)
@@ -153,7 +155,8 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
                             on_stage_error=_stage_error_reporter(),
                             on_arrival=None if no_explain else on_arrival, side_sources=side,
                             queue_size=settings.pipeline.queue_size,
-                            rate_limiter=rate_limiter(settings))
+                            rate_limiter=configured(settings.pipeline.rate_limit_per_cgroup,
+                                                    settings.pipeline.rate_limit_burst))
         summary = pipeline.run(stop)
     finally:
         sensor.close()
@@ -199,51 +202,8 @@ def _watch_daemon(subscription: "Subscription", as_json: bool, stop: threading.E
                f"{subscription.dropped} events for this slow reader", err=True)
 
 
-def start_sensor(name: str, bpf_config: "BpfConfig") -> "tuple[Sensor, str]":
-    """Start the chosen sensor; `auto` falls back from BPF to audit, saying why."""
-    from tracer.errors import EnvironmentProblem
-    from tracer.sensors.audit_pipeline import AuditConfig
-    from tracer.sensors.audit_sensor import AuditSensor
-    from tracer.sensors.bpf_sensor import BpfSensor
-
-    if name in ("auto", "bpf"):
-        bpf = BpfSensor(bpf_config)
-        try:
-            bpf.start()
-            return bpf, f"bpf {bpf.hook}, {bpf.transport}"
-        except EnvironmentProblem as exc:
-            bpf.close()
-            if name == "bpf":
-                raise
-            click.echo(f"gputrace: BPF sensor unavailable ({exc}); falling back to Linux audit",
-                       err=True)
-    if set(bpf_config.errnos) - {errno_mod.EACCES, errno_mod.EPERM}:
-        click.echo("gputrace: the audit sensor reports EACCES and EPERM only", err=True)
-    audit = AuditSensor(AuditConfig(extra_prefixes=bpf_config.extra_prefixes))
-    audit.start()
-    return audit, "audit"
-
-
-def explain_stages(host: Optional["HostPaths"] = None, cache_size: int = 256
-                   ) -> "tuple[Callable[[Event], None], Callable[[Event], None]]":
-    """(on_arrival, stage) for the pipeline: snapshot a new container's facts the
-    moment its first denial arrives, then enrich and explain."""
-    from tracer.enrichment.enricher import Enricher
-    from tracer.host import HostPaths
-    from tracer.verdict.explain import explain
-
-    enricher = Enricher(host or HostPaths(), cache_size=cache_size)
-    lock = threading.Lock()  # the enricher's caches are shared by both threads
-
-    def on_arrival(event: "Event") -> None:
-        if enricher.needs_prime(event.process):
-            with lock:
-                enricher.prime(event.process)
-
-    def stage(event: "Event") -> None:
-        with lock:
-            explain(event, enricher)
-    return on_arrival, stage
+def say(message: str) -> None:
+    click.echo(f"gputrace: {message}", err=True)
 
 
 def _stage_error_reporter() -> "Callable[[Event, Exception], None]":

@@ -27,12 +27,14 @@ from tracer.config import Config
 from tracer.errors import BadInput, ExitStatus, GputraceError
 from tracer.event import Event
 from tracer.host import HostPaths
-from tracer.rate_limit import RateLimiter
 from tracer.pipeline import Pipeline, Sensor, Sink, Stage, Summary
+from tracer.rate_limit import configured
 from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
+from tracer.sensors.choose import start_sensor
 from tracer.sinks.journal import JournalSink
 from tracer.sinks.metrics import DaemonState, MetricsSink, Probe
 from tracer.sinks.subscription import SubscriptionSink
+from tracer.verdict.stage import explain_stages
 
 
 def say(message: str) -> None:
@@ -75,10 +77,7 @@ def bpf_config(cfg: Config) -> BpfConfig:
                      sweep_interval_s=s.sweep_interval_s, tracefs=s.tracefs, btf_path=s.btf)
 
 
-def rate_limiter(cfg: Config) -> Optional[RateLimiter]:
-    p = cfg.pipeline
-    return RateLimiter(p.rate_limit_per_cgroup, p.rate_limit_burst) \
-        if p.rate_limit_per_cgroup > 0 else None
+
 
 
 def sd_notify(message: str) -> None:
@@ -168,8 +167,6 @@ class Daemon:
                     j.fsync_interval_s, on_discard=lambda r: self.state.discard(f"journal_{r}"))
                 self.journal.apply_retention()
         if old is None or old.pipeline != cfg.pipeline:
-            from tracer.cli import explain_stages  # the stages `watch` runs
-
             on_arrival, stage = explain_stages(self.host, cfg.pipeline.cache_size)
             self.stages = [stage] if cfg.pipeline.explain else []
             self.on_arrival = on_arrival if cfg.pipeline.explain else None
@@ -177,13 +174,12 @@ class Daemon:
     def _start_sensor(self, old: Optional[Config]) -> None:
         if old is not None and old.sensor == self.cfg.sensor and self.sensor is not None:
             return
-        from tracer.cli import start_sensor  # the sensor choice `watch` makes
-
         if self.sensor is not None:
             self.say("sensor settings changed: reloading the probe")
             self.sensor.close()
             self.sensor = None
-        self.sensor, self.sensor_how = start_sensor(self.cfg.sensor.kind, bpf_config(self.cfg))
+        self.sensor, self.sensor_how = start_sensor(self.cfg.sensor.kind, bpf_config(self.cfg),
+                                                    self.say)
         for watcher in self.side_sources:
             watcher.close()
         self.side_sources = []
@@ -258,7 +254,9 @@ class Daemon:
                                          queue_size=self.cfg.pipeline.queue_size,
                                          on_arrival=self.on_arrival,
                                          side_sources=self.side_sources,
-                                         rate_limiter=rate_limiter(self.cfg))
+                                         rate_limiter=configured(
+                                             self.cfg.pipeline.rate_limit_per_cgroup,
+                                             self.cfg.pipeline.rate_limit_burst))
                 summary = self.pipeline.run(self.stop)
                 self.pipeline = None
                 for reason in ("queue_full", "rate_limited"):

@@ -43,3 +43,8 @@ class RateLimiter:
         while len(self._buckets) > self.max_buckets:  # least recently seen container first
             self._buckets.popitem(last=False)
         return allowed
+
+
+def configured(per_second: float, burst: int) -> "RateLimiter | None":
+    """The limiter a configuration asks for; None when the rate is 0 (no limit)."""
+    return RateLimiter(per_second, burst) if per_second > 0 else None

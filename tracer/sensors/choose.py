@@ -1,0 +1,32 @@
+"""Start the sensor the user asked for; `auto` falls back from BPF to audit."""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from typing import Callable
+
+from tracer.errors import EnvironmentProblem
+from tracer.pipeline import Sensor
+from tracer.sensors.audit_pipeline import AuditConfig
+from tracer.sensors.audit_sensor import AuditSensor
+from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
+
+
+def start_sensor(name: str, bpf_config: BpfConfig,
+                 say: Callable[[str], None]) -> tuple[Sensor, str]:
+    """(started sensor, how it runs, for the user).  `say` gets one-line notices."""
+    if name in ("auto", "bpf"):
+        bpf = BpfSensor(bpf_config, say=say)
+        try:
+            bpf.start()
+            return bpf, f"bpf {bpf.hook}, {bpf.transport}"
+        except EnvironmentProblem as exc:
+            bpf.close()
+            if name == "bpf":
+                raise
+            say(f"BPF sensor unavailable ({exc}); falling back to Linux audit")
+    if set(bpf_config.errnos) - {errno_mod.EACCES, errno_mod.EPERM}:
+        say("the audit sensor reports EACCES and EPERM only")
+    audit = AuditSensor(AuditConfig(extra_prefixes=bpf_config.extra_prefixes))
+    audit.start()
+    return audit, "audit"

@@ -158,7 +158,8 @@ def test_host_file_check_fails_without_resolve_in_root(hostile_container, monkey
     """With the in-root resolution replaced by a plain join, the leak shows."""
     pid, root, climb = hostile_container
     plant(root, "absolute", str(root.parent / "gttest-host-secret"), climb)
-    monkeypatch.setattr(process_mod, "resolve_in_root", lambda r, p: os.path.join(r, p.lstrip("/")))
+    monkeypatch.setattr(process_mod, "read_in_root",
+                        lambda r, p: open(os.path.join(r, p.lstrip("/")), encoding="utf-8").read())
     assert container_group_fact(pid) == {"gtleak": 4242}
 
 
@@ -170,3 +171,48 @@ def test_a_symlink_inside_the_container_still_works(hostile_container) -> None:
     assert container_group_fact(pid) == {"video": 44}
     assert node_mod.resolve_in_root(f"/proc/{pid}/root", "/etc/../etc/group") == \
         f"/proc/{pid}/root/etc/group.real"
+
+
+def test_container_file_swapped_for_a_symlink_mid_read_never_leaks(tmp_path) -> None:
+    """A container that keeps swapping its /etc/group between a plain file and a
+    symlink to a host secret cannot make root read the secret: the kernel
+    resolves the path inside the container root (openat2 RESOLVE_IN_ROOT)."""
+    import threading
+
+    from tracer.enrichment.node import read_in_root
+
+    secret = tmp_path / "host-secret"
+    secret.write_text("SECRET:x:0:\n")
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    plain = root / "etc" / "group.plain"
+    plain.write_text("video:x:44:\n")
+    link = root / "etc" / "group.link"
+    link.symlink_to(secret)  # absolute: on the host it names the secret
+    target = root / "etc" / "group"
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            for source in (plain, link):
+                tmp = root / "etc" / "group.tmp"
+                if source == link:
+                    if tmp.exists() or tmp.is_symlink():
+                        tmp.unlink()
+                    tmp.symlink_to(secret)
+                else:
+                    tmp.write_text("video:x:44:\n")
+                os.replace(tmp, target)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    seen = set()
+    try:
+        for _ in range(3000):
+            text = read_in_root(str(root), "/etc/group")
+            seen.add(text)
+    finally:
+        stop.set()
+        swapper.join(5)
+    assert not any(t and "SECRET" in t for t in seen), seen
+    assert "video:x:44:\n" in seen  # the container's own file is still read

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.node import resolve_in_root
+from tracer.enrichment.node import read_in_root
 from tracer.host import HostPaths
 
 _ID = r"([0-9a-f]{64})"
@@ -165,6 +165,5 @@ def podman_storage_has(host: HostPaths, container_id: str, owner_uid: int) -> Op
 
 
 def read_containerenv(root_dir: str) -> Optional[dict[str, str]]:
-    resolved = resolve_in_root(root_dir, "/run/.containerenv")
-    text = None if resolved is None else procfs.read_text(resolved)
+    text = read_in_root(root_dir, "/run/.containerenv")
     return None if text is None else parse_containerenv(text)

@@ -7,6 +7,7 @@ a symlink lead out of that root.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from tracer.enrichment import procfs
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.parse_files import AclEntry, build_posix_acl, parse_posix_acl
 
@@ -82,6 +84,53 @@ def resolve_in_root(root: str, path: str) -> Optional[str]:
             continue
         done.append(part)
     return os.path.join(root, *done)
+
+
+_SYS_OPENAT2 = 437  # the same on x86_64 and arm64
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_IN_ROOT = 0x02, 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def read_in_root(root: str, path: str, limit: int = procfs.MAX_FILE_BYTES) -> Optional[str]:
+    """Read `path` as the process whose root is `root` would, but with no way out:
+    the kernel resolves it with openat2(RESOLVE_IN_ROOT), so a symlink swapped in
+    after any check still cannot lead outside the container.  Kernels before 5.6
+    fall back to resolving by hand and refusing a final symlink."""
+    try:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0,
+                       _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(path), ctypes.byref(how),
+                           ctypes.sizeof(how))
+        if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
+            resolved = resolve_in_root(root, path)
+            if resolved is None:
+                return None
+            try:
+                fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                return None
+        if fd < 0:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # no fifos, devices or sockets
+                return None
+            return os.read(fd, limit).decode("utf-8", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+    finally:
+        os.close(root_fd)
 
 
 def _xattr(path: str, name: str) -> Optional[bytes]:

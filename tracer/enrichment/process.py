@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.facts import KERNEL, LIVE, Facts, SkipCounter
-from tracer.enrichment.node import resolve_in_root
+from tracer.enrichment.node import read_in_root
 from tracer.enrichment.parse_files import parse_group_file
 from tracer.enrichment.parse_proc import (parse_id_map, parse_proc_cgroup, parse_status,
                                           status_hex, status_ints)
@@ -98,10 +98,7 @@ def userns_facts(host: HostPaths, pid: int, facts: Facts) -> None:
 def container_root_facts(host: HostPaths, pid: int, facts: Facts) -> None:
     """The container's own /etc/group, read inside its root."""
     root = host.proc_pid(pid, "root")
-    resolved = resolve_in_root(root, "/etc/group")
-    if resolved is None:
-        return
-    text = procfs.read_text(resolved)
+    text = read_in_root(root, "/etc/group")
     if text is None:
         return
     groups = parse_group_file(text, facts.skips)

@@ -167,3 +167,19 @@ def test_btf_offsets_of_the_running_kernel():
         with pytest.raises(KeyError):
             btf.member("task_struct.no_such_member")
         assert btf.size_of("upid") == 16  # int nr + pointer, padded
+
+
+MAPS = """7f0000000000-7f0000100000 r--p 00000000 fd:01 1 /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
+7f0000100000-7f0002000000 r-xp 00100000 fd:01 1 /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
+7f0002000000-7f0002100000 rw-p 02000000 fd:01 1 /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1
+7f0003000000-7f0003800000 r-xp 00000000 fd:01 2 /usr/lib/x86_64-linux-gnu/libclang-cpp.so.14
+7f0004000000-7f0004100000 r-xp 00000000 fd:01 3 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0005000000-7f0005100000 rwxp 00000000 00:00 0 /usr/lib/x86_64-linux-gnu/libbcc.so.0
+"""
+
+
+def test_only_read_only_compiler_code_is_released():
+    from tracer.sensors.compiler_memory import compiler_code_ranges
+
+    assert compiler_code_ranges(MAPS) == [(0x7F0000100000, 0x7F0002000000),
+                                          (0x7F0003000000, 0x7F0003800000)]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Deque, Iterator, Optional
 from tracer.errors import EnvironmentProblem
 from tracer.event import Event, Node, Process
 from tracer.host import HostPaths
-from tracer.sensors import bpf_event, gpu_nodes, kernel_headers, preflight
+from tracer.sensors import bpf_event, compiler_memory, gpu_nodes, kernel_headers, preflight
 from tracer.sensors.bpf_event import AggKey, DecodeError, Update
 from tracer.sensors.bpf_layout import SYSCALL_NAMES, current_arch, offset_flags
 from tracer.sensors.btf import KIND_FUNC, KernelBtf
@@ -119,6 +119,7 @@ class BpfSensor:
             self.say(f"fexit unavailable ({errors[0]}); using the sys_exit raw tracepoint")
         self._configure_maps()
         self._open_buffer()
+        compiler_memory.release_compiler_memory(self.host.proc)
 
     def _hook_order(self, btf: KernelBtf, prefix: str) -> list[tuple[str, dict]]:
         tracepoint: tuple[str, dict] = ("tracepoint", {})

@@ -12,22 +12,14 @@ import os
 from typing import Optional
 
 from tracer.enrichment import procfs
+from tracer.enrichment.facts import SkipCounter
+from tracer.enrichment.parse_proc import parse_status, status_hex, status_ints
 from tracer.event import Event
 from tracer.host import HostPaths
 
 NS_GET_PARENT = 0xB702      # _IO(0xb7, 0x2)
 NS_GET_OWNER_UID = 0xB704   # _IO(0xb7, 0x4)
 _MAX_USERNS_DEPTH = 33      # the kernel allows 32 nested user namespaces
-
-
-def _status(host: HostPaths, pid: int) -> dict[str, str]:
-    text = procfs.read_text(host.proc_pid(pid, "status")) or ""
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out[key] = value.strip()
-    return out
 
 
 def userns_level_and_owner(ns_path: str) -> Optional[tuple[int, int]]:
@@ -60,22 +52,23 @@ def backfill_process(host: HostPaths, event: Event) -> list[str]:
     """Complete `event.process` from /proc for fields in `event.missing`."""
     missing = set(event.missing)
     proc = event.process
-    if not missing or procfs.read_text(host.proc_pid(proc.pid, "status")) is None:
+    text = procfs.read_text(host.proc_pid(proc.pid, "status")) if missing else None
+    if text is None:  # nothing missing, or the process is gone
         return []
     filled: list[str] = []
-    status = _status(host, proc.pid)
-    if "process.groups" in missing and "Groups" in status:
-        proc.groups = [int(g) for g in status["Groups"].split() if g.isdigit()]
-        proc.ngroups = len(proc.groups)
+    skips = SkipCounter()  # malformed lines are skipped; nothing here is worth reporting
+    status = parse_status(text, skips)
+    groups = status_ints(status, "Groups", skips)
+    if "process.groups" in missing and groups is not None:
+        proc.groups, proc.ngroups = groups, len(groups)
         filled += ["process.groups", "process.ngroups"]
-    if "process.cap_effective" in missing and "CapEff" in status:
-        try:
-            proc.cap_effective = int(status["CapEff"], 16)
-            filled.append("process.cap_effective")
-        except ValueError:
-            pass
-    if "process.ns_pid" in missing and status.get("NSpid"):
-        proc.ns_pid = int(status["NSpid"].split()[-1])
+    cap = status_hex(status, "CapEff", skips)
+    if "process.cap_effective" in missing and cap is not None:
+        proc.cap_effective = cap
+        filled.append("process.cap_effective")
+    nspid = status_ints(status, "NSpid", skips)
+    if "process.ns_pid" in missing and nspid:
+        proc.ns_pid = nspid[-1]
         filled.append("process.ns_pid")
     for name, attr in (("mnt", "mntns"), ("pid", "pidns"), ("cgroup", "cgroupns")):
         if f"process.{attr}" in missing:

@@ -232,11 +232,18 @@ class BpfSensor:
         """Report counts that changed since the last update; forget exited processes."""
         table = self.bpf[b"agg"]
         in_table = set()
+        living: dict[int, bool] = {}  # one /proc look-up per process per sweep
+
+        def is_alive(tgid: int) -> bool:
+            if tgid not in living:
+                living[tgid] = os.path.exists(self.host.proc_pid(tgid))
+            return living[tgid]
+
         for k, v in list(table.items()):
             key = AggKey(k.tgid, k.sys, k.err, k.target)
             in_table.add(key)
             self._count(key, v.count)
-            alive = os.path.exists(self.host.proc_pid(k.tgid))
+            alive = is_alive(k.tgid)
             if final or not alive:
                 agg = self._book.get(key)
                 if agg is not None and agg.first is None:
@@ -248,11 +255,8 @@ class BpfSensor:
                         pass
                     self._book.pop(key, None)
         # aggregates the kernel never held (its table was full): forget exited processes
-        living: dict[int, bool] = {}
         for key in [k for k in self._book if k not in in_table]:
-            if key.tgid not in living:
-                living[key.tgid] = os.path.exists(self.host.proc_pid(key.tgid))
-            if not living[key.tgid]:
+            if not is_alive(key.tgid):
                 del self._book[key]
         self._last_sweep = time.monotonic()
 

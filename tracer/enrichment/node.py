@@ -97,45 +97,59 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-def read_in_root(root: str, path: str, limit: int = procfs.MAX_FILE_BYTES) -> Optional[str]:
-    """Read `path` as the process whose root is `root` would, but with no way out:
-    the kernel resolves it with openat2(RESOLVE_IN_ROOT), so a symlink swapped in
-    after any check still cannot lead outside the container.  Kernels before 5.6
-    fall back to resolving by hand and refusing a final symlink."""
+def _openat2_in_root(root_fd: int, path: str, flags: int) -> int:
+    """openat2(root_fd, path, RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS): the kernel
+    resolves `path` as chroot(root) would, in one step, so nothing swapped in
+    between our checks can lead outside.  -1 with errno set on failure."""
+    how = _OpenHow(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    return int(_libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(path), ctypes.byref(how),
+                             ctypes.sizeof(how)))
+
+
+def open_in_root(root: str, path: str, flags: int) -> Optional[int]:
+    """An fd for `path` opened as the process whose root is `root` would see it,
+    with no way out of that root; None when missing or refused.  Kernels before
+    5.6 (no openat2) fall back to resolving by hand and refusing a final symlink."""
     try:
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, 0,
-                       _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-        fd = _libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(path), ctypes.byref(how),
-                           ctypes.sizeof(how))
+        fd = _openat2_in_root(root_fd, path, flags | os.O_CLOEXEC)
         if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
             resolved = resolve_in_root(root, path)
             if resolved is None:
                 return None
             try:
-                fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+                return os.open(resolved, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:
                 return None
-        if fd < 0:
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # no fifos, devices or sockets
-                return None
-            return os.read(fd, limit).decode("utf-8", "replace")
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return fd if fd >= 0 else None
     finally:
         os.close(root_fd)
 
 
-def _xattr(path: str, name: str) -> Optional[bytes]:
+def read_in_root(root: str, path: str, limit: int = procfs.MAX_FILE_BYTES) -> Optional[str]:
+    """Read `path` as the process whose root is `root` would, but with no way out:
+    a symlink swapped in after any check still cannot lead outside the container."""
+    fd = open_in_root(root, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    if fd is None:
+        return None
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # no fifos, devices or sockets
+            return None
+        return os.read(fd, limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def fd_xattr(fd: int, name: str) -> Optional[bytes]:
+    """An xattr of the inode an O_PATH fd holds (fgetxattr refuses O_PATH fds with
+    EBADF, so through /proc/self/fd/N, a magic link to exactly that inode)."""
+    try:
+        return os.getxattr(f"/proc/self/fd/{fd}", name)
     except OSError as err:
         if err.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
             return None
@@ -143,16 +157,24 @@ def _xattr(path: str, name: str) -> Optional[bytes]:
 
 
 def stat_in_root(root: str, path: str) -> Optional[NodeStat]:
-    """The live statter: os.lstat + xattrs of the node resolved inside `root`."""
-    resolved = resolve_in_root(root, path)
-    if resolved is None:
+    """The live statter: the node opened with O_PATH inside `root` (never opening
+    the device itself), then fstat and the ACL and label xattrs of that same inode,
+    so a path swapped between steps cannot mix another file's metadata in."""
+    fd = open_in_root(root, path, os.O_PATH)
+    if fd is None:
         return None
     try:
-        st = os.lstat(resolved)
-        acl = _xattr(resolved, ACL_XATTR)
-        label = _xattr(resolved, SELINUX_XATTR)
+        st = os.fstat(fd)
+        acl = fd_xattr(fd, ACL_XATTR)
+        label = fd_xattr(fd, SELINUX_XATTR)
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = os.path.join(root, path.lstrip("/"))
     except OSError:
         return None
+    finally:
+        os.close(fd)
     is_dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
     return NodeStat(
         mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
@@ -160,7 +182,7 @@ def stat_in_root(root: str, path: str) -> Optional[NodeStat]:
         minor=os.minor(st.st_rdev) if is_dev else None,
         acl_xattr=acl,
         selinux=label.rstrip(b"\0").decode("utf-8", "replace") if label else None,
-        resolved=resolved)
+        resolved=where)
 
 
 class FixtureNodeStats:

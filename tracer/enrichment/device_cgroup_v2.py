@@ -1,0 +1,98 @@
+"""cgroup v2 device policy: the effective BPF_CGROUP_DEVICE programs of a cgroup.
+
+From the cgroup id the kernel captured with the event (bpf_get_current_cgroup_id),
+or the process's `0::/path` line, open the v2 cgroup, query its effective device
+programs (own and inherited) and fetch each one's xlated instructions, name and
+tag.  The programs vanish with the cgroup (a `--rm` container), so the container
+tracker should call `snapshot_device_programs` when a container starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from tracer.enrichment import bpf_syscall as bpf
+from tracer.enrichment.device_rules import DeviceProgram, V2DevicePrograms
+from tracer.enrichment.facts import LIVE, Facts
+from tracer.host import HostPaths
+
+MAX_EFFECTIVE = 64
+
+
+def read_device_programs(cgroup_fd: int, cgroup: str = "") -> V2DevicePrograms:
+    """The effective device programs of the open cgroup `cgroup_fd` (raises OSError)."""
+    programs = []
+    for prog_id in bpf.prog_query(cgroup_fd, bpf.BPF_CGROUP_DEVICE, effective=True)[:MAX_EFFECTIVE]:
+        try:
+            fd = bpf.prog_get_fd_by_id(prog_id)
+        except bpf.BpfCallFailed:
+            continue  # detached since the query: it no longer applies
+        try:
+            info = bpf.prog_info(fd)
+        finally:
+            os.close(fd)
+        programs.append(DeviceProgram(info.id, info.name, info.tag, info.xlated))
+    return V2DevicePrograms(tuple(programs), cgroup)
+
+
+def open_v2_cgroup(mount: str, cgroup_id: Optional[int], path: Optional[str]) -> tuple[int, str]:
+    """(fd, path under the mount) by id when known (exact even for an exited process),
+    else by the `/proc/PID/cgroup` path."""
+    if cgroup_id and cgroup_id > 1:
+        fd = bpf.open_cgroup_by_id(mount, cgroup_id)
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = f"cgroup id {cgroup_id}"
+        return fd, where
+    if path is None:
+        raise FileNotFoundError("neither the cgroup id nor the cgroup path is known")
+    full = os.path.join(mount, path.lstrip("/"))
+    return os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), full
+
+
+def snapshot_device_programs(mount: str, cgroup_id: Optional[int] = None,
+                             path: Optional[str] = None) -> Optional[V2DevicePrograms]:
+    """The cgroup's effective device programs now, or None when they cannot be read."""
+    try:
+        fd, where = open_v2_cgroup(mount, cgroup_id, path)
+    except OSError:
+        return None
+    try:
+        return read_device_programs(fd, where)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def cgroup2_mount_point(host: HostPaths, mounts_cgroup2: list[str]) -> Optional[str]:
+    """The first cgroup2 mount point, moved under the injected /sys root."""
+    for mount_point in mounts_cgroup2:
+        if mount_point == "/sys" or mount_point.startswith("/sys/"):
+            return os.path.join(host.sys, mount_point[len("/sys"):].lstrip("/"))
+        return mount_point
+    return None
+
+
+def device_program_facts(mount: str, cgroup_id: Optional[int], path: Optional[str],
+                         facts: Facts) -> None:
+    """device_cgroup.v2_programs (list of programs, JSON) and device_cgroup.v2_cgroup."""
+    try:
+        fd, where = open_v2_cgroup(mount, cgroup_id, path)
+    except OSError as exc:
+        facts.put("device_cgroup.v2_unreadable", f"cannot open the v2 cgroup: {exc.strerror or exc}",
+                  LIVE, mount)
+        return
+    try:
+        found = read_device_programs(fd, where)
+    except OSError as exc:
+        facts.put("device_cgroup.v2_unreadable", f"BPF_PROG_QUERY failed: {exc.strerror or exc}",
+                  LIVE, where)
+        return
+    finally:
+        os.close(fd)
+    origin = f"bpf(BPF_PROG_QUERY, effective) on {where}"
+    facts.put("device_cgroup.v2_cgroup", where, LIVE, origin)
+    facts.put("device_cgroup.v2_programs", [p.to_json() for p in found.programs], LIVE, origin)

@@ -1,0 +1,205 @@
+"""The device cgroup: one model answering "may (type, major, minor, access)?".
+
+Both kinds of device cgroup answer through `DevicePolicy.may()`:
+
+* cgroup v1: the `devices.list` rule set (`V1DeviceList`), parsed here once;
+* cgroup v2: the effective BPF_CGROUP_DEVICE programs (`V2DevicePrograms`), run
+  by the interpreter in `device_program`.
+
+The kernel asks v2 programs first, then the v1 list (devcgroup_check_permission);
+either refusal is EPERM.  Access is a subset of "rwm".
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+from tracer.enrichment import device_program as prog
+from tracer.enrichment.facts import SkipCounter
+
+
+def _star(number: Optional[int]) -> str:
+    return "*" if number is None else str(number)
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    kind: str                # "a", "c" or "b"
+    major: Optional[int]     # None = "*"
+    minor: Optional[int]
+    access: str = "rwm"
+
+    def matches(self, kind: str, major: int, minor: int) -> bool:
+        return (self.kind in ("a", kind)
+                and self.major in (None, major) and self.minor in (None, minor))
+
+    def to_text(self) -> str:
+        return f"{self.kind} {_star(self.major)}:{_star(self.minor)} {self.access}"
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def parse_rule(text: str) -> Optional[DeviceRule]:
+    """One `devices.list`/`devices.allow` line (`c 195:* rw`, `a`); None if malformed."""
+    parts = text.split()
+    if parts == ["a"]:
+        return DeviceRule("a", None, None, "rwm")
+    if len(parts) not in (2, 3) or parts[0] not in ("a", "b", "c") or ":" not in parts[1]:
+        return None
+    major_s, _, minor_s = parts[1].partition(":")
+    access = parts[2] if len(parts) == 3 else "rwm"
+    try:
+        major = None if major_s == "*" else int(major_s)
+        minor = None if minor_s == "*" else int(minor_s)
+    except ValueError:
+        return None
+    if not access or set(access) - set("rwm") or (major or 0) < 0 or (minor or 0) < 0:
+        return None
+    return DeviceRule(parts[0], major, minor, access)
+
+
+def parse_devices_list(text: str, skips: SkipCounter) -> list[DeviceRule]:
+    """cgroup v1 devices.list: `c 195:* rwm`, `a *:* rwm`; bad lines are counted."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        rule = parse_rule(line)
+        if rule is None:
+            skips.skip("devices_list:bad_line")
+            continue
+        out.append(rule)
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceDecision:
+    allowed: Optional[bool]          # None: the policy could not be evaluated
+    layer: str                       # device_cgroup_v1 | device_cgroup_v2
+    detail: str
+    program: Optional[dict[str, Any]] = None   # v2: id, name, tag of the deciding program
+    deciding: tuple[str, ...] = ()             # v2: the instructions that decided
+
+
+class DevicePolicy(Protocol):
+    layer: str
+
+    def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision: ...
+
+
+@dataclass(frozen=True)
+class V1DeviceList:
+    """A cgroup v1 device controller: default behaviour plus its exceptions.
+
+    `devices.list` prints `a *:* rwm` for any default-allow cgroup and hides its
+    deny exceptions, so `from_rules` is exact only for default-deny cgroups."""
+
+    default_allow: bool
+    exceptions: tuple[DeviceRule, ...] = ()
+    layer: str = "device_cgroup_v1"
+
+    @classmethod
+    def from_rules(cls, rules: list[DeviceRule]) -> "V1DeviceList":
+        if any(r.kind == "a" and r.major is None and r.minor is None and set("rwm") <= set(r.access)
+               for r in rules):
+            return cls(default_allow=True)
+        return cls(default_allow=False, exceptions=tuple(rules))
+
+    @classmethod
+    def from_devices_list(cls, text: str, skips: Optional[SkipCounter] = None) -> "V1DeviceList":
+        return cls.from_rules(parse_devices_list(text, skips or SkipCounter()))
+
+    @property
+    def hides_denials(self) -> bool:
+        """devices.list of a default-allow cgroup does not show its deny rules."""
+        return self.default_allow and not self.exceptions
+
+    def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision:
+        wanted = set(access)
+        where = f"{kind} {major}:{minor} {access}"
+        for rule in self.exceptions:
+            if not rule.matches(kind, major, minor):
+                continue
+            if self.default_allow and wanted & set(rule.access):
+                return DeviceDecision(False, self.layer, f"devices.list deny rule '{rule}' covers {where}")
+            if not self.default_allow and wanted <= set(rule.access):
+                return DeviceDecision(True, self.layer, f"devices.list allows {where} by '{rule}'")
+        if self.default_allow:
+            return DeviceDecision(True, self.layer, f"devices.list allows all devices ({where})")
+        return DeviceDecision(False, self.layer, f"no devices.list allow rule covers {where}")
+
+
+@dataclass(frozen=True)
+class DeviceProgram:
+    """One BPF_CGROUP_DEVICE program as the kernel holds it (xlated)."""
+
+    id: int
+    name: str
+    tag: str
+    insns: bytes
+
+    def label(self) -> str:
+        return f"program id {self.id} '{self.name or '(no name)'}' tag {self.tag}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "tag": self.tag,
+                "insns_b64": base64.b64encode(self.insns).decode("ascii")}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "DeviceProgram":
+        if not isinstance(d, dict):
+            raise ValueError("a device program must be an object")
+        return cls(int(d["id"]), str(d.get("name", "")), str(d.get("tag", "")),
+                   base64.b64decode(str(d.get("insns_b64", "")), validate=True))
+
+
+ACCESS_BITS = {"m": prog.ACC_MKNOD, "r": prog.ACC_READ, "w": prog.ACC_WRITE}
+
+
+@dataclass(frozen=True)
+class V2DevicePrograms:
+    """The effective programs of a v2 cgroup (own and inherited): all must allow."""
+
+    programs: tuple[DeviceProgram, ...]
+    cgroup: str = ""
+    layer: str = "device_cgroup_v2"
+    _decoded: dict[int, list[prog.Insn]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _insns(self, program: DeviceProgram) -> list[prog.Insn]:
+        if program.id not in self._decoded:
+            self._decoded[program.id] = prog.decode(program.insns)
+        return self._decoded[program.id]
+
+    def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision:
+        where = f"{kind} {major}:{minor} {access}"
+        if not self.programs:
+            return DeviceDecision(True, self.layer, f"no device program is attached ({where})")
+        bits = sum(ACCESS_BITS[a] for a in set(access) if a in ACCESS_BITS)
+        ctx = prog.dev_ctx(kind, major, minor, bits)
+        undecided: Optional[DeviceDecision] = None
+        for program in self.programs:
+            if not program.insns:
+                result = prog.ProgramRun(None, why_undecided="its instructions could not be read")
+            else:
+                result = prog.run(self._insns(program), ctx)
+            ident = {"id": program.id, "name": program.name, "tag": program.tag}
+            if result.allowed is False:
+                return DeviceDecision(False, self.layer,
+                                      f"{program.label()} returns {result.returned} for {where}",
+                                      ident, tuple(result.deciding))
+            if result.allowed is None and undecided is None:
+                undecided = DeviceDecision(None, self.layer,
+                                           f"{program.label()} is undecided for {where}: "
+                                           f"{result.why_undecided}", ident, tuple(result.deciding))
+        if undecided is not None:
+            return undecided
+        names = ", ".join(p.label() for p in self.programs)
+        return DeviceDecision(True, self.layer, f"{names} allow {where}")
+
+
+def access_from_mask(may_mask: int) -> str:
+    """MAY_READ (4) / MAY_WRITE (2) of an open -> device cgroup access letters."""
+    return ("r" if may_mask & 4 else "") + ("w" if may_mask & 2 else "")

@@ -22,6 +22,7 @@ from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F
 from tests.test_hostile_strings import assert_terminal_safe
 from tracer import cli
 from tracer.event import Event, Node, Process, UserNs
+from tracer.facts import Facts
 from tracer.sinks.console import ConsoleSink
 from tracer.verdict.explain import explain_records
 
@@ -49,7 +50,7 @@ def live_facts_json() -> str:
                   process=Process(pid=me, tid=me, uid=os.getuid(), gid=os.getgid()),
                   node=Node(path=b"/dev/null", major=1, minor=3))
     Enricher(HostPaths()).enrich(event)
-    return json.dumps(event.facts)
+    return json.dumps(event.facts.to_json())
 
 
 def valid_event_json() -> dict:
@@ -58,7 +59,7 @@ def valid_event_json() -> dict:
                                   userns=UserNs(4026531837, 0, 0), loginuid=1000, sessionid=3),
                   node=Node(path=b"/dev/nvidia0", major=195, minor=0, path_as_given=b"nvidia0"),
                   count=2, open_flags=2, ioctl_cmd=0xC020462A, key="7:5:1:8000000000c30000",
-                  missing=["process.cgroup_id"], facts=json.loads(live_facts_json()))
+                  missing=["process.cgroup_id"], facts=Facts.from_json(json.loads(live_facts_json())))
     return json.loads(json.dumps(event.to_json()))
 
 

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.sample_events import denial, update
 from tracer.errors import EnvironmentProblem
+from tracer.facts import Facts
 from tracer.sinks.metrics import METRIC_NAMES, DaemonState, MetricsSink, Probe
 
 
@@ -33,7 +34,7 @@ def test_denials_count_repeats_exactly_by_labels():
     a = denial(1, at=100.0)
     b = denial(2, reason=None, engine="podman", errno=1, at=101.0)
     c = denial(3, path="/dev/nvidia-gttest-x", minor=255, at=102.0)
-    c.facts = {}  # no enrichment: the class comes from the device number
+    c.facts = Facts()  # no enrichment: the class comes from the device number
     for event in (a, b, update(a, 4, 103.0), update(a, 3, 103.5), update(a, 9, 104.0), c,
                   update(b, 2, 105.0)):
         sink.consume(event)

@@ -25,7 +25,7 @@ def collect(watcher: NodeWatcher, until, timeout: float = 5.0) -> list[Event]:
 
 
 def changes(events: list[Event], path: str) -> list[str]:
-    return [e.facts["node.change"] for e in events if e.node.path == path.encode()]
+    return [e.facts.get("node.change") for e in events if e.node.path == path.encode()]
 
 
 def test_created_mode_owner_acl_removed():
@@ -82,7 +82,7 @@ def test_kernel_uevent_for_a_watched_major():
             trigger.write("change")
         seen = collect(watcher, lambda ev: any(e.sensor == "uevent" for e in ev))
         ours = [e for e in seen if e.sensor == "uevent" and e.node.path == b"/dev/null"]
-        assert ours and ours[0].facts["node.change"] == "device_change"
+        assert ours and ours[0].facts.get("node.change") == "device_change"
         assert (ours[0].node.major, ours[0].node.minor) == (1, 3)
     finally:
         watcher.close()
@@ -102,5 +102,5 @@ def test_watch_json_carries_node_events():
     finally:
         out, _ = stop_watch(proc)
     mine = [json.loads(l) for l in out.split("\n") if l and path in l]
-    assert [e["facts"]["node.change"] for e in mine][:1] == ["created"]
-    assert mine[-1]["facts"]["node.change"] == "removed" and mine[-1]["kind"] == "node"
+    assert [e["facts"]["node.change"]["value"] for e in mine][:1] == ["created"]
+    assert mine[-1]["facts"]["node.change"]["value"] == "removed" and mine[-1]["kind"] == "node"

@@ -1,6 +1,6 @@
 """The denial event every stage of the pipeline passes along.
 
-Sensors build `Event`s, enrichment attaches facts, the verdict stage attaches a
+Sensors build `Event`s and may add facts, enrichment adds its facts beside them, the verdict stage attaches a
 verdict, sinks render them.  `Event.to_json()` is the stable wire format (see
 README "Event JSON"); `Event.from_json()` reads it back for `explain`/`report`.
 
@@ -17,6 +17,8 @@ import datetime as _dt
 import errno as _errno
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from tracer.facts import Facts
 
 SCHEMA_VERSION = 1
 
@@ -232,7 +234,7 @@ class Event:
     ioctl_cmd: Optional[int] = None
     key: str = ""  # aggregation key: same key, same (process, node, errno)
     missing: list[str] = field(default_factory=list)  # fields this sensor cannot provide
-    facts: dict[str, Any] = field(default_factory=dict)  # filled by enrichment
+    facts: Facts = field(default_factory=Facts)  # sensor's, then enrichment's; one shape
     verdict: Optional[dict[str, Any]] = None  # filled by the verdict stage
 
     @property
@@ -261,7 +263,7 @@ class Event:
         if self.missing:
             out["missing"] = list(self.missing)
         if self.facts:
-            out["facts"] = self.facts
+            out["facts"] = self.facts.to_json()
         if self.verdict is not None:
             out["verdict"] = self.verdict
         return out
@@ -294,5 +296,5 @@ class Event:
             open_flags=_opt_int(d.get("open_flags"), "open_flags"),
             ioctl_cmd=None if cmd is None else _hex(cmd, "ioctl_cmd"),
             key=str(d.get("key", "")), missing=list(missing),
-            facts=dict(_obj(d.get("facts") or {}, "facts")), verdict=verdict,
+            facts=Facts.from_json(d.get("facts") or {}), verdict=verdict,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from tracer.event import Event, Node, Process
+from tracer.facts import Facts
 
 
 def fact(value: Any, source: str = "live", origin: str = "") -> dict[str, Any]:
@@ -34,7 +35,7 @@ def denial(pid: int, path: str = "/dev/nvidia0", count: int = 1, at: float = 1_8
                  process=Process(pid=pid, tid=pid, comm=comm, uid=uid, gid=uid, groups=[uid]),
                  node=Node(path=path.encode(), major=195, minor=minor), kind=kind, count=count,
                  key=f"{pid}:openat:{errno}:{path}",
-                 facts=facts if kind == "denial" else {},
+                 facts=Facts.from_json(facts if kind == "denial" else {}),
                  verdict=verdict(reason) if reason and kind == "denial" else None)
 
 

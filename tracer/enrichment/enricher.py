@@ -18,7 +18,7 @@ from tracer.enrichment.container import (ContainerClues, detect_container, gathe
                                          podman_storage_has, read_containerenv)
 from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
-from tracer.enrichment.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
+from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.host_facts import (device_cgroup_facts, host_group_table,
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts)
@@ -88,7 +88,8 @@ class Enricher:
         self.counters: Counter[str] = Counter()  # cache hits/misses, parse skips
 
     def enrich(self, event: Event) -> Facts:
-        """Facts for one event; also stored JSON-ready in `event.facts`."""
+        """Adds enrichment's facts to `event.facts` beside the sensor's (which are
+        kept, never overwritten) and returns the merged facts."""
         proc = event.process
         facts = Facts()
         read_live = backfill_process(self.host, event)
@@ -106,8 +107,8 @@ class Enricher:
         node_facts(self.host, self.stat_node, event, live, facts)
         trim_group_tables(facts)
         self.counters.update({f"skip:{k}": v for k, v in facts.skips.counts.items()})
-        event.facts = facts.to_json()
-        return facts
+        event.facts.update(facts)
+        return event.facts
 
     def prime(self, proc: Process) -> bool:
         """Snapshot container-wide facts of a live process whose userns or cgroup

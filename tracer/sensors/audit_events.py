@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from tracer.event import Event, Node, Process
+from tracer.facts import SENSOR, Facts
 from tracer.host import HostPaths
 from tracer.sensors.audit_marshal import AUDIT_CWD, AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SYSCALL
 from tracer.sensors.audit_records import AuditEventRecords, AuditRecord, RecordError
@@ -91,7 +92,7 @@ class EventMapper:
         return Event(time=group.time, sensor="audit", syscall=name, errno=-ret,
                      process=process, node=node, open_flags=open_flags(name, args),
                      ioctl_cmd=args[1] if name == "ioctl" else None,
-                     missing=missing, facts={"audit": facts})
+                     missing=missing, facts=audit_facts(facts))
 
     def _drop(self, reason: str) -> Optional[Event]:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -153,7 +154,7 @@ class EventMapper:
             return node, facts
         if st.st_rdev:
             node.major, node.minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            facts.update(mode=f"{st.st_mode:06o}", ouid=str(st.st_uid), ogid=str(st.st_gid))
+            facts.update(mode=st.st_mode, ouid=st.st_uid, ogid=st.st_gid)
         return node, facts
 
 
@@ -187,8 +188,34 @@ def open_flags(name: str, args: list[int]) -> Optional[int]:
     return None
 
 
+# audit record field -> the record it came from (facts "audit.<field>")
+AUDIT_FACT_ORIGINS = {
+    **{key: "audit PATH record" for key in ("inode", "dev", "mode", "ouid", "ogid", "rdev",
+                                            "nametype")},
+    "cwd": "audit CWD record", "proctitle": "audit PROCTITLE record",
+    "fd": "/proc/PID/fd of the live process", "path_from": "/proc/PID/fd of the live process",
+}
+OCTAL_FIELDS = ("mode",)
+DECIMAL_FIELDS = ("inode", "ouid", "ogid", "suid", "sgid", "auid", "ses")
+
+
+def audit_facts(raw: dict[str, object]) -> Facts:
+    """The audit fields as typed sensor facts `audit.<field>` (numbers as ints;
+    a field the kernel wrote in an unexpected form stays text)."""
+    facts = Facts()
+    for key, value in raw.items():
+        if isinstance(value, str) and key in OCTAL_FIELDS + DECIMAL_FIELDS:
+            try:
+                value = int(value, 8 if key in OCTAL_FIELDS else 10)
+            except ValueError:
+                pass
+        facts.put(f"audit.{key}", value, SENSOR,
+                  AUDIT_FACT_ORIGINS.get(key, "audit SYSCALL record"))
+    return facts
+
+
 def task_facts(sc: AuditRecord, group: AuditEventRecords) -> dict[str, object]:
-    """What audit adds beyond the Event fields: kept under facts["audit"]."""
+    """What audit adds beyond the Event fields: sensor facts "audit.<field>"."""
     facts: dict[str, object] = {"serial": group.serial, "complete": group.ended}
     keys = sc.get("key")
     if keys is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tracer.event import Event, Node, Process, UserNs
+from tracer.facts import SENSOR
 from tracer.sensors.bpf_layout import SYSCALL_NAMES
 
 # Mirrors struct gpu_event; the C side asserts sizeof() == EVENT_SIZE.
@@ -108,9 +109,10 @@ def decode(data: bytes, clock_offset: float) -> "Event | Update":
         ioctl_cmd=flags_or_cmd if syscall == "ioctl" else None,
     )
     if flags & F_UNAGGREGATED:
-        event.facts["sensor.unaggregated"] = True
+        event.facts.put("sensor.unaggregated", True, SENSOR, "BPF event flag: table full")
     if flags & F_DIR_UNRESOLVED:
-        event.facts["sensor.path_unresolved"] = True
+        event.facts.put("sensor.path_unresolved", True, SENSOR,
+                        "BPF event flag: directory fd not resolved")
     return event
 
 

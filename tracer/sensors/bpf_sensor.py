@@ -21,6 +21,7 @@ from typing import Any, Callable, Deque, Iterator, Optional
 
 from tracer.errors import EnvironmentProblem
 from tracer.event import Event, Node, Process
+from tracer.facts import SENSOR, Facts
 from tracer.host import HostPaths
 from tracer.sensors import bpf_event, compiler_memory, gpu_nodes, kernel_headers, preflight
 from tracer.sensors.bpf_event import AggKey, DecodeError, Update
@@ -225,7 +226,7 @@ class BpfSensor:
         if count > agg.reported:
             agg.reported = count
             self._queue.append(replace(agg.first, kind="update", count=count,
-                                       time=time.time(), facts={}, verdict=None))
+                                       time=time.time(), facts=Facts(), verdict=None))
 
     # -- sweeping the aggregation table -----------------------------------------
     def sweep(self, final: bool = False) -> None:
@@ -267,7 +268,8 @@ class BpfSensor:
                       errno=key.err, process=Process(pid=key.tgid, tid=key.tgid), node=Node(),
                       count=count, key=key.label(),
                       missing=["process.credentials", "node.path"])
-        event.facts["sensor.first_event_lost"] = True
+        event.facts.put("sensor.first_event_lost", True, SENSOR,
+                        "count arrived without its first event (kernel buffer full)")
         self._book[key] = _Aggregate(first=event, reported=count)
         self._queue.append(event)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from tracer.event import Event, Node, Process
+from tracer.facts import SENSOR, Facts
 from tracer.host import HostPaths
 from tracer.sensors import gpu_nodes
 
@@ -51,11 +52,13 @@ def _xattr(path: str, name: str) -> Optional[bytes]:
 
 def node_event(action: str, path: str, state: Optional[NodeState], source: str,
                major: Optional[int] = None, minor: Optional[int] = None) -> Event:
-    facts: dict[str, object] = {"node.change": action}
+    facts = Facts()
+    facts.put("node.change", action, SENSOR, source)
     if state is not None:
         major, minor = os.major(state.rdev), os.minor(state.rdev)
-        facts.update({"node.mode": f"{stat.S_IMODE(state.mode):04o}", "node.uid": state.uid,
-                      "node.gid": state.gid})
+        facts.put("node.mode", f"{stat.S_IMODE(state.mode):04o}", SENSOR, path)
+        facts.put("node.uid", state.uid, SENSOR, path)
+        facts.put("node.gid", state.gid, SENSOR, path)
     return Event(time=time.time(), sensor=source, syscall="", errno=0, kind="node", count=0,
                  process=Process(pid=0, tid=0), node=Node(path=path.encode(), major=major,
                                                            minor=minor), facts=facts)

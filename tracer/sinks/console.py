@@ -35,7 +35,7 @@ def update_line(event: Event) -> str:
 def node_line(event: Event) -> str:
     f, n = event.facts, event.node
     dev = f" ({n.major}:{n.minor})" if n.major is not None else ""
-    perms = (f" mode {f['node.mode']} uid {f['node.uid']} gid {f['node.gid']}"
+    perms = (f" mode {f.get('node.mode')} uid {f.get('node.uid')} gid {f.get('node.gid')}"
              if "node.mode" in f else "")
     return (f"{_clock(event.time)} node {escape(str(f.get('node.change', '?')))} "
             f"{escape(n.path)}{dev}{perms} [{event.sensor}]")

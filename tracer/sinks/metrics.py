@@ -54,8 +54,7 @@ USER_DISCARDS = {"queue_full": False, "rate_limited": True, "subscriber_queue_fu
 
 
 def fact_value(event: Event, name: str) -> Any:
-    fact = event.facts.get(name)
-    return fact.get("value") if isinstance(fact, dict) else fact
+    return event.facts.get(name)
 
 
 def node_class(event: Event) -> str:

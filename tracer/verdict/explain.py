@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
 from tracer.enrichment.enricher import Enricher
-from tracer.enrichment.facts import Facts
+from tracer.facts import Facts
 from tracer.enrichment.process import kernel_facts
 from tracer.event import Event
 from tracer.verdict import reasons as R
@@ -146,10 +146,13 @@ def explain_records(lines: Iterable[str], enricher: Optional[Enricher] = None,
 
 
 def _facts_for(event: Event, enricher: Optional[Enricher]) -> Facts:
-    if event.facts:
-        return Facts.from_json(event.facts)
+    if event.facts.enriched():  # recorded with its enrichment: explain what was seen then
+        return event.facts
     if enricher is not None:
         return enricher.enrich(event)
+    from_fields = Facts()
+    kernel_facts(event.process, from_fields, event.missing)
     facts = Facts()
-    kernel_facts(event.process, facts, event.missing)
+    facts.update(event.facts)  # the sensor's facts, beside what the event fields say
+    facts.update(from_fields)
     return facts

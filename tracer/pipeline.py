@@ -7,6 +7,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Protocol
 
+from tracer.counts import CountDeltas
+from tracer.discards import lost_events
 from tracer.event import Event
 from tracer.rate_limit import RateLimiter
 
@@ -39,19 +41,24 @@ class Summary:
     @property
     def dropped(self) -> int:
         """Events that never reached the sinks in full: refused by the kernel buffer
-        (unless resent by a later repeat), or dropped by the queue or the rate limit."""
-        s = self.sensor_stats
-        return (s.get("dropped_buffer_full", 0) + s.get("dropped_queue_full", 0)
-                + s.get("dropped_perf_lost", 0) + s.get("dropped_rate_limited", 0))
+        (unless resent by a later repeat), lost by audit (kernel, socket, parse),
+        or dropped by the queue or the rate limit (tracer.discards)."""
+        return lost_events(self.sensor_stats)
 
     def line(self) -> str:
         s = self.sensor_stats
+        head = f"{self.denials} denial events, {self.repeats} repeats aggregated, {self.dropped} dropped"
+        pipeline = (f"queue full {s.get('dropped_queue_full', 0)}; "
+                    f"rate limited {s.get('dropped_rate_limited', 0)}")
+        if "lost_by_kernel" in s:  # the audit sensor
+            return (f"{head} (audit records lost by the kernel {s['lost_by_kernel']}, "
+                    f"socket overflows {s.get('socket_overflows', 0)}, "
+                    f"parse errors {s.get('parse_errors', 0)}, "
+                    f"ioctl fd gone {s.get('dropped.ioctl_fd_unresolved', 0)}; {pipeline})")
         full = s.get("dropped_buffer_full", 0)
         lost = s.get("first_event_lost", 0)
-        return (f"{self.denials} denial events, {self.repeats} repeats aggregated, "
-                f"{self.dropped} dropped (kernel buffer full {full}, of which {lost} reported "
-                f"later as counts only; queue full "
-                f"{s.get('dropped_queue_full', 0)}; rate limited {s.get('dropped_rate_limited', 0)}; "
+        return (f"{head} (kernel buffer full {full}, of which {lost} reported "
+                f"later as counts only; {pipeline}; "
                 f"perf lost {s.get('dropped_perf_lost', 0)}; "
                 f"count updates {s.get('dropped_update', 0)})")
 
@@ -118,7 +125,7 @@ class Pipeline:
 
     def _consume(self, pending: "queue.Queue[Optional[Event]]", producers: int) -> Summary:
         summary = Summary()
-        last_count: dict[str, int] = {}
+        counts: CountDeltas[None] = CountDeltas()
         while True:
             event = pending.get()
             if event is None:
@@ -134,14 +141,12 @@ class Pipeline:
                     except Exception as exc:  # one bad event must not stop the watch
                         summary.stage_errors += 1
                         self.on_stage_error(event, exc)
-            if event.kind == "denial" or not event.key:
+            if not event.key:
                 summary.total += event.count
-            else:
-                summary.total += max(event.count - last_count.get(event.key, 0), 0)
-            if event.key:
-                last_count[event.key] = max(event.count, last_count.get(event.key, 0)
-                                            if event.kind == "update" else 0)
-                while len(last_count) > 65536:  # oldest keys first (dict keeps order)
-                    del last_count[next(iter(last_count))]
+            elif event.kind == "denial":
+                summary.total += counts.start(event.key, event.count)
+            else:  # an update whose denial was never seen still counts in full
+                added = counts.advance(event.key, event.count)
+                summary.total += counts.start(event.key, event.count) if added is None else added
             for sink in self.sinks:
                 sink.consume(event)

@@ -15,6 +15,7 @@ multicast copy has it fixed.  `MarshalAudit.parse` accepts both.
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
 from typing import Any, Callable, Generator, Optional
 
@@ -114,6 +115,9 @@ class MarshalAudit(Marshal):
                AUDIT_DEL_RULE: audit_rule}
     default_message_class = audit_record
     raw_tap: Optional[Callable[[bytes], None]] = None  # sees each datagram before parsing
+    # ENOBUFS reports: the kernel could not queue records to this socket (each is
+    # at least one lost record); pyroute2 turns the recv error into an NLMSG_ERROR
+    overflows = 0
 
     def parse(self, data: bytes, seq: Optional[int] = None,
               callback: Optional[Callable[..., Any]] = None,
@@ -131,6 +135,9 @@ class MarshalAudit(Marshal):
                 data = bytes(fixed)
             if not 16 <= length <= len(data) - offset:
                 break
+            if key == NLMSG_ERROR and length >= 20 and \
+                    abs(struct.unpack_from("=i", data, offset + 16)[0]) == errno.ENOBUFS:
+                self.overflows += 1
             yield self.parse_one_message(key, flags, sequence, data, offset, length)
             offset += (length + 3) & ~3
 

@@ -26,7 +26,11 @@ added earlier wins the tag), when its syscall is watched, its errno is EACCES
 or EPERM and its node is a GPU node (audit_events.GpuNodeFilter).  ioctl nodes
 come from /proc/PID/fd/FD while the process still holds the fd.  `stats()`
 counts records read and ignored, parse errors and drops by bounded reason,
-records the kernel lost since start (AUDIT_GET `lost`), events emitted.
+records the kernel lost since start (AUDIT_GET `lost`: backlog limit exceeded,
+rate limit, out of memory; kernel-wide, re-read every `lost_refresh_s` and at
+close; a reset or wrap of the counter is a restart, not a negative loss), ENOBUFS
+on our socket (`socket_overflows`), events emitted.  tracer.discards names which
+of these are losses.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Callable, Iterator, Optional
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tracer.counts import KernelCounter
 from tracer.errors import EnvironmentProblem, NoPrivilege
 from tracer.event import Event
 from tracer.host import LIVE, HostPaths
@@ -73,7 +78,8 @@ class AuditSensor:
         self.counts: Counter[str] = Counter()
         self.read_mode = ""
         self._initial: dict[str, int] = {}
-        self._lost = 0
+        self._lost: Optional[KernelCounter] = None
+        self._overflows = 0
         self._enabled_changed = False
         self._is_consumer = False
         self._started = False
@@ -86,7 +92,7 @@ class AuditSensor:
                 if self._initial["enabled"] == AUDIT_LOCKED:
                     raise EnvironmentProblem("audit configuration is locked (enabled=2) "
                                              "until reboot; gputrace cannot add its rules")
-                self._lost = self._initial["lost"]
+                self._lost = KernelCounter(self._initial["lost"])
                 self.read_mode = self._choose_mode(self._initial["pid"])
                 self._started = True
                 self.counts["stale_rules_removed"] = remove_rules_with_key(control, self.config.key)
@@ -120,13 +126,15 @@ class AuditSensor:
                 for msg in reader.receive(self.config.poll_interval_s):
                     yield from self.pipeline.feed(msg, time.monotonic())
                 yield from self.pipeline.expire(time.monotonic())
+                self._overflows = reader.marshal.overflows
                 if time.monotonic() - refreshed > self.config.lost_refresh_s:
-                    self._lost = reader.get_status()["lost"]
+                    self._read_lost(reader)
                     refreshed = time.monotonic()
             yield from self.pipeline.drain()
         except (NetlinkError, OSError) as exc:
             raise netlink_failure(exc, "read audit records") from None
         finally:
+            self._overflows = reader.marshal.overflows
             self._release_consumer()
             reader.close()
 
@@ -142,11 +150,16 @@ class AuditSensor:
                 self.read_mode = "multicast"  # a daemon registered since start()
         reader.join_readlog()
 
+    def _read_lost(self, control: AuditSocket) -> None:
+        if self._lost is not None:
+            self._lost.read(control.get_status()["lost"])
+
     def stats(self) -> dict[str, int]:
         out = self.pipeline.stats()
         out.update({"rules_installed": self.counts["rules_installed"],
                     "stale_rules_removed": self.counts["stale_rules_removed"],
-                    "lost_by_kernel": max(0, self._lost - self._initial.get("lost", 0))})
+                    "lost_by_kernel": self._lost.total if self._lost is not None else 0,
+                    "socket_overflows": self._overflows})
         return out
 
     def _release_consumer(self) -> None:
@@ -166,7 +179,7 @@ class AuditSensor:
         try:
             with AuditSocket() as control:
                 remove_rules_with_key(control, self.config.key)
-                self._lost = control.get_status()["lost"]
+                self._read_lost(control)
             self._release_consumer()
             if self._enabled_changed:
                 with AuditSocket() as control:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno as errno_mod
 import platform
 import socket
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -23,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tracer import __version__
+from tracer.counts import CountDeltas
+from tracer.discards import OTHER_REASONS, PIPELINE_DISCARDS, SENSOR_DISCARDS, by_reason
 from tracer.errors import EnvironmentProblem
 from tracer.event import Event
 
@@ -38,20 +39,8 @@ METRIC_NAMES = (
 )
 DENIAL_LABELS = ("node_class", "errno", "reason", "container_engine")
 MAX_TRACKED_KEYS = 65536
-
-# sensor stat -> (discard reason, intentional)
-KERNEL_DISCARDS = {
-    "dropped_buffer_full": ("kernel_buffer_full", False),
-    "dropped_update": ("kernel_buffer_full", False),
-    "dropped_perf_lost": ("kernel_buffer_full", False),
-    "first_event_lost": ("first_event_lost", False),
-    "aggregated": ("rate_aggregated", True),
-}
-# userspace discard reason -> intentional
-USER_DISCARDS = {"queue_full": False, "rate_limited": True, "subscriber_queue_full": False,
-                 "enrichment_failed": False,
-                 "journal_disk_full": False, "journal_write_error": False, "decode_error": False}
-
+# reasons counted by the daemon itself (DaemonState.discard), besides the pipeline's
+USER_DISCARDS = {**{d.reason: d.intentional for d in PIPELINE_DISCARDS.values()}, **OTHER_REASONS}
 
 def fact_value(event: Event, name: str) -> Any:
     return event.facts.get(name)
@@ -109,9 +98,7 @@ class StateCollector:
         discarded = CounterMetricFamily("gputrace_events_discarded", "Events not delivered, by "
                                         "reason; intentional=true for designed rate limiting.",
                                         labels=["reason", "intentional"])
-        totals: dict[tuple[str, bool], int] = {}
-        for stat, (reason, intentional) in KERNEL_DISCARDS.items():
-            totals[(reason, intentional)] = totals.get((reason, intentional), 0) + stats.get(stat, 0)
+        totals = by_reason(stats, SENSOR_DISCARDS)
         decode = sum(v for k, v in stats.items() if k.startswith("decode_error_"))
         user = dict(self.state.user_discards)
         user["decode_error"] = user.get("decode_error", 0) + decode
@@ -155,32 +142,25 @@ class MetricsSink:
         self.last_denial = LastDenialCollector()
         self.registry.register(self.last_denial)
         self.registry.register(StateCollector(state))
-        self._labels: "OrderedDict[str, tuple[tuple[str, ...], int]]" = OrderedDict()
+        self._counts: CountDeltas[tuple[str, ...]] = CountDeltas(MAX_TRACKED_KEYS)
         self.server: Any = None
         self.thread: Any = None
 
     def consume(self, event: Event) -> None:
+        labels: Optional[tuple[str, ...]]
+        added: Optional[int]
         if event.kind == "denial":
-            labels: tuple[str, ...] = denial_labels(event)
-            added = event.count
+            labels, added = denial_labels(event), event.count
             if event.key:
-                self._remember(event.key, labels, event.count)
+                self._counts.start(event.key, event.count, labels)
         else:
-            known = self._labels.get(event.key)
-            if known is None:
-                return  # its first event was never seen (counted by the sensor)
-            labels, seen = known
-            added = max(event.count - seen, 0)
-            self._remember(event.key, labels, max(event.count, seen))
+            labels = self._counts.payload(event.key)
+            added = self._counts.advance(event.key, event.count)
+        if labels is None or added is None:
+            return  # an update whose first event was never seen (counted by the sensor)
         if added:
             self.denials.labels(*labels).inc(added)
             self.last_denial.value = max(self.last_denial.value or 0.0, event.time)
-
-    def _remember(self, key: str, labels: tuple[str, ...], count: int) -> None:
-        self._labels[key] = (labels, count)
-        self._labels.move_to_end(key)
-        while len(self._labels) > MAX_TRACKED_KEYS:
-            self._labels.popitem(last=False)
 
     def serve(self, listen: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (useful with port 0)."""

@@ -26,6 +26,8 @@ BAD = {
     "bad errno": ("sensor:\n  errnos: [EACCES, ENOPE]\n", "x.yaml:2: 'sensor.errnos': unknown errno name 'ENOPE'"),
     "bad device": ("sensor:\n  extra_devices: [\"195:x\"]\n", "x.yaml:2: 'sensor.extra_devices': '195:x'"),
     "below minimum": ("journal:\n  max_file_bytes: 10\n", "x.yaml:2: 'journal.max_file_bytes' must be at least 4096"),
+    "ringbuf not a power of two": ("sensor:\n  hook: auto\n  ringbuf_pages: 1000\n",
+                                   "x.yaml:3: 'sensor.ringbuf_pages' must be a power of two, not 1000"),
     "port too high": ("metrics:\n  port: 99999\n", "x.yaml:2: 'metrics.port' must be at most 65535"),
     "duplicate": ("metrics:\n  port: 1\n  port: 2\n", "x.yaml:3: duplicate key 'metrics.port'"),
     "bad yaml": ("metrics:\n  port: [1\n", "x.yaml:3: not valid YAML"),
@@ -86,7 +88,8 @@ def test_explicit_missing_file_is_an_error(tmp_path):
         config_mod.load(str(tmp_path / "none.yaml"))
 
 
-@pytest.mark.parametrize("name", ["unknown key", "wrong type", "bad yaml"])
+@pytest.mark.parametrize("name", ["unknown key", "wrong type", "bad yaml",
+                                  "ringbuf not a power of two"])
 def test_daemon_refuses_bad_config_with_one_line(tmp_path, name):
     text, expected = BAD[name]
     path = tmp_path / "x.yaml"
@@ -98,6 +101,8 @@ def test_daemon_refuses_bad_config_with_one_line(tmp_path, name):
     assert expected.split(": ", 1)[1] in lines[0]
     report = run_cli("report", "--config", str(path), timeout=60)
     assert report.returncode == 5 and report.stderr.strip().splitlines() == lines
+    check = run_cli("daemon", "--config", str(path), "--check-config", timeout=60)
+    assert check.returncode == 5 and check.stderr.strip().splitlines() == lines  # they agree
 
 
 def test_check_config_prints_the_effective_configuration(tmp_path):

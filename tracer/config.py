@@ -2,7 +2,8 @@
 
 Every key lives in a dataclass field whose metadata carries its documentation,
 so `docs_table()` renders the reference table and `load()` rejects what the
-table does not list.  Errors name the file and line (from YAML node marks) and
+table does not list.  All validation happens here, while the YAML line is
+known, so `gputrace daemon --check-config` and the daemon accept the same files.  Errors name the file and line (from YAML node marks) and
 say what is wrong in one line.  With no file at all, the defaults run.
 """
 
@@ -23,8 +24,9 @@ DEFAULT_PATH = "/etc/gputrace/config.yaml"
 DEFAULT_METRICS_PORT = 9464
 
 
-def doc(text: str, choices: tuple[str, ...] = (), minimum: Optional[float] = None) -> dict:
-    return {"doc": text, "choices": choices, "minimum": minimum}
+def doc(text: str, choices: tuple[str, ...] = (), minimum: Optional[float] = None,
+        power_of_two: bool = False) -> dict:
+    return {"doc": text, "choices": choices, "minimum": minimum, "power_of_two": power_of_two}
 
 
 @dataclass
@@ -49,7 +51,7 @@ class SensorConfig:
         "sent one by one (counted: aggregation_table_full).", minimum=64))
     ringbuf_pages: int = field(default=1024, metadata=doc(
         "Kernel ring buffer size in 4 KiB pages (a power of two); 1024 = 4 MiB holds a burst of "
-        "about 7,000 distinct denials.", minimum=1))
+        "about 7,000 distinct denials.", minimum=1, power_of_two=True))
     aggregate_interval_s: float = field(default=1.0, metadata=doc(
         "Repeats of one (process, node, errno) are folded and reported at most this often.",
         minimum=0.01))
@@ -236,6 +238,8 @@ class _Reader:
                                   f"not {value!r}")
         if meta.get("minimum") is not None and value < meta["minimum"]:
             raise self.fail(node, f"'{full}' must be at least {meta['minimum']}, not {value!r}")
+        if meta.get("power_of_two") and value & (value - 1):
+            raise self.fail(node, f"'{full}' must be a power of two, not {value!r}")
         if full == "sensor.errnos" and not isinstance(getattr(errno_mod, value, None), int):
             raise self.fail(node, f"'{full}': unknown errno name {value!r}")
         if full == "sensor.extra_devices":

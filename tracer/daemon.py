@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from tracer import config as config_mod
 from tracer.config import Config
-from tracer.errors import BadInput, ExitStatus, GputraceError
+from tracer.errors import ExitStatus, GputraceError
 from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.pipeline import Pipeline, Sensor, Sink, Stage, Summary
@@ -67,9 +67,7 @@ class DaemonLock:
 
 
 def bpf_config(cfg: Config) -> BpfConfig:
-    s = cfg.sensor
-    if s.ringbuf_pages & (s.ringbuf_pages - 1):
-        raise BadInput(f"sensor.ringbuf_pages must be a power of two, not {s.ringbuf_pages}")
+    s = cfg.sensor  # validated by config.load (file:line), as --check-config shows
     return BpfConfig(errnos=cfg.errno_numbers(), extra_prefixes=tuple(s.extra_prefixes),
                      extra_devs=cfg.device_pairs(), hook=s.hook, transport=s.transport,
                      aggregate_interval_s=s.aggregate_interval_s, aggregate_max=s.aggregate_max,

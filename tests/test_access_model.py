@@ -8,9 +8,10 @@ import stat
 
 import pytest
 
+from tracer.enrichment.device_rules import V1DeviceList, parse_rule
 from tracer.verdict.access_model import (
     CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CHECKS, MAY_READ, MAY_WRITE, Credentials,
-    DeviceCgroupPolicy, DeviceRule, IdMap, NodeFacts, PosixAcl, UserNamespace,
+    IdMap, NodeFacts, PosixAcl, UserNamespace,
     access_mask_from_open_flags, decide_open,
 )
 
@@ -170,7 +171,7 @@ def test_nested_user_namespaces_map_through_every_level() -> None:
 
 
 def test_device_cgroup_deny_exception_gives_eperm_after_dac() -> None:
-    policy = DeviceCgroupPolicy(default_allow=True, exceptions=(DeviceRule.parse("c 195:* rwm"),))
+    policy = V1DeviceList(default_allow=True, exceptions=(parse_rule("c 195:* rwm"),))
     d = decide_open(node(0o666, device_cgroup=policy), user(), MAY_READ)
     assert (d.allowed, d.errno, d.check) == (False, errno.EPERM, "device_cgroup")
     d = decide_open(node(0o600, device_cgroup=policy), user(), MAY_READ)
@@ -178,22 +179,22 @@ def test_device_cgroup_deny_exception_gives_eperm_after_dac() -> None:
 
 
 def test_device_cgroup_partial_deny_and_allowlist() -> None:
-    deny_write = DeviceCgroupPolicy(True, (DeviceRule.parse("c 195:0 w"),))
+    deny_write = V1DeviceList(True, (parse_rule("c 195:0 w"),))
     assert decide_open(node(0o666, device_cgroup=deny_write), user(), MAY_READ).allowed
     assert not decide_open(node(0o666, device_cgroup=deny_write), user(), RW).allowed
-    allow = DeviceCgroupPolicy.from_devices_list("c 195:0 r\nc 195:* rw\n")
+    allow = V1DeviceList.from_devices_list("c 195:0 r\nc 195:* rw\n")
     assert not allow.default_allow
     assert decide_open(node(0o666, device_cgroup=allow), user(), RW).allowed
-    only_read = DeviceCgroupPolicy.from_devices_list("c 195:0 r\n")
+    only_read = V1DeviceList.from_devices_list("c 195:0 r\n")
     d = decide_open(node(0o666, device_cgroup=only_read), user(), RW)
     assert (d.allowed, d.errno) == (False, errno.EPERM)
-    assert DeviceCgroupPolicy.from_devices_list("a *:* rwm\n").default_allow
+    assert V1DeviceList.from_devices_list("a *:* rwm\n").default_allow
 
 
 def test_unknown_checks_are_reported() -> None:
     d = decide_open(node(0o666), user(), MAY_READ, lsm_active=("apparmor",))
     assert d.allowed and d.unknown == ("device_cgroup", "lsm:apparmor")
-    known = node(0o666, device_cgroup=DeviceCgroupPolicy(True))
+    known = node(0o666, device_cgroup=V1DeviceList(True))
     assert decide_open(known, user(), MAY_READ).unknown == ()
 
 

@@ -27,9 +27,10 @@ from tests.support.nodes import (
     NodeSpec, device_cgroup, make_node, node_dir, nodev_mount, read_acl, throwaway_group, throwaway_user,
 )
 from tests.support.nodes import gttest_node_dir, make_device_cgroup, make_device_node  # noqa: F401 (fixtures)
+from tracer.enrichment.device_rules import V1DeviceList, parse_rule
 from tracer.verdict.access_model import (
     CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, MAY_READ, MAY_WRITE, AccessDecision, Credentials,
-    DeviceCgroupPolicy, DeviceRule, IdMap, NodeFacts, PosixAcl, UserNamespace, decide_open,
+    IdMap, NodeFacts, PosixAcl, UserNamespace, decide_open,
 )
 
 pytestmark = pytest.mark.kernel
@@ -215,7 +216,7 @@ def test_model_matches_kernel_on_nodev_mount() -> None:
 
 def test_model_matches_kernel_with_device_cgroup_deny_rule(random_nodes: list[tuple[str, NodeFacts]]) -> None:
     rng = random.Random(SEED + 3)
-    policy = DeviceCgroupPolicy(default_allow=True, exceptions=(DeviceRule.parse("c 195:* rwm"),))
+    policy = V1DeviceList(default_allow=True, exceptions=(parse_rule("c 195:* rwm"),))
     nodes = [(path, replace(facts, device_cgroup=policy)) for path, facts in random_nodes]
     identities = [Identity("root", {}, 0, 0, ())] + [random_identity(rng, i) for i in range(5)]
     with device_cgroup([("devices.deny", "c 195:* rwm")]) as cgroup:
@@ -234,7 +235,7 @@ def test_model_matches_kernel_with_device_cgroup_allowlist(random_nodes: list[tu
     identities = [Identity("root", {}, 0, 0, ())] + [random_identity(rng, i) for i in range(5)]
     with device_cgroup(rules) as cgroup:
         with open(os.path.join(cgroup, "devices.list")) as handle:
-            policy = DeviceCgroupPolicy.from_devices_list(handle.read())
+            policy = V1DeviceList.from_devices_list(handle.read())
         assert not policy.default_allow and len(policy.exceptions) == 2
         nodes = [(path, replace(facts, device_cgroup=policy)) for path, facts in random_nodes]
         join = {"cgroup_procs": [os.path.join(cgroup, "cgroup.procs")]}

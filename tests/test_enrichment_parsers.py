@@ -12,8 +12,9 @@ from tracer.enrichment.node import classify_node
 from tracer.enrichment.parse_files import (AclEntry, build_posix_acl, parse_group_file,
                                            parse_logind_session, parse_nvidia_params,
                                            parse_passwd_file, parse_posix_acl, user_gids)
-from tracer.enrichment.parse_proc import (devices_list_allows, id_to_inside, id_to_kernel,
-                                          mount_holding, parse_devices_list, parse_id_map,
+from tracer.enrichment.device_rules import V1DeviceList, parse_devices_list
+from tracer.enrichment.parse_proc import (id_to_inside, id_to_kernel,
+                                          mount_holding, parse_id_map,
                                           parse_mountinfo, parse_proc_cgroup, parse_proc_devices,
                                           parse_status)
 
@@ -60,10 +61,11 @@ def test_proc_devices_and_devices_list() -> None:
     assert majors == {195: "nvidia-frontend", 234: "nvidia-uvm"}
     rules = parse_devices_list("c 195:* rw\nc 1:3 rwm\nb *:* m\nc 1:x rwm\nz 1:1 r\nc 2:2 rq\n", skips)
     assert [r.to_text() for r in rules] == ["c 195:* rw", "c 1:3 rwm", "b *:* m"]
-    assert skips.counts["devices_list:bad_number"] == 1
-    assert devices_list_allows(rules, "c", 195, 0, "rw")
-    assert not devices_list_allows(rules, "c", 195, 0, "rwm")
-    assert not devices_list_allows(rules, "c", 226, 128, "r")
+    assert skips.counts["devices_list:bad_line"] == 3
+    allowlist = V1DeviceList.from_rules(rules)
+    assert allowlist.may("c", 195, 0, "rw").allowed
+    assert not allowlist.may("c", 195, 0, "rwm").allowed
+    assert not allowlist.may("c", 226, 128, "r").allowed
 
 
 def test_group_passwd_and_login_groups() -> None:

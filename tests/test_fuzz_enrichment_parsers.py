@@ -12,7 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F401
-from tracer.enrichment import parse_files, parse_proc, procfs
+from tracer.enrichment import device_rules, parse_files, parse_proc, procfs
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.parse_files import (ACL_TAGS, ACL_UNDEFINED_ID, AclEntry, build_posix_acl,
                                            parse_posix_acl)
@@ -99,8 +99,8 @@ def test_proc_devices(text: str) -> None:
 @given(TEXT | structured(" ", 3))
 def test_devices_list(text: str) -> None:
     ran("parse_devices_list")
-    rules = parse_proc.parse_devices_list(text, SkipCounter())
-    parse_proc.devices_list_allows(rules, "c", 195, 0, "rw")
+    rules = device_rules.parse_devices_list(text, SkipCounter())
+    device_rules.V1DeviceList.from_rules(rules).may("c", 195, 0, "rw")
 
 
 @fuzz(1500)

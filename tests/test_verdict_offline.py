@@ -42,10 +42,12 @@ def test_explain_records_enriches_events_without_facts() -> None:
     line = json.dumps(denial(700, "/dev/nvidia0", 1, caps=0xA80425FB,
                              mntns=4026532700).to_json())
     [plain] = list(explain_records([line]))
-    assert plain.verdict is not None and plain.verdict.reason == R.DEVICE_CGROUP
-    assert plain.verdict.confidence == "medium"  # no devices.list without the host
+    # EPERM alone shows no layer: without the host's devices.list it is not device_cgroup
+    assert plain.verdict is not None and plain.verdict.reason == R.UNKNOWN
+    assert any("device cgroup policy" in n and "seccomp" in n for n in plain.verdict.notes)
     [enriched] = list(explain_records([line], fixture_enricher("cgroup-v1-host")))
-    assert enriched.verdict is not None and enriched.verdict.confidence == "high"
+    assert enriched.verdict is not None and enriched.verdict.reason == R.DEVICE_CGROUP
+    assert enriched.verdict.confidence == "high"
 
 
 def _check(tree: str, user: str, stats: str = "node-stats.json",

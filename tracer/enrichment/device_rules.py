@@ -18,6 +18,7 @@ from typing import Any, Optional, Protocol
 
 from tracer.enrichment import device_program as prog
 from tracer.enrichment.facts import SkipCounter
+from tracer.enrichment.parse_proc import decimal
 
 
 def _star(number: Optional[int]) -> str:
@@ -51,12 +52,11 @@ def parse_rule(text: str) -> Optional[DeviceRule]:
         return None
     major_s, _, minor_s = parts[1].partition(":")
     access = parts[2] if len(parts) == 3 else "rwm"
-    try:
-        major = None if major_s == "*" else int(major_s)
-        minor = None if minor_s == "*" else int(minor_s)
-    except ValueError:
+    major = None if major_s == "*" else decimal(major_s)
+    minor = None if minor_s == "*" else decimal(minor_s)
+    if (major is None and major_s != "*") or (minor is None and minor_s != "*"):
         return None
-    if not access or set(access) - set("rwm") or (major or 0) < 0 or (minor or 0) < 0:
+    if not access or set(access) - set("rwm"):
         return None
     return DeviceRule(parts[0], major, minor, access)
 
@@ -85,7 +85,8 @@ class DeviceDecision:
 
 
 class DevicePolicy(Protocol):
-    layer: str
+    @property
+    def layer(self) -> str: ...
 
     def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision: ...
 
@@ -203,3 +204,30 @@ class V2DevicePrograms:
 def access_from_mask(may_mask: int) -> str:
     """MAY_READ (4) / MAY_WRITE (2) of an open -> device cgroup access letters."""
     return ("r" if may_mask & 4 else "") + ("w" if may_mask & 2 else "")
+
+
+@dataclass(frozen=True)
+class UnreadPolicy:
+    """A device cgroup layer that exists but could not be read: never a guess."""
+
+    layer: str
+    why: str
+
+    def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision:
+        return DeviceDecision(None, self.layer, f"not known: {self.why}")
+
+
+def policies_from_facts(v1_rules: Any, v2_programs: Any, v2_unreadable: Any,
+                        skips: Optional[SkipCounter] = None) -> Optional[tuple[DevicePolicy, ...]]:
+    """The device cgroup layers a process's facts describe, v2 first (the kernel's
+    order); None when neither is known.  Facts may come from a journal written by
+    anyone, so they are validated here."""
+    found: list[DevicePolicy] = []
+    if isinstance(v2_programs, list):
+        found.append(V2DevicePrograms(tuple(DeviceProgram.from_json(p) for p in v2_programs)))
+    elif v2_unreadable:
+        found.append(UnreadPolicy("device_cgroup_v2", str(v2_unreadable)))
+    if isinstance(v1_rules, list):
+        text = "\n".join(str(r) for r in v1_rules)
+        found.append(V1DeviceList.from_devices_list(text, skips))
+    return tuple(found) or None

@@ -21,7 +21,7 @@ from tracer.enrichment.backfill import backfill_process
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.host_facts import (device_cgroup_facts, host_group_table,
                                           logind_session_facts, nvidia_params_facts,
-                                          owner_user_facts)
+                                          owner_user_facts, security_module_facts)
 from tracer.enrichment.node_facts import node_facts
 from tracer.enrichment.node import NodeStatter, stat_in_root
 from tracer.enrichment.process import (ancestors, cgroup_facts, container_env,
@@ -154,7 +154,7 @@ class Enricher:
         lsm_facts(self.host, pid, shared)
         cgroup_facts(self.host, pid, shared)
         paths = shared.get("cgroup.paths") or {}
-        device_cgroup_facts(self.host, paths, shared)
+        device_cgroup_facts(self.host, paths, shared, proc.cgroup_id)
         self._container_facts(proc, paths, shared)
         return shared
 
@@ -217,6 +217,7 @@ class Enricher:
             owner_user_facts(self.host, proc.uid, facts, "process uid in the initial userns")
         nvidia_params_facts(self.host, facts)
         logind_session_facts(self.host, facts)
+        security_module_facts(self.host, facts)
         facts.put("process.in_initial_userns", proc.userns.level == 0, KERNEL, "event")
         if os.path.isdir(os.path.join(self.host.proc, "driver/nvidia")):
             facts.put("nvidia.driver_loaded", True, LIVE,

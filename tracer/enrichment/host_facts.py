@@ -10,7 +10,9 @@ from tracer.enrichment import procfs
 from tracer.enrichment.facts import LIVE, Facts
 from tracer.enrichment.parse_files import (parse_group_file, parse_logind_session,
                                            parse_nvidia_params, parse_passwd_file, user_gids)
-from tracer.enrichment.parse_proc import Mount, parse_devices_list, parse_mountinfo
+from tracer.enrichment.device_cgroup_v2 import device_program_facts
+from tracer.enrichment.device_rules import parse_devices_list
+from tracer.enrichment.parse_proc import Mount, parse_mountinfo
 from tracer.host import HostPaths
 
 NVIDIA_PARAMS_KEPT = ("DeviceFileUID", "DeviceFileGID", "DeviceFileMode",
@@ -102,13 +104,25 @@ def _cgroup_dir(host: HostPaths, mount: Mount, cgroup_path: str) -> Optional[str
     return os.path.join(base, rel) if rel else base
 
 
-def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Facts) -> None:
-    """v1: the `devices.list` allowlist; v2: the policy is a BPF program we cannot list."""
+def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Facts,
+                        cgroup_id: Optional[int] = None) -> None:
+    """Both device cgroup layers the kernel asks: v2 programs (BPF_PROG_QUERY on the
+    process's v2 cgroup, found by the kernel-captured id or the `0::` path) and the
+    v1 `devices.list` allowlist, when the v1 controller is mounted."""
     mounts = cgroup_mounts(host, facts)
     v1_path = next((p for ctrls, p in cgroup_paths.items() if "devices" in ctrls.split(",")),
                    None)
     v1_mount = next((m for m in mounts if m.fstype == "cgroup" and "devices" in m.super_options),
                     None)
+    v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if v2_mount is not None:
+        mount_dir = _under_sys(host, v2_mount.mount_point)
+        v2_path = cgroup_paths.get("unified")
+        if v2_path is not None and v2_mount.root not in ("", "/"):
+            v2_path = None  # a mount of a subtree: the id still finds the cgroup
+        device_program_facts(mount_dir, cgroup_id, v2_path, facts)
+        if v1_path is None:
+            facts.put("device_cgroup.version", 2, LIVE, mount_dir)
     if v1_path is not None and v1_mount is not None:
         cg_dir = _cgroup_dir(host, v1_mount, v1_path)
         list_path = os.path.join(cg_dir, "devices.list") if cg_dir else None
@@ -117,13 +131,15 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
             rules = parse_devices_list(text, facts.skips)
             facts.put("device_cgroup.version", 1, LIVE, list_path)
             facts.put("device_cgroup.v1_rules", [r.to_text() for r in rules], LIVE, list_path)
-            return
-    v2_path = cgroup_paths.get("unified")
-    v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
-    if v2_path is not None and v2_mount is not None and v1_path is None:
-        cg_dir = _cgroup_dir(host, v2_mount, v2_path)
-        facts.put("device_cgroup.version", 2, LIVE, cg_dir or v2_mount.mount_point)
-        # Attached BPF_CGROUP_DEVICE programs are only listable with bpf(BPF_PROG_QUERY);
-        # the daemon does not shell out to bpftool, so the v2 policy stays unknown.
-        facts.put("device_cgroup.v2_programs", "unknown", "inferred",
-                  "cgroup v2 device policy needs bpf(BPF_PROG_QUERY)")
+
+
+def security_module_facts(host: HostPaths, facts: Facts) -> None:
+    """lsm.active: the LSMs the kernel runs, in order (securityfs `lsm`)."""
+    path = os.path.join(host.sys, "kernel/security/lsm")
+    text = procfs.read_text(path)
+    if text is None:
+        facts.put("lsm.active_unknown", "securityfs is not mounted at "
+                  + os.path.join(host.sys, "kernel/security"), LIVE, path)
+        return
+    names = [n for n in text.strip().split(",") if n and n.replace("_", "").isalnum()][:16]
+    facts.put("lsm.active", names, LIVE, path)

@@ -77,6 +77,9 @@ def live_status_facts(host: HostPaths, pid: int, facts: Facts) -> None:
         facts.put("process.groups_in_ns", groups, LIVE, path)
     if "Seccomp" in status:
         facts.put("process.seccomp", status["Seccomp"], LIVE, path)
+    filters = status_ints(status, "Seccomp_filters", facts.skips)
+    if filters:
+        facts.put("process.seccomp_filters", filters[0], LIVE, path)
 
 
 def userns_facts(host: HostPaths, pid: int, facts: Facts) -> None:

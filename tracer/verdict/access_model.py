@@ -28,7 +28,9 @@ import errno
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
+
+from tracer.enrichment.device_rules import DeviceDecision, DevicePolicy, access_from_mask
 
 MAY_READ = 4
 MAY_WRITE = 2
@@ -176,65 +178,6 @@ class PosixAcl:
 
 
 @dataclass(frozen=True)
-class DeviceRule:
-    kind: str                # "a", "c" or "b"
-    major: Optional[int]     # None = "*"
-    minor: Optional[int]
-    access: str = "rwm"
-
-    @classmethod
-    def parse(cls, text: str) -> "DeviceRule":
-        """One ``devices.list`` / ``devices.allow`` line, e.g. ``c 195:* rw``."""
-        parts = text.split()
-        if parts == ["a"]:
-            return cls("a", None, None, "rwm")
-        kind, numbers, access = parts[0], parts[1], parts[2] if len(parts) > 2 else "rwm"
-        major, _, minor = numbers.partition(":")
-        return cls(kind, None if major == "*" else int(major), None if minor == "*" else int(minor), access)
-
-    def covers_node(self, kind: str, major: int, minor: int) -> bool:
-        return ((self.kind == "a" or self.kind == kind)
-                and self.major in (None, major) and self.minor in (None, minor))
-
-    def __str__(self) -> str:
-        return f"{self.kind} {_star(self.major)}:{_star(self.minor)} {self.access}"
-
-
-@dataclass(frozen=True)
-class DeviceCgroupPolicy:
-    """A cgroup v1 device controller: default behaviour plus its exceptions.
-
-    ``devices.list`` prints ``a *:* rwm`` for any default-allow cgroup and hides
-    its deny exceptions, so ``from_devices_list`` is exact only for default-deny
-    cgroups; build the policy from the written rules when they are known.
-    """
-
-    default_allow: bool
-    exceptions: tuple[DeviceRule, ...] = ()
-
-    @classmethod
-    def from_devices_list(cls, text: str) -> "DeviceCgroupPolicy":
-        rules = tuple(DeviceRule.parse(line) for line in text.splitlines() if line.strip())
-        if any(r.kind == "a" and r.major is None and r.minor is None and set("rwm") <= set(r.access)
-               for r in rules):
-            return cls(default_allow=True)
-        return cls(default_allow=False, exceptions=rules)
-
-    def decide(self, kind: str, major: int, minor: int, mask: int) -> tuple[bool, Optional[DeviceRule]]:
-        wanted = {"r"} if mask & MAY_READ else set()
-        if mask & MAY_WRITE:
-            wanted.add("w")
-        for rule in self.exceptions:
-            if not rule.covers_node(kind, major, minor):
-                continue
-            if self.default_allow and wanted & set(rule.access):
-                return False, rule   # a deny exception touching any wanted access
-            if not self.default_allow and wanted <= set(rule.access):
-                return True, rule    # an allow exception covering all of it
-        return self.default_allow, None
-
-
-@dataclass(frozen=True)
 class NodeFacts:
     mode: int                       # st_mode; permission bits are mode & 0o777
     uid: int                        # kernel ids
@@ -244,11 +187,20 @@ class NodeFacts:
     acl: Optional[PosixAcl] = None  # None: no extended ACL on the inode
     nodev_mount: bool = False       # MNT_NODEV on the mount the path went through
     superblock_userns_initial: bool = True  # False sets SB_I_NODEV
-    device_cgroup: Optional[DeviceCgroupPolicy] = None  # None: not known
+    # v2 programs and/or the v1 list, in the kernel's order; None: not known
+    device_cgroup: Union[None, DevicePolicy, Sequence[DevicePolicy]] = None
 
     @property
     def kind(self) -> str:
         return "b" if stat.S_ISBLK(self.mode) else "c"
+
+    @property
+    def device_policies(self) -> Optional[tuple[DevicePolicy, ...]]:
+        if self.device_cgroup is None:
+            return None
+        if hasattr(self.device_cgroup, "may"):
+            return (self.device_cgroup,)  # type: ignore[return-value]
+        return tuple(self.device_cgroup)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -267,12 +219,33 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class LayerResult:
+    """One layer of the kernel's checks for this open."""
+
+    layer: str                 # nodev | dac | device_cgroup_v2 | device_cgroup_v1 | lsm | seccomp
+    refuses: Optional[bool]    # None: not known (not modelled, or facts missing)
+    errno: Optional[int]
+    check: str
+    detail: str
+    program: Optional[dict[str, object]] = None  # v2: id, name, tag of the deciding program
+    deciding: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AccessDecision:
     allowed: bool
     errno: Optional[int]
     check: str        # the check that decided; stable names, see CHECKS
     detail: str
     unknown: tuple[str, ...] = ()  # checks that could still deny but are not modelled
+    ladder: tuple[LayerResult, ...] = ()  # every modelled layer, in the kernel's order
+
+    def refusals(self) -> list[LayerResult]:
+        """Every layer shown to refuse, first (the one the process met) first."""
+        return [step for step in self.ladder if step.refuses]
+
+    def layer(self, name: str) -> Optional[LayerResult]:
+        return next((step for step in self.ladder if step.layer == name), None)
 
 CHECKS = ("nodev_mount", "nodev_superblock", "dac_owner", "dac_acl_user", "dac_acl_group",
           "dac_acl_mask", "dac_acl_other", "dac_group", "dac_other", "cap_dac_read_search",
@@ -346,29 +319,50 @@ def _cap_note(node: NodeFacts, creds: Credentials) -> str:
     return ""
 
 
+def _device_layers(node: NodeFacts, mask: int) -> list[LayerResult]:
+    """devcgroup_check_permission(): v2 programs first, then the v1 list; EPERM."""
+    policies = node.device_policies
+    if policies is None:
+        return [LayerResult("device_cgroup", None, None, "device_cgroup", "the device cgroup is not known")]
+    out = []
+    access = access_from_mask(mask)
+    for policy in policies:
+        found: DeviceDecision = policy.may(node.kind, node.major, node.minor, access)
+        refuses = None if found.allowed is None else not found.allowed
+        out.append(LayerResult(found.layer, refuses, errno.EPERM if refuses else None,
+                               "device_cgroup", found.detail, found.program, found.deciding))
+    return out
+
+
 def decide_open(node: NodeFacts, creds: Credentials, mask: int,
                 lsm_active: tuple[str, ...] = ()) -> AccessDecision:
-    """Decide an open of ``node`` for ``mask`` (MAY_READ | MAY_WRITE)."""
+    """Decide an open of ``node`` for ``mask`` (MAY_READ | MAY_WRITE), evaluating every
+    modelled layer; the decision is the first refusal, `ladder` holds them all."""
     mask &= MAY_READ | MAY_WRITE
     unknown = tuple(f"lsm:{name}" for name in lsm_active)
+    ladder: list[LayerResult] = []
     if node.nodev_mount:
-        return AccessDecision(False, errno.EACCES, "nodev_mount", "the node's mount has nodev", unknown)
-    if not node.superblock_userns_initial:
-        return AccessDecision(False, errno.EACCES, "nodev_superblock",
-                              "the node's filesystem is owned by a non-initial user namespace", unknown)
+        ladder.append(LayerResult("nodev", True, errno.EACCES, "nodev_mount", "the node's mount has nodev"))
+    elif not node.superblock_userns_initial:
+        ladder.append(LayerResult("nodev", True, errno.EACCES, "nodev_superblock",
+                                  "the node's filesystem is owned by a non-initial user namespace"))
+    else:
+        ladder.append(LayerResult("nodev", False, None, "nodev_mount", "the mount allows device nodes"))
     granted, check, detail = _dac(node, creds, mask)
     if not granted:
         override = _capability(node, creds, mask)
         if override is None:
-            return AccessDecision(False, errno.EACCES, check, detail + _cap_note(node, creds), unknown)
-        check, detail = override[0], f"{detail}; {override[1]}"
-    if node.device_cgroup is None:
-        unknown = ("device_cgroup",) + unknown
+            ladder.append(LayerResult("dac", True, errno.EACCES, check, detail + _cap_note(node, creds)))
+        else:
+            ladder.append(LayerResult("dac", False, None, override[0], f"{detail}; {override[1]}"))
     else:
-        ok, rule = node.device_cgroup.decide(node.kind, node.major, node.minor, mask)
-        if not ok:
-            why = f"deny rule '{rule}'" if rule else "no allow rule covers it"
-            return AccessDecision(False, errno.EPERM, "device_cgroup",
-                                  f"device cgroup refuses {node.kind} {node.major}:{node.minor} "
-                                  f"{_wanted(mask)}: {why}", unknown)
-    return AccessDecision(True, None, check, detail, unknown)
+        ladder.append(LayerResult("dac", False, None, check, detail))
+    devices = _device_layers(node, mask)
+    ladder += devices
+    if any(step.refuses is None for step in devices):
+        unknown = ("device_cgroup",) + unknown
+    first = next((step for step in ladder if step.refuses), None)
+    if first is not None:
+        return AccessDecision(False, first.errno, first.check, first.detail, unknown, tuple(ladder))
+    dac = ladder[1]
+    return AccessDecision(True, None, dac.check, dac.detail, unknown, tuple(ladder))

@@ -85,19 +85,9 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
         return Classification(R.NODE_MISSING, "high" if errno == errno_mod.ENOENT else "medium",
                               ["node.exists", "node.path", "node.class", "host.gpu_char_majors"],
                               ctx)
-    if errno == errno_mod.EPERM:
-        model_agrees = run.decision is not None and run.decision.check == "device_cgroup"
-        notes = []
-        if not model_agrees and facts.get("device_cgroup.v1_rules") == ["a *:* rwm"]:
-            notes.append("devices.list prints 'a *:* rwm' for a default-allow cgroup and hides "
-                         "its deny rules, so the rule that refused is not visible here.")
-        if facts.get("device_cgroup.version") == 2:
-            notes.append("On cgroup v2 the device policy is a BPF program that gputrace "
-                         "cannot list without bpf(BPF_PROG_QUERY).")
-        return Classification(R.DEVICE_CGROUP, "high" if model_agrees else "medium",
-                              ["device_cgroup.v1_rules", "device_cgroup.version", "node.major",
-                               "node.minor", "cgroup.paths", "container.engine"], ctx, notes)
     decision = run.decision
+    if errno == errno_mod.EPERM:
+        return _eperm(facts, run, ctx)
     if decision is None:
         return Classification(R.UNKNOWN, "low", [], ctx,
                               [f"Missing facts: {', '.join(run.missing)}."])
@@ -106,20 +96,103 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
         ctx["mount"] = (facts.get("node.mount") or {}).get("mount_point", "?")
         return Classification(R.NODEV_MOUNT, "high", ["node.mount_nodev", "node.mount"], ctx)
     if decision.allowed:
-        label = facts.get("process.lsm_label")
-        confined = bool(label) and label != "unconfined"
-        confidence = "medium" if confined else "low"
-        notes = [] if confined else [
-            "Owner, group, ACL and device cgroup all allow this open; the refusal came from a "
-            "security module (SELinux, AppArmor or Landlock) that gputrace cannot query."]
-        return Classification(R.LSM_DENIED, _lower(confidence) if seen_from_host else confidence,
-                              ["process.lsm_label", "node.selinux", "node.mode", "node.gid"],
-                              ctx, notes)
+        found = _lsm_or_seccomp(facts, ctx)
+        if seen_from_host:
+            found.confidence = _lower(found.confidence)
+        return found
     classification = _dac_cause(facts, run, ctx)
     if seen_from_host:
         classification.confidence = _lower(classification.confidence)
         classification.notes.append("The process had exited; the node was examined on the host.")
     return classification
+
+
+DEVICE_EVIDENCE = ["device_cgroup.v2_programs", "device_cgroup.v2_cgroup", "device_cgroup.v1_rules",
+                   "device_cgroup.version", "node.major", "node.minor", "cgroup.paths",
+                   "container.engine"]
+SECCOMP_EVIDENCE = ["process.seccomp", "process.seccomp_filters", "process.no_new_privs"]
+FILE_LSMS = {"selinux": "SELinux", "apparmor": "AppArmor", "landlock": "Landlock",
+             "smack": "Smack", "tomoyo": "TOMOYO", "bpf": "BPF LSM"}
+
+
+def seccomp_filtered(facts: Facts) -> Optional[bool]:
+    """Seccomp: 2 (filter mode) in /proc/PID/status; None when not known."""
+    mode = facts.get("process.seccomp")
+    return None if mode is None else str(mode).strip() == "2"
+
+
+def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
+    """EPERM: a device cgroup layer only when one is shown to refuse; else seccomp
+    when a filter is on; else unknown, saying what is missing."""
+    decision = run.decision
+    first = decision.refusals()[0] if decision is not None and decision.refusals() else None
+    if first is not None and first.errno == errno_mod.EPERM:
+        ctx["device_layer"] = first.layer
+        ctx["device_detail"] = first.detail
+        notes = [f"The refusing policy: {first.detail}."]
+        if first.program:
+            ctx["program"] = first.program
+            notes.append("Deciding instructions: " + "; ".join(first.deciding) + ".")
+        return Classification(R.DEVICE_CGROUP, "high", DEVICE_EVIDENCE, ctx, notes)
+    filtered = seccomp_filtered(facts)
+    if filtered:
+        ctx["seccomp_filters"] = facts.get("process.seccomp_filters")
+        notes = ["A seccomp filter refuses a system call before it runs: no file permission, "
+                 "device cgroup or security module was consulted."]
+        return Classification(R.SECCOMP_DENIED, "high" if decision is not None and decision.allowed
+                              else "medium", SECCOMP_EVIDENCE, ctx, notes)
+    notes = []
+    v1 = facts.get("device_cgroup.v1_rules")
+    if v1 == ["a *:* rwm"] and "/" != (facts.get("cgroup.paths") or {}).get("devices", "/"):
+        notes.append("devices.list prints 'a *:* rwm' for a default-allow cgroup and hides "
+                     "its deny rules, so a v1 deny rule may have refused without being visible.")
+        return Classification(R.DEVICE_CGROUP, "medium", DEVICE_EVIDENCE, ctx, notes)
+    missing = list(run.missing)
+    if decision is None or any(step.refuses is None and step.layer.startswith("device_cgroup")
+                               for step in decision.ladder):
+        missing.append("the device cgroup policy")
+    if filtered is None:
+        missing.append("the process's seccomp state (it had exited)")
+    notes.append("EPERM, but no layer was shown to refuse: no device cgroup rule or program "
+                 "refuses this node and no seccomp filter is known; a capability-gated driver "
+                 "or ioctl check is possible." + (f" Missing: {', '.join(missing)}." if missing else ""))
+    return Classification(R.UNKNOWN, "low", DEVICE_EVIDENCE + SECCOMP_EVIDENCE, ctx, notes)
+
+
+def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:
+    """EACCES that nodev, DAC and the device cgroup all allow: a security module."""
+    label = facts.get("process.lsm_label")
+    confined = bool(label) and label != "unconfined"
+    active = facts.get("lsm.active")
+    file_lsms = [FILE_LSMS[n] for n in active or [] if n in FILE_LSMS]
+    evidence = ["lsm.active", "process.lsm_label", "node.selinux", "node.mode", "node.gid",
+                "process.no_new_privs"]
+    if confined:
+        module = "SELinux" if ":" in str(label) else "AppArmor"
+        ctx["lsm"] = f"{module} ({label})"
+        return Classification(R.LSM_DENIED, "medium", evidence, ctx)
+    if active is not None and not file_lsms:
+        filtered = seccomp_filtered(facts)
+        if filtered:
+            return Classification(R.SECCOMP_DENIED, "medium", SECCOMP_EVIDENCE, ctx,
+                                  ["No active security module mediates file opens; the "
+                                   "process's seccomp filter can return EACCES."])
+        return Classification(R.UNKNOWN, "low", evidence + SECCOMP_EVIDENCE, ctx,
+                              [f"Every modelled layer allows this open and no active security "
+                               f"module ({', '.join(active)}) mediates file opens."])
+    if file_lsms:
+        ctx["lsm"] = " or ".join(file_lsms)
+        notes = [f"Owner, group, ACL and device cgroup all allow this open; of the active "
+                 f"security modules only {ctx['lsm']} mediates file opens."]
+        if file_lsms == ["Landlock"]:
+            notes.append("Landlock domains are not visible in /proc: that this process was "
+                         "sandboxed is inferred from the refusal.")
+        return Classification(R.LSM_DENIED, "medium" if len(file_lsms) == 1 else "low",
+                              evidence, ctx, notes)
+    return Classification(R.LSM_DENIED, "low", evidence, ctx, [
+        "Owner, group, ACL and device cgroup all allow this open; the refusal came from a "
+        "security module (SELinux, AppArmor or Landlock) that gputrace cannot query "
+        "(mount securityfs to see which are active)."])
 
 
 def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:

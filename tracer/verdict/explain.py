@@ -15,11 +15,11 @@ from typing import Any, Iterable, Iterator, Optional
 from tracer.enrichment.enricher import Enricher
 from tracer.facts import Facts
 from tracer.enrichment.process import kernel_facts
-from tracer.event import Event
+from tracer.event import Event, errno_name
 from tracer.verdict import reasons as R
 from tracer.verdict.catalog import classify
 from tracer.verdict.fixes import ranked_fixes
-from tracer.verdict.model_input import run_model
+from tracer.verdict.model_input import ModelRun, run_model
 from tracer.verdict.reasons import Evidence, Verdict
 
 SUMMARIES = {
@@ -43,8 +43,11 @@ SUMMARIES = {
         "{path} sits on a filesystem mounted with 'nodev' ({mount}), where no device node can "
         "be opened.",
     R.LSM_DENIED:
-        "File permissions allow {path}, but a security module (SELinux, AppArmor or Landlock) "
+        "File permissions and the device cgroup allow {path}, but the security module {lsm} "
         "refused the access.",
+    R.SECCOMP_DENIED:
+        "A seccomp filter on this process refused the system call for {path}; the kernel never "
+        "looked at the file's permissions or the device cgroup.",
     R.MODE_RESTRICTIVE:
         "{path} (mode {mode}, owner {uid}, group {group}) lets only its owner in, and this "
         "process is not the owner.",
@@ -59,7 +62,56 @@ SUMMARIES = {
 
 class _Missing(dict):  # type: ignore[type-arg]
     def __missing__(self, key: str) -> str:
-        return "?"
+        return "a security module (SELinux, AppArmor or Landlock)" if key == "lsm" else "?"
+
+
+LAYER_REASONS = {"nodev": R.NODEV_MOUNT, "dac": R.MODE_RESTRICTIVE,
+                 "device_cgroup_v1": R.DEVICE_CGROUP, "device_cgroup_v2": R.DEVICE_CGROUP}
+LAYER_NAMES = {"nodev": "the nodev mount", "dac": "the file permissions",
+               "device_cgroup_v1": "the device cgroup (v1 devices.list)",
+               "device_cgroup_v2": "the device cgroup (v2 BPF program)"}
+LAYER_OF_REASON = {R.NODEV_MOUNT: "nodev", R.DEVICE_CGROUP: "device_cgroup",
+                   R.SECCOMP_DENIED: "seccomp", R.LSM_DENIED: "lsm", R.NODE_MISSING: "none",
+                   R.UNKNOWN: "none"}
+
+
+def _ladder_json(run: ModelRun) -> list[dict[str, Any]]:
+    if run.decision is None:
+        return []
+    return [{"layer": s.layer, "refuses": s.refuses, "check": s.check, "detail": s.detail,
+             **({"program": s.program} if s.program else {})} for s in run.decision.ladder]
+
+
+def _then(reason: str, run: ModelRun, context: dict[str, Any]) -> list[dict[str, Any]]:
+    """Layers after the reason's own that are shown to refuse too, each with its fix."""
+    if run.decision is None:
+        return []
+    own = LAYER_OF_REASON.get(reason, "dac")
+    order = ["seccomp", "nodev", "dac", "device_cgroup_v2", "device_cgroup_v1", "lsm"]
+    if own == "none":
+        return []
+    start = 0 if own == "seccomp" else next(
+        (n for n, layer in enumerate(order) if layer.startswith(own)), 0)
+    later = [s for s in run.decision.refusals() if s.layer in order[start:]]
+    if own != "seccomp":
+        later = [s for s in later if not s.layer.startswith(own)]
+    out = []
+    for step in later:
+        layer_reason = LAYER_REASONS.get(step.layer, R.UNKNOWN)
+        fixes = ranked_fixes(layer_reason, context)
+        mine = [f for f in fixes if f.applies_to == context.get("runtime")] or fixes
+        out.append({"layer": step.layer, "errno": errno_name(step.errno or 0),
+                    "reason": layer_reason, "detail": step.detail,
+                    "fix": mine[0].to_json() if mine else None,
+                    **({"program": step.program} if step.program else {})})
+    return out
+
+
+def _then_note(item: dict[str, Any]) -> str:
+    fix = item.get("fix") or {}
+    also = f": also {fix['command']}" if fix.get("command") else ""
+    return (f"Then {LAYER_NAMES.get(item['layer'], item['layer'])} would refuse with "
+            f"{item['errno']} ({item['detail']}){also}.")
 
 
 def _evidence(facts: Facts, names: list[str]) -> list[Evidence]:
@@ -81,13 +133,16 @@ def explain_facts(event: Event, facts: Facts) -> Verdict:
         notes.append(f"Not known for this event: {', '.join(run.missing)}.")
     if run.decision is not None and run.decision.unknown:
         notes.append("Not modelled: " + ", ".join(run.decision.unknown) + ".")
+    then = _then(found.reason, run, found.context)
+    notes += [_then_note(item) for item in then]
     return Verdict(
         reason=found.reason,
         summary=SUMMARIES[found.reason].format_map(_Missing(found.context)),
         confidence=found.confidence, evidence=_evidence(facts, names),
         fixes=ranked_fixes(found.reason, found.context), notes=notes,
         check=run.decision.check if run.decision else None,
-        model_detail=run.decision.detail if run.decision else "")
+        model_detail=run.decision.detail if run.decision else "",
+        then=then, ladder=_ladder_json(run))
 
 
 def explain(event: Event, enricher: Enricher) -> Verdict:

@@ -105,6 +105,13 @@ def _nodev(ctx: dict[str, Any]) -> list[Fix]:
 
 
 def _lsm(ctx: dict[str, Any]) -> list[Fix]:
+    if "Landlock" in str(ctx.get("lsm", "")):
+        return [Fix("Landlock is set by the program itself (landlock_restrict_self): add the "
+                    "node to the sandbox's allowed paths with read/write file access.",
+                    f"LANDLOCK_ACCESS_FS_READ_FILE|LANDLOCK_ACCESS_FS_WRITE_FILE on {ctx['path']}",
+                    "any", where="the sandboxing program's ruleset"),
+                Fix("See Landlock's own record of the denial (kernel 6.15+ with audit).",
+                    "ausearch -m 1423 -ts recent", "host")]
     fixes = [Fix("Find the security module's denial record.", "ausearch -m avc,apparmor -ts recent",
                  "host")]
     label = ctx.get("lsm_label") or ""
@@ -163,6 +170,18 @@ def _node_missing(ctx: dict[str, Any]) -> list[Fix]:
     return fixes
 
 
+def _seccomp(ctx: dict[str, Any]) -> list[Fix]:
+    return [Fix("Find the seccomp filter's refusal (SECCOMP records need audit).",
+                "ausearch -m seccomp -ts recent", "host"),
+            Fix("Allow open/openat/ioctl in the container's seccomp profile.",
+                "docker run --security-opt seccomp=<profile.json> ...", "docker"),
+            Fix("Allow open/openat/ioctl in the container's seccomp profile.",
+                "podman run --security-opt seccomp=<profile.json> ...", "podman-crun"),
+            Fix("Let the service's system call filter allow opening files.",
+                "SystemCallFilter=@file-system @io-event ioctl", "host",
+                where="the unit's [Service] section")]
+
+
 def _unknown(ctx: dict[str, Any]) -> list[Fix]:
     return [Fix("Look for a security module's record of the denial.",
                 "ausearch -m avc,apparmor -ts recent", "host")]
@@ -173,7 +192,7 @@ FIXES: dict[str, Callable[[dict[str, Any]], list[Fix]]] = {
     R.SEAT_ACL_ONLY: _seat_acl_only, R.GID_MISMATCH_IN_CONTAINER: _gid_mismatch,
     R.DEVICE_CGROUP: _device_cgroup, R.NODEV_MOUNT: _nodev, R.LSM_DENIED: _lsm,
     R.MODE_RESTRICTIVE: _mode_restrictive, R.CAPABILITY_REQUIRED: _capability,
-    R.NODE_MISSING: _node_missing, R.UNKNOWN: _unknown,
+    R.NODE_MISSING: _node_missing, R.SECCOMP_DENIED: _seccomp, R.UNKNOWN: _unknown,
 }
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tracer.enrichment.facts import Facts
-from tracer.enrichment.parse_proc import parse_devices_list
+from tracer.enrichment.device_rules import DevicePolicy, policies_from_facts
 from tracer.enrichment.facts import SkipCounter
 from tracer.verdict.access_model import (MAY_READ, MAY_WRITE, AccessDecision, Credentials,
-                                         DeviceCgroupPolicy, IdMap, IdMapRange, NodeFacts,
+                                         IdMap, IdMapRange, NodeFacts,
                                          PosixAcl, UserNamespace, UserNamespaceLevel,
                                          access_mask_from_open_flags, decide_open)
 
@@ -60,13 +60,10 @@ def acl_from_facts(entries: Any) -> Optional[PosixAcl]:
     return PosixAcl(users, groups, group_obj, mask)
 
 
-def device_policy_from_facts(facts: Facts) -> Optional[DeviceCgroupPolicy]:
-    rules = facts.get("device_cgroup.v1_rules")
-    if rules is None:
-        return None
-    # re-validate: facts may come from a journal written by anyone
-    valid = [r.to_text() for r in parse_devices_list("\n".join(rules), SkipCounter())]
-    return DeviceCgroupPolicy.from_devices_list("\n".join(valid))
+def device_policy_from_facts(facts: Facts) -> Optional[tuple[DevicePolicy, ...]]:
+    return policies_from_facts(facts.get("device_cgroup.v1_rules"),
+                               facts.get("device_cgroup.v2_programs"),
+                               facts.get("device_cgroup.v2_unreadable"), SkipCounter())
 
 
 def node_from_facts(facts: Facts, missing: list[str]) -> Optional[NodeFacts]:

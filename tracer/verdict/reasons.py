@@ -19,11 +19,12 @@ LSM_DENIED = "lsm_denied"
 MODE_RESTRICTIVE = "mode_restrictive"
 CAPABILITY_REQUIRED = "capability_required"
 NODE_MISSING = "node_missing"
+SECCOMP_DENIED = "seccomp_denied"
 UNKNOWN = "unknown"
 
 REASONS = (GROUP_DROPPED_IN_USERNS, NOT_IN_GROUP, SEAT_ACL_ONLY, GID_MISMATCH_IN_CONTAINER,
            DEVICE_CGROUP, NODEV_MOUNT, LSM_DENIED, MODE_RESTRICTIVE, CAPABILITY_REQUIRED,
-           NODE_MISSING, UNKNOWN)
+           NODE_MISSING, SECCOMP_DENIED, UNKNOWN)
 
 RUNTIMES = ("podman-runc", "podman-crun", "docker", "kubernetes", "host", "any")
 CONFIDENCES = ("high", "medium", "low")
@@ -73,6 +74,10 @@ class Verdict:
     notes: list[str] = field(default_factory=list)   # limitations worth knowing
     check: Optional[str] = None   # the access-model check that failed
     model_detail: str = ""
+    # layers that would still refuse after the fix, in the kernel's order:
+    # {"layer", "errno", "reason", "detail", "fix"}
+    then: list[dict[str, Any]] = field(default_factory=list)
+    ladder: list[dict[str, Any]] = field(default_factory=list)  # every layer evaluated
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -87,4 +92,6 @@ class Verdict:
             "evidence": [e.to_json() for e in self.evidence],
             "fixes": [dict(f.to_json(), rank=i + 1) for i, f in enumerate(self.fixes)],
             "notes": list(self.notes),
+            "then": list(self.then),
+            "ladder": list(self.ladder),
         }

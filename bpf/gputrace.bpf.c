@@ -7,14 +7,23 @@
  * flag computed from the running kernel's BTF (tracer/sensors/bpf_layout.py),
  * and every read goes through bpf_probe_read_kernel at that offset.
  *
- * Configuration (-D):
- *   ERRNO_MASK          bit e set = report -e (default EACCES|EPERM)
- *   HOOK_FEXIT          fexit programs on the syscall wrappers (FN_*);
- *                       otherwise one raw tracepoint on sys_exit
+ * Hooks: only the watched syscalls pay.  HOOK_FEXIT puts fexit programs on
+ * the syscall wrappers (FN_*); otherwise the syscall-specific exit
+ * tracepoints (syscalls:sys_exit_open, _openat, ...) run, so every other
+ * syscall skips BPF entirely.  Arguments come from the task's saved user
+ * registers (bpf_task_pt_regs), read only after the errno filter passed.
+ *
+ * Configuration (-D), all from Python:
+ *   GT_*                constants from ONE table (tracer/sensors/bpf_constants.py):
+ *                       stat order, buffer sizes, flag bits, syscall ids
+ *   ERRNO_MASK          bit e set = report -e
+ *   HOOK_FEXIT          fexit programs; otherwise syscall exit tracepoints
+ *   HAVE_SYS_OPEN/CREAT the architecture has open(2)/creat(2)
  *   USE_RINGBUF         BPF ring buffer (RINGBUF_PAGES); otherwise perf buffer
+ *   CANDIDATES          send refused opens outside the GPU prefixes for
+ *                       userspace to match by device number
  *   AGG_INTERVAL_NS     min time between count updates for one aggregate
  *   AGG_MAX             aggregation table size
- *   NR_*                syscall numbers (-1 = not on this architecture)
  *   OFF_*, SIZEOF_UPID  struct offsets from BTF
  *
  * The event layout below is mirrored by tracer/sensors/bpf_event.py; its size
@@ -22,23 +31,14 @@
  */
 #include <uapi/linux/ptrace.h>
 
-#ifndef ERRNO_MASK
-#define ERRNO_MASK ((1ULL << 1) | (1ULL << 13))
-#endif
-#ifndef AGG_INTERVAL_NS
-#define AGG_INTERVAL_NS 1000000000ULL
-#endif
-#ifndef AGG_MAX
-#define AGG_MAX 16384
-#endif
-#ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 64
+#ifndef GT_PATH_CAP
+#error "build with the -D flags of tracer/sensors/bpf_constants.py"
 #endif
 
-#define PATH_CAP 256
-#define MAX_GROUPS 32
-#define MAX_PREFIXES 32
-#define PREFIX_CAP 32
+#define PATH_CAP GT_PATH_CAP
+#define MAX_GROUPS GT_MAX_GROUPS
+#define PREFIX_CAP GT_PREFIX_CAP
+#define NORM_IN GT_NORM_IN_CAP
 #define WALK_DEPTH 16
 #define NAME_CAP 64
 #define DIR_END 255
@@ -49,30 +49,11 @@
 /* Keeps the compiler from folding away a bound the verifier needs to see. */
 #define barrier_var(v) asm volatile("" : "+r"(v))
 
-enum sys_id { SYS_OPEN = 1, SYS_CREAT = 2, SYS_OPENAT = 3, SYS_OPENAT2 = 4, SYS_IOCTL = 5 };
-enum ev_kind { EV_DENIAL = 1, EV_UPDATE = 2 };
-enum ev_flag {
-	F_RELATIVE = 1, F_TRUNCATED = 2, F_DIR_UNRESOLVED = 4, F_DEV_VALID = 8,
-	F_UNAGGREGATED = 16, F_REEMITTED = 32,
-};
-enum stat_idx {
-	ST_DENIALS,         /* matched denials, every attempt */
-	ST_EMITTED,         /* full events handed to the buffer */
-	ST_UPDATES,         /* count updates handed to the buffer */
-	ST_DROP_BUFFER,     /* full event the buffer refused (resent later) */
-	ST_DROP_UPDATE,     /* count update the buffer refused (count kept in map) */
-	ST_AGG_FULL,        /* aggregation table full: event sent unaggregated */
-	ST_AGGREGATED,      /* repeats folded into an aggregate */
-	ST_PATH_FAULT,      /* user path unreadable */
-	ST_DIR_UNRESOLVED,  /* relative path whose directory could not be named */
-	ST_NSTATS,
-};
-
 struct agg_key {
 	u32 tgid;
 	u16 sys;
 	u16 err;
-	u64 target; /* path hash, or (1<<63 | dev) for ioctl */
+	u64 target; /* path hash; candidates: GT_TARGET_CANDIDATE | hash; ioctl: GT_TARGET_IOCTL | dev */
 };
 
 struct agg_val {
@@ -91,12 +72,12 @@ struct gpu_event {
 	u64 ts_ns;
 	u64 count;
 	struct agg_key key;
-	/* EV_UPDATE events end here */
+	/* GT_EV_UPDATE events end here */
 	u64 cgroup_id;
 	u64 flags_or_cmd;
 	u64 cap_eff;
 	u32 dev;
-	u32 path_flags; /* low 16: enum ev_flag; high 16: offset of the path as given */
+	u32 path_flags; /* GT_F_* bits */
 	u32 uid, gid, euid, egid, fsuid, fsgid;
 	u32 ngroups;
 	u32 userns_inum;
@@ -112,7 +93,8 @@ struct gpu_event {
 	u32 path_len;
 	u32 groups[MAX_GROUPS];
 	char comm[16];
-	char path[PATH_CAP];
+	char path[PATH_CAP];  /* normalised: no //, no . or .. segments */
+	char given[PATH_CAP]; /* the path as the process passed it */
 };
 
 #define UPDATE_SIZE (offsetof(struct gpu_event, cgroup_id))
@@ -132,6 +114,20 @@ struct scratch {
 	char name[NAME_CAP];
 	char full[4 * PATH_CAP];
 	struct prefix_key pkey;
+	/* normaliser state, kept in the map so the verifier sees one state per step */
+	u32 n_out, n_mark, n_depth, n_over;
+	u16 n_stack[GT_NORM_DEPTH];
+};
+
+struct not_gpu_key { /* a path userspace resolved to something that is not a GPU node */
+	u32 mntns;
+	u32 pad;
+	u64 hash;
+};
+
+struct bucket { /* candidate rate bound, per CPU */
+	u64 last_ns;
+	u64 tokens;
 };
 
 #ifdef USE_RINGBUF
@@ -140,10 +136,12 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 BPF_HASH(agg, struct agg_key, struct agg_val, AGG_MAX);
-BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
+BPF_PERCPU_ARRAY(stats, u64, GT_ST_COUNT);
 BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
-BPF_LPM_TRIE(prefixes, struct prefix_key, u8, MAX_PREFIXES);
-BPF_HASH(gpu_devs, u32, u8, 256);
+BPF_LPM_TRIE(prefixes, struct prefix_key, u8, GT_MAX_PREFIXES);
+BPF_HASH(gpu_devs, u32, u8, GT_GPU_DEVS_MAX);
+BPF_TABLE("lru_hash", struct not_gpu_key, u8, not_gpu, GT_NOT_GPU_MAX);
+BPF_PERCPU_ARRAY(cand_bucket, struct bucket, 1);
 
 static __always_inline u64 rd_u64(const void *base, u32 off)
 {
@@ -271,7 +269,7 @@ static __always_inline u64 path_hash(const char *p)
 			break;
 		h = (h ^ (u8)c) * 0x100000001b3ULL;
 	}
-	return h & ~(1ULL << 63);
+	return h & GT_HASH_MASK;
 }
 
 static __always_inline void fill_task(struct gpu_event *ev)
@@ -331,7 +329,7 @@ static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *
 	u64 count = 1;
 	int full = 1;
 
-	stat_add(ST_DENIALS);
+	stat_add(GT_ST_DENIALS);
 	struct agg_val *v = agg.lookup(key);
 	if (!v) {
 		struct agg_val init = { .count = 1, .last_emit_ns = now };
@@ -341,22 +339,22 @@ static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *
 			v = agg.lookup(key); /* lost an insert race, or the table is full */
 			if (v) {
 				count = __sync_fetch_and_add(&v->count, 1) + 1;
-				stat_add(ST_AGGREGATED);
+				stat_add(GT_ST_AGGREGATED);
 				full = 0;
 			} else {
-				stat_add(ST_AGG_FULL);
-				ev->path_flags |= F_UNAGGREGATED;
+				stat_add(GT_ST_AGGREGATION_TABLE_FULL);
+				ev->path_flags |= GT_F_UNAGGREGATED;
 			}
 		}
 	} else {
 		count = __sync_fetch_and_add(&v->count, 1) + 1;
-		stat_add(ST_AGGREGATED);
+		stat_add(GT_ST_AGGREGATED);
 		full = 0;
 	}
 	if (!full && v && v->need_full) {
 		v->need_full = 0;
 		full = 1;
-		ev->path_flags |= F_REEMITTED;
+		ev->path_flags |= GT_F_REEMITTED;
 	}
 
 	ev->ts_ns = now;
@@ -365,9 +363,9 @@ static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *
 	if (full) {
 		fill_task(ev);
 		if (emit(ctx, ev, sizeof(*ev)) == 0) {
-			stat_add(ST_EMITTED);
+			stat_add(GT_ST_EMITTED);
 		} else {
-			stat_add(ST_DROP_BUFFER);
+			stat_add(GT_ST_DROPPED_BUFFER_FULL);
 			if (v)
 				v->need_full = 1;
 		}
@@ -375,12 +373,12 @@ static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *
 	}
 	if (v && now - v->last_emit_ns >= AGG_INTERVAL_NS) {
 		v->last_emit_ns = now;
-		ev->kind = EV_UPDATE;
+		ev->kind = GT_EV_UPDATE;
 		ev->count = v->count;
 		if (emit(ctx, ev, UPDATE_SIZE) == 0)
-			stat_add(ST_UPDATES);
+			stat_add(GT_ST_UPDATES);
 		else
-			stat_add(ST_DROP_UPDATE);
+			stat_add(GT_ST_DROPPED_UPDATE);
 	}
 	return 0;
 }
@@ -392,7 +390,7 @@ static __always_inline struct scratch *begin(u32 sys, long ret)
 	if (!s)
 		return 0;
 	u64 pt = bpf_get_current_pid_tgid();
-	s->ev.kind = EV_DENIAL;
+	s->ev.kind = GT_EV_DENIAL;
 	s->ev.sys = sys;
 	s->ev.err = -ret;
 	s->ev.tgid = pt >> 32;
@@ -402,6 +400,117 @@ static __always_inline struct scratch *begin(u32 sys, long ret)
 	s->ev.dirfd = AT_FDCWD_;
 	return s;
 }
+
+static __always_inline u32 ix_in(u32 v)
+{
+	barrier_var(v);
+	return v & (NORM_IN - 1);
+}
+
+static __always_inline u32 ix_out(u32 v)
+{
+	barrier_var(v);
+	return v & (PATH_CAP - 1);
+}
+
+/* One character of the lexical normaliser: s->full (absolute) -> s->ev.path.
+ * A segment is copied as it is read; at its end it is undone when it is empty
+ * (//), "." or "..", and ".." also pops the previous segment.  Returns 1 when
+ * done. */
+static __always_inline int norm_step(struct scratch *s, u32 i)
+{
+	char c = s->full[ix_in(i)];
+	char *out = s->ev.path;
+	if (c == '/' || c == 0) {
+		u32 mark = s->n_mark, o = s->n_out;
+		u32 len = o > mark ? o - mark - 1 : 0;
+		if (len == 0 || (len == 1 && out[ix_out(mark + 1)] == '.')) {
+			s->n_out = mark;
+		} else if (len == 2 && out[ix_out(mark + 1)] == '.' && out[ix_out(mark + 2)] == '.') {
+			s->n_out = mark;
+			if (s->n_depth > 0) {
+				s->n_depth -= 1;
+				s->n_out = s->n_stack[ix_out(s->n_depth) & (GT_NORM_DEPTH - 1)];
+			}
+		} else if (s->n_depth < GT_NORM_DEPTH) {
+			s->n_stack[ix_out(s->n_depth) & (GT_NORM_DEPTH - 1)] = mark;
+			s->n_depth += 1;
+		} else {
+			s->n_over = 1; /* deeper than the stack: ".." could not climb back */
+		}
+		if (c == 0)
+			return 1;
+		s->n_mark = s->n_out;
+		if (s->n_out >= PATH_CAP - 1) {
+			s->n_over = 1;
+			return 1;
+		}
+		out[ix_out(s->n_out)] = '/';
+		s->n_out += 1;
+		return 0;
+	}
+	if (s->n_out >= PATH_CAP - 1) {
+		s->n_over = 1;
+		return 1;
+	}
+	out[ix_out(s->n_out)] = c;
+	s->n_out += 1;
+	return 0;
+}
+
+/* Normalise the absolute path in s->full into s->ev.path; returns its length. */
+static __always_inline u32 normalise(struct scratch *s)
+{
+	s->n_out = 0;
+	s->n_mark = 0;
+	s->n_depth = 0;
+	s->n_over = 0;
+	for (u32 i = 0; i < NORM_IN; i++) {
+		if (norm_step(s, i))
+			break;
+	}
+	u32 len = s->n_out;
+	if (len == 0) { /* "/", "/.", "/.." */
+		s->ev.path[0] = '/';
+		len = 1;
+	}
+	s->ev.path[ix_out(len)] = 0;
+	return len;
+}
+
+static __always_inline u32 current_mntns(void)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *nsp = rd_ptr(task, OFF_TASK_NSPROXY);
+	if (!nsp)
+		return 0;
+	return rd_u32(rd_ptr(nsp, OFF_NSPROXY_MNT), OFF_MNTNS_INUM);
+}
+
+#ifdef CANDIDATES
+/* May a new candidate be sent now?  A token bucket per CPU bounds the rate. */
+static __always_inline int candidate_token(u64 now)
+{
+	u32 zero = 0;
+	struct bucket *b = cand_bucket.lookup(&zero);
+	if (!b)
+		return 0;
+	u64 tokens = b->tokens;
+	u64 gained = (now - b->last_ns) / (1000000000ULL / GT_CANDIDATE_RATE);
+	if (gained) {
+		tokens += gained;
+		if (tokens > GT_CANDIDATE_BURST)
+			tokens = GT_CANDIDATE_BURST;
+		b->last_ns = now;
+	}
+	if (!tokens) {
+		b->tokens = 0;
+		return 0;
+	}
+	b->tokens = tokens - 1;
+	return 1;
+}
+#endif
 
 static __always_inline int on_open(void *ctx, u32 sys, long ret, s32 dirfd,
 				   const char *upath, u64 flags)
@@ -415,11 +524,9 @@ static __always_inline int on_open(void *ctx, u32 sys, long ret, s32 dirfd,
 
 	int n = bpf_probe_read_user_str(s->rel, PATH_CAP, upath);
 	if (n <= 0) {
-		stat_add(ST_PATH_FAULT);
+		stat_add(GT_ST_PATH_UNREADABLE);
 		return 0;
 	}
-	const char *match = s->rel;
-	u32 len = n - 1;
 	if (s->rel[0] != '/') {
 		void *task = (void *)bpf_get_current_task();
 		void *mnt = 0, *dentry = 0, *root_mnt = 0, *root_dentry = 0;
@@ -438,41 +545,60 @@ static __always_inline int on_open(void *ctx, u32 sys, long ret, s32 dirfd,
 		}
 		int start = walk_path(s, mnt, dentry, root_mnt, root_dentry);
 		if (start < 0) {
-			stat_add(ST_DIR_UNRESOLVED);
+			stat_add(GT_ST_DIR_UNRESOLVED);
 			return 0;
 		}
-		u32 skip = 0; /* a leading "./" names the same directory */
-		if (s->rel[0] == '.' && s->rel[1] == '/')
-			skip = 2;
 		u32 dlen = dir_to_full(s, start);
 		s->full[dlen & DIR_END] = '/';
 		u32 off = (dlen + 1) & (2 * PATH_CAP - 1);
-		int m = bpf_probe_read_kernel_str(&s->full[off], PATH_CAP, &s->rel[skip & 3]);
-		if (m <= 0)
+		if (bpf_probe_read_kernel_str(&s->full[off], PATH_CAP, s->rel) <= 0)
 			return 0;
-		len = off + m - 1;
-		match = s->full;
-		ev->path_flags |= F_RELATIVE | ((off & 0xffff) << 16);
+		ev->path_flags |= GT_F_RELATIVE;
+	} else {
+		bpf_probe_read_kernel_str(s->full, PATH_CAP, s->rel);
 	}
-	if (!prefix_match(s, match))
-		return 0;
+	s->full[NORM_IN - 1] = 0; /* longer inputs are cut (and flagged) */
+	u32 len = normalise(s);
+	if (s->n_over)
+		ev->path_flags |= GT_F_TRUNCATED;
 
-	if (len >= PATH_CAP) {
-		ev->path_flags |= F_TRUNCATED;
-		len = PATH_CAP - 1;
+	u64 target = GT_TARGET_CANDIDATE;
+	if (prefix_match(s, ev->path)) {
+		target = 0;
+	} else {
+#ifdef CANDIDATES
+		stat_add(GT_ST_CANDIDATES);
+		struct not_gpu_key nk = { .mntns = current_mntns() };
+		nk.hash = path_hash(ev->path);
+		if (not_gpu.lookup(&nk)) {
+			stat_add(GT_ST_CANDIDATES_KNOWN);
+			return 0;
+		}
+		ev->path_flags |= GT_F_CANDIDATE;
+#else
+		return 0;
+#endif
 	}
+
 	if (n == PATH_CAP) { /* the user's path filled the buffer: was there more? */
 		char more = 0;
 		bpf_probe_read_user(&more, 1, upath + PATH_CAP - 1);
 		if (more)
-			ev->path_flags |= F_TRUNCATED;
+			ev->path_flags |= GT_F_TRUNCATED;
 	}
 	ev->path_len = len;
-	bpf_probe_read_kernel_str(ev->path, PATH_CAP, match);
+	bpf_probe_read_kernel_str(ev->given, PATH_CAP, s->rel);
 
 	struct agg_key key = { .tgid = ev->tgid, .sys = sys, .err = -ret };
-	key.target = path_hash(match);
-	return report(ctx, s, &key, bpf_ktime_get_ns());
+	key.target = target | path_hash(ev->path);
+	u64 now = bpf_ktime_get_ns();
+#ifdef CANDIDATES
+	if (target && !agg.lookup(&key) && !candidate_token(now)) {
+		stat_add(GT_ST_CANDIDATES_RATE_LIMITED);
+		return 0;
+	}
+#endif
+	return report(ctx, s, &key, now);
 }
 
 static __always_inline int on_ioctl(void *ctx, long ret, s32 fd, u64 cmd)
@@ -491,19 +617,20 @@ static __always_inline int on_ioctl(void *ctx, long ret, s32 fd, u64 cmd)
 	if (!gpu_devs.lookup(&rdev) && !gpu_devs.lookup(&any))
 		return 0;
 
-	struct scratch *s = begin(SYS_IOCTL, ret);
+	struct scratch *s = begin(GT_SYS_IOCTL, ret);
 	if (!s)
 		return 0;
 	struct gpu_event *ev = &s->ev;
 	ev->dirfd = fd;
 	ev->flags_or_cmd = cmd;
 	ev->dev = rdev;
-	ev->path_flags |= F_DEV_VALID;
+	ev->path_flags |= GT_F_DEV_VALID;
 	ev->path_len = 0;
 	ev->path[0] = 0;
+	ev->given[0] = 0;
 
-	struct agg_key key = { .tgid = ev->tgid, .sys = SYS_IOCTL, .err = -ret };
-	key.target = (1ULL << 63) | rdev;
+	struct agg_key key = { .tgid = ev->tgid, .sys = GT_SYS_IOCTL, .err = -ret };
+	key.target = GT_TARGET_IOCTL | rdev;
 	struct agg_val *seen = agg.lookup(&key);
 	if (!seen || seen->need_full) {
 		/* name the node only for events that will carry it */
@@ -517,7 +644,7 @@ static __always_inline int on_ioctl(void *ctx, long ret, s32 fd, u64 cmd)
 				ev->path_len = dlen;
 				bpf_probe_read_kernel_str(ev->path, PATH_CAP, s->full);
 			} else {
-				ev->path_flags |= F_DIR_UNRESOLVED;
+				ev->path_flags |= GT_F_DIR_UNRESOLVED;
 			}
 		}
 	}
@@ -532,22 +659,22 @@ static __always_inline long regs_arg(void *regs, u32 off)
 static __always_inline int dispatch(void *ctx, u32 sys, void *regs, long ret)
 {
 	switch (sys) {
-	case SYS_OPEN:
+	case GT_SYS_OPEN:
 		return on_open(ctx, sys, ret, AT_FDCWD_, (const char *)regs_arg(regs, OFF_REGS_ARG0),
 			       regs_arg(regs, OFF_REGS_ARG1));
-	case SYS_CREAT: /* creat(path, mode) == open(path, O_CREAT|O_WRONLY|O_TRUNC, mode) */
+	case GT_SYS_CREAT: /* creat(path, mode) == open(path, O_CREAT|O_WRONLY|O_TRUNC, mode) */
 		return on_open(ctx, sys, ret, AT_FDCWD_, (const char *)regs_arg(regs, OFF_REGS_ARG0),
 			       01101);
-	case SYS_OPENAT:
+	case GT_SYS_OPENAT:
 		return on_open(ctx, sys, ret, (s32)regs_arg(regs, OFF_REGS_ARG0),
 			       (const char *)regs_arg(regs, OFF_REGS_ARG1), regs_arg(regs, OFF_REGS_ARG2));
-	case SYS_OPENAT2: {
+	case GT_SYS_OPENAT2: {
 		u64 flags = 0; /* struct open_how: u64 flags first (uapi) */
 		bpf_probe_read_user(&flags, sizeof(flags), (void *)regs_arg(regs, OFF_REGS_ARG2));
 		return on_open(ctx, sys, ret, (s32)regs_arg(regs, OFF_REGS_ARG0),
 			       (const char *)regs_arg(regs, OFF_REGS_ARG1), flags);
 	}
-	case SYS_IOCTL:
+	case GT_SYS_IOCTL:
 		return on_ioctl(ctx, ret, (s32)regs_arg(regs, OFF_REGS_ARG0), regs_arg(regs, OFF_REGS_ARG1));
 	}
 	return 0;
@@ -569,39 +696,65 @@ static __always_inline int errno_wanted(long ret)
 		return dispatch(ctx, sys, regs, ret);         \
 	}
 #define GT_FEXIT_(fn, sys) GT_FEXIT(fn, sys)
-#if NR_OPEN >= 0
-GT_FEXIT_(FN_OPEN, SYS_OPEN)
+#ifdef HAVE_SYS_OPEN
+GT_FEXIT_(FN_OPEN, GT_SYS_OPEN)
 #endif
-#if NR_CREAT >= 0
-GT_FEXIT_(FN_CREAT, SYS_CREAT)
+#ifdef HAVE_SYS_CREAT
+GT_FEXIT_(FN_CREAT, GT_SYS_CREAT)
 #endif
-GT_FEXIT_(FN_OPENAT, SYS_OPENAT)
-GT_FEXIT_(FN_OPENAT2, SYS_OPENAT2)
-GT_FEXIT_(FN_IOCTL, SYS_IOCTL)
+GT_FEXIT_(FN_OPENAT, GT_SYS_OPENAT)
+GT_FEXIT_(FN_OPENAT2, GT_SYS_OPENAT2)
+GT_FEXIT_(FN_IOCTL, GT_SYS_IOCTL)
 
-#else /* one raw tracepoint on every syscall exit, errno filtered first */
+#else /* syscall-specific exit tracepoints: unwatched syscalls never reach BPF */
 
-RAW_TRACEPOINT_PROBE(sys_exit)
+/* The registers the task entered the syscall with (arguments intact). */
+static __always_inline void *user_regs(void)
 {
-	long ret = (long)ctx->args[1];
+	return (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+#ifdef HAVE_SYS_OPEN
+TRACEPOINT_PROBE(syscalls, sys_exit_open)
+{
+	long ret = args->ret;
 	if (!errno_wanted(ret))
 		return 0;
-	void *regs = (void *)ctx->args[0];
-	long nr = 0;
-	bpf_probe_read_kernel(&nr, REGS_NR_SIZE, (char *)regs + OFF_REGS_NR);
-	u32 sys;
-	if (nr == NR_OPENAT)
-		sys = SYS_OPENAT;
-	else if (nr == NR_IOCTL)
-		sys = SYS_IOCTL;
-	else if (nr == NR_OPEN && NR_OPEN >= 0)
-		sys = SYS_OPEN;
-	else if (nr == NR_OPENAT2)
-		sys = SYS_OPENAT2;
-	else if (nr == NR_CREAT && NR_CREAT >= 0)
-		sys = SYS_CREAT;
-	else
+	return dispatch(args, GT_SYS_OPEN, user_regs(), ret);
+}
+#endif
+
+#ifdef HAVE_SYS_CREAT
+TRACEPOINT_PROBE(syscalls, sys_exit_creat)
+{
+	long ret = args->ret;
+	if (!errno_wanted(ret))
 		return 0;
-	return dispatch(ctx, sys, regs, ret);
+	return dispatch(args, GT_SYS_CREAT, user_regs(), ret);
+}
+#endif
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+	long ret = args->ret;
+	if (!errno_wanted(ret))
+		return 0;
+	return dispatch(args, GT_SYS_OPENAT, user_regs(), ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
+{
+	long ret = args->ret;
+	if (!errno_wanted(ret))
+		return 0;
+	return dispatch(args, GT_SYS_OPENAT2, user_regs(), ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	long ret = args->ret;
+	if (!errno_wanted(ret))
+		return 0;
+	return dispatch(args, GT_SYS_IOCTL, user_regs(), ret);
 }
 #endif

@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import shutil
+import subprocess
+import time
 from typing import Iterator
 
 import pytest
@@ -250,3 +252,169 @@ def test_extra_errnos_are_configurable():
             assert ev.errno == errno.ENXIO and ev.node.path == node.encode()
     finally:
         harness.close()
+
+
+# --- every spelling of a node, and the node under another name ----------------
+
+@pytest.mark.parametrize("spell", [
+    "{d}//{n}", "{d}/./{n}", "{d}/../dev/{n}", "/{d}/.//{n}", "/tmp/../../{d}/{n}",
+])
+def test_every_spelling_is_one_event_with_the_normalised_path(bpf_sensor, spell):
+    with gpu_node() as node:
+        d, n = os.path.split(node)
+        given = spell.format(d=d, n=n)
+        res = actor.spawn({"uid": 1520, "gid": 1520, "groups": [],
+                           "actions": [{"op": "open", "path": given}]}).check()
+        assert res.errnos() == [errno.EACCES]
+        ev = only_denial(bpf_sensor.wait_for(lambda e: e.process.pid == res.pid))
+        assert ev.node.path == node.encode()
+        assert ev.node.path_as_given == given.encode()
+
+
+def test_relative_spelling_with_dotdot_from_cwd(bpf_sensor):
+    with gpu_node() as node:
+        given = "../dev/./" + os.path.basename(node)
+        res = actor.spawn({"uid": 1521, "gid": 1521, "groups": [], "chdir": "/tmp",
+                           "actions": [{"op": "open", "path": given},
+                                       {"op": "open", "path": node}]}).check()
+        assert res.errnos() == [errno.EACCES] * 2
+        ev = only_denial(bpf_sensor.wait_for(lambda e: e.process.pid == res.pid))
+        assert ev.node.path == node.encode() and ev.node.path_as_given == given.encode()
+        # both spellings are one node: one aggregate counting two denials
+        bpf_sensor.wait_for(lambda e: e.process.pid == res.pid and e.count == 2)
+
+
+@contextlib.contextmanager
+def alias(kind: str, node: str) -> Iterator[str]:
+    """The node reached under another name: a symlink, a bind mount, a second mknod."""
+    path = os.path.join("/tmp", unique("gt-alias"))
+    if kind == "symlink":
+        os.symlink(node, path)
+    elif kind == "bind":
+        open(path, "w").close()
+        subprocess.run(["mount", "--bind", node, path], check=True)
+    else:
+        st = os.stat(node)
+        make_node(path, NodeSpec(major=os.major(st.st_rdev), minor=os.minor(st.st_rdev),
+                                 mode=0o600))
+    try:
+        yield path
+    finally:
+        if kind == "bind":
+            subprocess.run(["umount", path], check=False)
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "bind", "mknod"])
+def test_node_under_another_name_is_matched_by_device(bpf_sensor, kind):
+    with gpu_node(mode=0o600, minor=81) as node, alias(kind, node) as other:
+        res = actor.spawn({"uid": 1522, "gid": 1522, "groups": [], "report_truth": False,
+                           "actions": [{"op": "open", "path": other}]}).check()
+        assert res.errnos() == [errno.EACCES]
+        assert not os.path.exists(f"/proc/{res.pid}")  # resolved after the process is gone
+        ev = only_denial(bpf_sensor.wait_for(lambda e: e.process.pid == res.pid))
+        assert ev.node.path == other.encode()
+        assert (ev.node.major, ev.node.minor) == (195, 81)
+        assert ev.process.uid == 1522 and ev.count == 1
+
+
+def test_alias_in_another_mount_namespace_after_the_opener_exited(bpf_sensor):
+    """The bind mount exists only in a private mount namespace; the opener is dead
+    by the time userspace looks, a process holding the namespace is not."""
+    with gpu_node(mode=0o600, minor=82) as node:
+        spot = os.path.join("/tmp", unique("gt-ns"))
+        open(spot, "w").close()
+        script = (f"mount --bind {node} {spot} && "
+                  f"setpriv --reuid 1523 --regid 1523 --clear-groups /usr/bin/python3 -c "
+                  f"'import os\ntry: os.open(\"{spot}\", os.O_RDONLY)\nexcept OSError: print(os.getpid())' "
+                  f"&& sleep 3")
+        holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None
+            pid = int(holder.stdout.readline())
+            ev = only_denial(bpf_sensor.wait_for(lambda e: e.process.pid == pid))
+            assert ev.node.path == spot.encode() and (ev.node.major, ev.node.minor) == (195, 82)
+            assert ev.process.mntns != os.stat("/proc/self/ns/mnt").st_ino
+        finally:
+            holder.wait(10)
+            os.unlink(spot)
+
+
+def test_non_gpu_aliases_and_files_give_no_event(bpf_sensor, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    (locked / "f").write_text("x")
+    os.chmod(tmp_path, 0o755)
+    link = tmp_path / "link-to-null-dir"
+    os.symlink(str(locked / "f"), link)
+    with gpu_node(mode=0o600, minor=83) as shut:
+        before = bpf_sensor.sensor.stats()
+        res = actor.spawn({"uid": 1524, "gid": 1524, "groups": [],
+                           "actions": [{"op": "open", "path": str(locked / "f")},
+                                       {"op": "open", "path": str(link)},
+                                       {"op": "open", "path": str(tmp_path / "locked/./f")},
+                                       {"op": "open", "path": shut}]}).check()
+        assert res.errnos() == [errno.EACCES] * 4
+        bpf_sensor.wait_for(lambda e: e.process.pid == res.pid and e.node.path == shut.encode())
+        assert {e.node.path for e in bpf_sensor.for_pid(res.pid)} == {shut.encode()}
+        after = bpf_sensor.sensor.stats()
+        # two distinct non-GPU paths, both looked at and found not to be GPU nodes
+        assert after["candidates"] - before["candidates"] == 3
+        assert after.get("candidates_not_gpu", 0) - before.get("candidates_not_gpu", 0) >= 1
+
+
+def _locked_dir(tmp_path) -> str:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    os.chmod(tmp_path, 0o755)
+    return str(locked)
+
+
+def _settle(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "counts did not settle"
+        time.sleep(0.1)
+
+
+def test_storm_of_refused_non_gpu_opens_is_counted_and_costs_no_events(bpf_sensor, tmp_path):
+    attempts = 100_000
+    target = os.path.join(_locked_dir(tmp_path), "f")
+    before = bpf_sensor.sensor.stats()
+    res = actor.spawn({"uid": 1525, "gid": 1525, "groups": [],
+                       "actions": [{"op": "open_loop", "path": target, "count": attempts}]},
+                      timeout=120).check()
+    assert res.results[0]["failures"] == {"EACCES": attempts}
+    after = bpf_sensor.sensor.stats()
+    assert after["candidates"] - before["candidates"] == attempts  # every attempt counted
+    # userspace looked once; the kernel then dropped the repeats itself
+    assert after["candidates_not_gpu"] - before.get("candidates_not_gpu", 0) == 1
+    assert after["candidates_known"] - before["candidates_known"] >= attempts - 1000
+    time.sleep(1.0)
+    assert bpf_sensor.for_pid(res.pid) == []
+
+
+def test_storm_of_distinct_refused_paths_is_bounded_and_counted(bpf_sensor, tmp_path):
+    paths = 10_000
+    locked = _locked_dir(tmp_path)
+    before = bpf_sensor.sensor.stats()
+    code = (f"import os\nfor i in range({paths}):\n"
+            f"    try: os.open('{locked}/f%d' % i, os.O_RDONLY)\n    except OSError: pass\n"
+            "print(os.getpid())")
+    out = subprocess.run(["setpriv", "--reuid", "1526", "--regid", "1526", "--clear-groups",
+                          "/usr/bin/python3", "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    pid = int(out.stdout)
+
+    def delta(name: str) -> int:
+        return bpf_sensor.sensor.stats().get(name, 0) - before.get(name, 0)
+    _settle(lambda: delta("candidates") == paths)
+    # each distinct path: looked at by userspace, or refused by the rate bound, or
+    # lost to a full buffer; every one is counted, none becomes an event
+    _settle(lambda: delta("candidates_not_gpu") + delta("candidates_rate_limited")
+            + delta("dropped_buffer_full") == paths)
+    assert delta("candidates_rate_limited") < paths
+    assert bpf_sensor.sensor.stats()["candidate_cache_entries"] <= 4096
+    assert bpf_sensor.for_pid(pid) == []
+    time.sleep(2.5)  # the rate bound refills before later tests

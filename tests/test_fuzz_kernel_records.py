@@ -21,7 +21,7 @@ from tracer.sensors.audit_marshal import (AUDIT_CWD, AUDIT_EOE, AUDIT_PATH, AUDI
 from tracer.sensors.audit_pipeline import AuditConfig, AuditPipeline, replay_datagrams
 from tracer.sensors.audit_records import (PARSE_ERROR_REASONS, RecordAssembler, RecordError,
                                           parse_record)
-from tracer.sensors.bpf_layout import SYSCALL_NAMES
+from tracer.sensors.bpf_constants import SYSCALL_NAMES
 from tracer.sinks.console import denial_line, update_line
 from tests.test_hostile_strings import assert_terminal_safe
 

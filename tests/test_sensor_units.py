@@ -21,17 +21,17 @@ def raw_event(**over) -> bytes:
              ktgid=10, ksys=3, kerr=13, target=0xABC, cgroup=77, flags=2, cap=0, dev=0,
              path_flags=0, ids=(1000, 1001, 1002, 1003, 1004, 1005), ngroups=2, uns=(4026531837, 0, 0),
              ns=(1, 2, 3, 10), audit=(1000, 5), dirfd=-100, path_len=12,
-             groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0")
+             groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0", given=b"/dev/nvidia0")
     f.update(over)
     return bpf_event.FULL.pack(
         f["kind"], f["sys"], f["err"], f["tgid"], f["tid"], f["ppid"], f["ts"], f["count"],
         f["ktgid"], f["ksys"], f["kerr"], f["target"], f["cgroup"], f["flags"], f["cap"],
         f["dev"], f["path_flags"], *f["ids"], f["ngroups"], *f["uns"], *f["ns"], *f["audit"],
-        f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"])
+        f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"], f["given"])
 
 
 def test_layout_sizes_match_the_c_struct():
-    assert bpf_event.EVENT_SIZE == 560 and bpf_event.UPDATE_SIZE == 56
+    assert bpf_event.EVENT_SIZE == 816 and bpf_event.UPDATE_SIZE == 56
 
 
 def test_decode_full_event():
@@ -45,8 +45,10 @@ def test_decode_full_event():
 
 
 def test_decode_relative_ioctl_and_update():
-    rel = bpf_event.decode(raw_event(path_flags=bpf_event.F_RELATIVE | (5 << 16)), 0)
-    assert rel.node.path_as_given == b"nvidia0"
+    rel = bpf_event.decode(raw_event(path_flags=bpf_event.F_RELATIVE, given=b"nvidia0"), 0)
+    assert rel.node.path == b"/dev/nvidia0" and rel.node.path_as_given == b"nvidia0"
+    same = bpf_event.decode(raw_event(), 0)
+    assert same.node.path_as_given is None  # spelt as normalised: nothing extra to keep
     io = bpf_event.decode(raw_event(sys=5, dev=(195 << 20) | 255, path_flags=bpf_event.F_DEV_VALID,
                                     flags=0xC0104601), 0)
     assert (io.node.major, io.node.minor, io.ioctl_cmd) == (195, 255, 0xC0104601)

@@ -42,7 +42,7 @@ class SensorConfig:
     extra_devices: list[str] = field(default_factory=list, metadata=doc(
         "Extra device numbers whose opens and ioctls are watched, as \"MAJOR\" or \"MAJOR:MINOR\"."))
     hook: str = field(default="auto", metadata=doc(
-        "Kernel hook: auto tries fexit and falls back to the sys_exit tracepoint.",
+        "Kernel hook: auto tries fexit and falls back to the syscall exit tracepoints.",
         choices=("auto", "fexit", "tracepoint")))
     transport: str = field(default="auto", metadata=doc(
         "Kernel-to-user buffer.", choices=("auto", "ringbuf", "perf")))

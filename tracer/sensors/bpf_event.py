@@ -8,20 +8,21 @@ from typing import Optional
 
 from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import SENSOR
-from tracer.sensors.bpf_layout import SYSCALL_NAMES
+from tracer.sensors.bpf_constants import (
+    EV_DENIAL, EV_UPDATE, F_CANDIDATE, F_DEV_VALID, F_DIR_UNRESOLVED, F_REEMITTED, F_RELATIVE,
+    F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
+
+__all__ = ["EV_DENIAL", "EV_UPDATE", "F_CANDIDATE", "F_DEV_VALID", "F_DIR_UNRESOLVED",
+           "F_REEMITTED", "F_RELATIVE", "F_TRUNCATED", "F_UNAGGREGATED", "MAX_GROUPS"]
 
 # Mirrors struct gpu_event; the C side asserts sizeof() == EVENT_SIZE.
 _HEADER = "IIiIIIQQIHHQ"
-_BODY = "QQQII" "IIIIII" "I" "III" "IIII" "II" "iI" "32I" "16s" "256s"
+_BODY = ("QQQII" "IIIIII" "I" "III" "IIII" "II" "iI" f"{MAX_GROUPS}I" "16s"
+         f"{PATH_CAP}s" f"{PATH_CAP}s")
 HEADER = struct.Struct("<" + _HEADER)
 FULL = struct.Struct("<" + _HEADER + _BODY)
 EVENT_SIZE = FULL.size
 UPDATE_SIZE = HEADER.size
-
-EV_DENIAL, EV_UPDATE = 1, 2
-F_RELATIVE, F_TRUNCATED, F_DIR_UNRESOLVED, F_DEV_VALID = 1, 2, 4, 8
-F_UNAGGREGATED, F_REEMITTED = 16, 32
-MAX_GROUPS = 32
 
 
 class DecodeError(ValueError):
@@ -38,6 +39,11 @@ class AggKey:
     sys: int
     err: int
     target: int
+
+    @property
+    def candidate(self) -> bool:
+        """An open outside the GPU prefixes, kept only if its path is a GPU node."""
+        return self.sys != 5 and bool(self.target & TARGET_CANDIDATE)
 
     def label(self) -> str:
         return f"{self.tgid}:{self.sys}:{self.err}:{self.target:016x}"
@@ -85,13 +91,13 @@ def decode(data: bytes, clock_offset: float) -> "Event | Update":
     groups = list(f[35:35 + MAX_GROUPS])[:min(ngroups, MAX_GROUPS)]
     comm = _cstr(f[35 + MAX_GROUPS])
     raw_path = _cstr(f[36 + MAX_GROUPS])[:path_len] if path_len else _cstr(f[36 + MAX_GROUPS])
-    flags = path_flags & 0xFFFF
-    given_off = path_flags >> 16
+    given = _cstr(f[37 + MAX_GROUPS])
+    flags = path_flags
     syscall = SYSCALL_NAMES[sys_id]
 
     node = Node(path=raw_path or None, path_truncated=bool(flags & F_TRUNCATED))
-    if flags & F_RELATIVE and given_off <= len(raw_path):
-        node.path_as_given = raw_path[given_off:]
+    if given and given != raw_path:  # relative, or spelt with //, . or ..
+        node.path_as_given = given
     if flags & F_DEV_VALID:
         node.major, node.minor = dev_major(dev), dev_minor(dev)
     process = Process(

@@ -96,8 +96,6 @@ ARCHES: dict[str, Arch] = {
         4, "__arm64_sys_"),
 }
 
-SYSCALL_IDS = {"open": 1, "creat": 2, "openat": 3, "openat2": 4, "ioctl": 5}
-SYSCALL_NAMES = {v: k for k, v in SYSCALL_IDS.items()}
 
 
 def current_arch(machine: str | None = None) -> Arch:
@@ -125,7 +123,4 @@ def offset_flags(btf: KernelBtf, arch: Arch) -> dict[str, int]:
             flags[macro] = btf.member(dotted).offset
     if "OFF_TASK_LOGINUID" in flags and "OFF_TASK_SESSIONID" in flags:
         flags["HAVE_AUDIT_IDS"] = 1
-    flags["REGS_NR_SIZE"] = arch.nr_size
-    for name in SYSCALL_IDS:
-        flags[f"NR_{name.upper()}"] = arch.syscalls.get(name, -1)
     return flags

@@ -5,6 +5,11 @@ errno) into an aggregate and sends the first event plus periodic count
 updates; this module sweeps the aggregation table so the last repeats before a
 process exits are reported too, and nothing the kernel could not deliver goes
 uncounted (see `stats()`).
+
+Refused opens whose path matches no GPU prefix arrive as candidates; they are
+kept only when the path resolves to a GPU device number
+(tracer/sensors/candidates.py), and the kernel is told which paths are not
+GPU nodes so that repeats of them cost no event.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ from tracer.errors import EnvironmentProblem
 from tracer.event import Event, Node, Process
 from tracer.facts import SENSOR, Facts
 from tracer.host import HostPaths
-from tracer.sensors import bpf_event, compiler_memory, gpu_nodes, kernel_headers, preflight
+from tracer.sensors import bpf_constants, bpf_event, compiler_memory, gpu_nodes, kernel_headers
+from tracer.sensors import preflight
+from tracer.sensors.bpf_constants import (HASH_MASK, MAX_PREFIXES, PREFIX_CAP, RINGBUF_PAGES,
+                                          STAT_NAMES, SYSCALL_NAMES)
 from tracer.sensors.bpf_event import AggKey, DecodeError, Update
-from tracer.sensors.bpf_layout import SYSCALL_NAMES, current_arch, offset_flags
+from tracer.sensors.bpf_layout import current_arch, offset_flags
 from tracer.sensors.btf import KIND_FUNC, KernelBtf
+from tracer.sensors.candidates import DeviceResolver
 
-STAT_NAMES = ("denials", "emitted", "updates", "dropped_buffer_full", "dropped_update",
-              "aggregation_table_full", "aggregated", "path_unreadable", "dir_unresolved")
-PREFIX_CAP, MAX_PREFIXES = 32, 32
+__all__ = ["BpfConfig", "BpfSensor", "STAT_NAMES"]
 
 
 def bpf_source_dir() -> str:
@@ -51,7 +58,8 @@ class BpfConfig:
     extra_devs: tuple[tuple[int, Optional[int]], ...] = ()  # (major, minor or None)
     hook: str = "auto"          # auto | fexit | tracepoint
     transport: str = "auto"     # auto | ringbuf | perf
-    ringbuf_pages: int = 1024  # 4 MiB: a burst of ~7,000 distinct denials
+    ringbuf_pages: int = RINGBUF_PAGES
+    match_by_device: bool = True  # refused opens outside the prefixes: match by device number
     aggregate_interval_s: float = 1.0
     aggregate_max: int = 16384
     book_max: int = 16384  # aggregates remembered in userspace (oldest forgotten first)
@@ -81,6 +89,8 @@ class BpfSensor:
         self.nodes: Optional[gpu_nodes.GpuNodeSet] = None
         self._queue: Deque[Event] = collections.deque()
         self._book: dict[AggKey, _Aggregate] = {}
+        self._ignored: "collections.OrderedDict[AggKey, None]" = collections.OrderedDict()
+        self.resolver: Optional[DeviceResolver] = None
         self._user_stats = collections.Counter[str]()
         self._clock_offset = time.time() - time.monotonic()
         self._last_sweep = 0.0
@@ -100,6 +110,10 @@ class BpfSensor:
             hooks = self._hook_order(btf, arch.syscall_prefix)
             ringbuf = self.config.transport == "ringbuf" or (
                 self.config.transport == "auto" and btf.has_func("bpf_ringbuf_output"))
+        flags.update(bpf_constants.cflags())
+        flags.update({f"HAVE_SYS_{n.upper()}": 1 for n in ("open", "creat") if n in arch.syscalls})
+        if self.config.match_by_device:
+            flags["CANDIDATES"] = 1
         flags.update(EVENT_SIZE=bpf_event.EVENT_SIZE, AGG_MAX=self.config.aggregate_max,
                      AGG_INTERVAL_NS=f"{int(self.config.aggregate_interval_s * 1e9)}ULL",
                      ERRNO_MASK=f"{sum(1 << e for e in self.config.errnos if 0 < e < 64)}ULL")
@@ -117,7 +131,7 @@ class BpfSensor:
         if self.bpf is None:
             raise EnvironmentProblem("could not load the BPF probe (" + "; ".join(errors) + ")")
         if len(errors) and self.hook == "tracepoint":
-            self.say(f"fexit unavailable ({errors[0]}); using the sys_exit raw tracepoint")
+            self.say(f"fexit unavailable ({errors[0]}); using the syscall exit tracepoints")
         self._configure_maps()
         self._open_buffer()
         compiler_memory.release_compiler_memory(self.host.proc)
@@ -135,7 +149,7 @@ class BpfSensor:
                 raise EnvironmentProblem(f"--hook fexit requested but {why}")
             return [fexit]
         if not ok:
-            self.say(f"{why}; using the sys_exit raw tracepoint")
+            self.say(f"{why}; using the syscall exit tracepoints")
             return [tracepoint]
         return [fexit, tracepoint]
 
@@ -171,6 +185,7 @@ class BpfSensor:
         devs = self.bpf[b"gpu_devs"]
         for key in self.nodes.kernel_dev_keys():
             devs[ctypes.c_uint32(key)] = ctypes.c_uint8(1)
+        self.resolver = DeviceResolver(self.nodes, self.host.proc)
 
     def _open_buffer(self) -> None:
         if self.transport == "ringbuf":
@@ -201,6 +216,8 @@ class BpfSensor:
             return
         key = bpf_event.key_of(record)
         assert key is not None
+        if key.candidate and key not in self._book and not self._keep_candidate(key, record):
+            return
         agg = self._book.get(key)
         if agg is not None and agg.first is not None:
             if record.facts.get("sensor.unaggregated"):
@@ -218,7 +235,43 @@ class BpfSensor:
         if pending > record.count:
             self._count(key, pending)
 
+    def _keep_candidate(self, key: AggKey, record: Event) -> bool:
+        """Is this refused open outside the GPU prefixes a GPU node after all?"""
+        if key in self._ignored:
+            return False
+        assert self.resolver is not None
+        found = self.resolver.resolve(record.process.pid, record.process.mntns,
+                                      record.node.path or b"")
+        if found.outcome == "gpu":
+            record.node.major, record.node.minor = found.major, found.minor
+            record.facts.put("sensor.matched_by_device", True, SENSOR,
+                             "path outside the GPU prefixes; fstat in the process's root")
+            self._user_stats["candidates_gpu"] += 1
+            return True
+        self._user_stats[f"candidates_{found.outcome}"] += 1
+        self._ignored[key] = None
+        while len(self._ignored) > self.config.book_max:
+            self._ignored.popitem(last=False)
+        if found.outcome == "not_gpu":  # the kernel stops sending this path for this namespace
+            table = self.bpf[b"not_gpu"]
+            nk = table.Key()
+            nk.mntns, nk.hash = record.process.mntns, key.target & HASH_MASK
+            table[nk] = ctypes.c_uint8(1)
+            self._forget_kernel_aggregate(key)
+        return False
+
+    def _forget_kernel_aggregate(self, key: AggKey) -> None:
+        table = self.bpf[b"agg"]
+        k = table.Key()
+        k.tgid, k.sys, k.err, k.target = key.tgid, key.sys, key.err, key.target
+        try:
+            del table[k]
+        except KeyError:
+            pass
+
     def _count(self, key: AggKey, count: int) -> None:
+        if key in self._ignored:
+            return
         agg = self._book.get(key)
         if agg is None or agg.first is None:
             self._book[key] = _Aggregate(first=None, reported=0, pending=max(count, agg.pending if agg else 0))
@@ -243,8 +296,18 @@ class BpfSensor:
         for k, v in list(table.items()):
             key = AggKey(k.tgid, k.sys, k.err, k.target)
             in_table.add(key)
-            self._count(key, v.count)
             alive = is_alive(k.tgid)
+            if key.candidate and (key in self._ignored or key not in self._book
+                                  or self._book[key].first is None):
+                # a refused open we never matched to a GPU node: nothing to report
+                if key not in self._ignored and (final or not alive):
+                    self._user_stats["candidates_first_event_lost"] += 1
+                if not alive:
+                    self._forget_kernel_aggregate(key)
+                    self._ignored.pop(key, None)
+                    self._book.pop(key, None)
+                continue
+            self._count(key, v.count)
             if final or not alive:
                 agg = self._book.get(key)
                 if agg is not None and agg.first is None:
@@ -308,6 +371,8 @@ class BpfSensor:
             for i, name in enumerate(STAT_NAMES):
                 out[name] = int(sum(table[ctypes.c_int(i)]))
         out.update(self._user_stats)
+        if self.resolver is not None:
+            out["candidate_cache_entries"] = len(self.resolver)
         return out
 
     def close(self) -> None:

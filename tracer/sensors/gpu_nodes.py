@@ -60,6 +60,10 @@ class GpuNodeSet:
     majors: dict[int, str] = field(default_factory=dict)  # major -> driver name
     exact: dict[int, str] = field(default_factory=dict)   # kernel dev_t -> node name
 
+    def is_gpu(self, major: int, minor: int) -> bool:
+        """A character device of a GPU driver: its major, or its exact number."""
+        return major in self.majors or mkdev(major, minor) in self.exact
+
     def kernel_dev_keys(self) -> list[int]:
         """Keys for the BPF `gpu_devs` map: exact devs and (major, any minor)."""
         return sorted(set(self.exact) | {mkdev(m, ANY_MINOR) for m in self.majors})

@@ -35,7 +35,7 @@ def require_bpf_privilege(proc: str = "/proc") -> None:
 
 
 def require_tracefs(tracefs: str = "/sys/kernel/tracing") -> str:
-    """Mount tracefs if needed; returns the path.  The sys_exit tracepoint must exist."""
+    """Mount tracefs if needed; returns the path.  The syscall exit tracepoints must exist."""
     events = os.path.join(tracefs, "events")
     if not os.path.isdir(events):
         if not os.path.isdir(tracefs):
@@ -47,8 +47,8 @@ def require_tracefs(tracefs: str = "/sys/kernel/tracing") -> str:
             why = (proc.stderr.strip().splitlines() or ["mount failed"])[-1]
             raise EnvironmentProblem(f"tracefs is not mounted at {tracefs} and mounting it failed "
                                      f"({why}); mount it with: mount -t tracefs nodev {tracefs}")
-    if not os.path.isdir(os.path.join(events, "raw_syscalls/sys_exit")):
-        raise EnvironmentProblem("the kernel has no raw_syscalls:sys_exit tracepoint "
+    if not os.path.isdir(os.path.join(events, "syscalls/sys_exit_openat")):
+        raise EnvironmentProblem("the kernel has no syscalls:sys_exit_openat tracepoint "
                                  "(CONFIG_FTRACE_SYSCALLS); try --sensor audit")
     return tracefs
 

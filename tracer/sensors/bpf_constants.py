@@ -1,0 +1,77 @@
+"""The one table of constants shared by bpf/gputrace.bpf.c and its Python readers.
+
+The C program defines none of these itself: every value arrives as a `-D`
+flag built here (`cflags()`), so the stat order, buffer sizes and flag bits
+cannot drift apart.  Every macro carries the `GT_` prefix so that none can
+collide with a kernel macro (the kernel's own `NR_OPEN` once shadowed ours).
+"""
+
+from __future__ import annotations
+
+# Order of the per-CPU `stats` array; the C enum is generated from it.
+STAT_NAMES = (
+    "denials",                 # matched denials, every attempt
+    "emitted",                 # full events handed to the buffer
+    "updates",                 # count updates handed to the buffer
+    "dropped_buffer_full",     # full event the buffer refused (resent later)
+    "dropped_update",          # count update the buffer refused (count kept in map)
+    "aggregation_table_full",  # aggregation table full: event sent unaggregated
+    "aggregated",              # repeats folded into an aggregate
+    "path_unreadable",         # user path unreadable
+    "dir_unresolved",          # relative path whose directory could not be named
+    "candidates",              # refused opens outside the GPU prefixes (every attempt)
+    "candidates_known",        # ...whose path userspace already found not to be a GPU node
+    "candidates_rate_limited",  # ...new ones refused by the candidate rate bound
+)
+
+PATH_CAP = 256          # bytes of a path in an event (normalised, and as given)
+NORM_IN_CAP = 512       # bytes of the absolute path the kernel normalises
+MAX_GROUPS = 32         # supplementary groups copied per event
+MAX_PREFIXES = 32       # GPU path prefixes (LPM trie entries)
+PREFIX_CAP = 32         # bytes of one prefix
+NORM_DEPTH = 32         # path segments `..` can climb back over
+RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~7,000 distinct denials
+GPU_DEVS_MAX = 256      # device numbers / majors in the `gpu_devs` map
+NOT_GPU_MAX = 8192      # (mount ns, path hash) pairs known not to be GPU nodes
+CANDIDATE_RATE = 2000   # new candidates per second per CPU the kernel may send
+CANDIDATE_BURST = 4000  # ...and its token bucket depth
+
+EV_DENIAL, EV_UPDATE = 1, 2
+
+# Event flag bits (gpu_event.path_flags).
+F_RELATIVE = 1       # the path was relative to cwd or dirfd
+F_TRUNCATED = 2      # longer than PATH_CAP (or NORM_IN_CAP before normalising)
+F_DIR_UNRESOLVED = 4  # the directory of a relative path could not be named
+F_DEV_VALID = 8      # `dev` holds the node's device number
+F_UNAGGREGATED = 16  # the aggregation table was full: this event counts 1
+F_REEMITTED = 32     # a resend of a first event the buffer had refused
+F_CANDIDATE = 64     # path outside the GPU prefixes: userspace decides by device
+
+# Aggregation key target bits: bit 63 = ioctl (target holds the dev),
+# bit 62 = candidate (target holds the path hash).
+TARGET_IOCTL = 1 << 63
+TARGET_CANDIDATE = 1 << 62
+HASH_MASK = TARGET_CANDIDATE - 1
+
+SYSCALL_IDS = {"open": 1, "creat": 2, "openat": 3, "openat2": 4, "ioctl": 5}
+SYSCALL_NAMES = {v: k for k, v in SYSCALL_IDS.items()}
+
+
+def cflags() -> dict[str, object]:
+    """Every constant above as the `-D` flags the C program requires."""
+    flags: dict[str, object] = {f"GT_ST_{name.upper()}": i for i, name in enumerate(STAT_NAMES)}
+    flags["GT_ST_COUNT"] = len(STAT_NAMES)
+    flags.update(GT_PATH_CAP=PATH_CAP, GT_NORM_IN_CAP=NORM_IN_CAP, GT_MAX_GROUPS=MAX_GROUPS,
+                 GT_MAX_PREFIXES=MAX_PREFIXES, GT_PREFIX_CAP=PREFIX_CAP, GT_NORM_DEPTH=NORM_DEPTH,
+                 GT_GPU_DEVS_MAX=GPU_DEVS_MAX, GT_NOT_GPU_MAX=NOT_GPU_MAX,
+                 GT_CANDIDATE_RATE=CANDIDATE_RATE, GT_CANDIDATE_BURST=CANDIDATE_BURST,
+                 GT_EV_DENIAL=EV_DENIAL, GT_EV_UPDATE=EV_UPDATE,
+                 GT_F_RELATIVE=F_RELATIVE, GT_F_TRUNCATED=F_TRUNCATED,
+                 GT_F_DIR_UNRESOLVED=F_DIR_UNRESOLVED, GT_F_DEV_VALID=F_DEV_VALID,
+                 GT_F_UNAGGREGATED=F_UNAGGREGATED, GT_F_REEMITTED=F_REEMITTED,
+                 GT_F_CANDIDATE=F_CANDIDATE,
+                 GT_TARGET_IOCTL=f"{TARGET_IOCTL}ULL", GT_TARGET_CANDIDATE=f"{TARGET_CANDIDATE}ULL",
+                 GT_HASH_MASK=f"{HASH_MASK}ULL")
+    for name, number in SYSCALL_IDS.items():
+        flags[f"GT_SYS_{name.upper()}"] = number
+    return flags

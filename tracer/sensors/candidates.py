@@ -1,0 +1,125 @@
+"""Match a refused open by device number, not by the spelling of its path.
+
+The kernel program matches GPU paths by prefix after normalising them.  A
+refused open whose path matches no prefix (a symlink to a node, a bind mount
+of it, a node made with mknod under another name, `--device
+/dev/nvidia0:/dev/gpu0`) arrives as a *candidate*: this module resolves the
+path in the process's root, as that process would see it but with no way out
+of the root (openat2 RESOLVE_IN_ROOT, O_PATH: the device is never opened), and
+keeps it when it is a character device with a GPU major.
+
+The process is often gone by then.  Its root is taken from the process itself
+when it still lives in the same mount namespace, else from any live process
+in that mount namespace; a mount namespace with no live process left cannot be
+resolved, and that is counted, never guessed.  Answers are cached per
+(mount namespace, path), bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import stat
+from dataclasses import dataclass
+import time
+from typing import Callable, Optional
+
+from tracer.enrichment.node import open_in_root
+from tracer.sensors.gpu_nodes import GpuNodeSet
+
+CACHE_MAX = 4096
+NS_SCAN_MIN_INTERVAL_S = 1.0  # at most one /proc scan per second for unknown namespaces
+
+
+@dataclass(frozen=True)
+class Resolution:
+    outcome: str  # "gpu", "not_gpu" or "unresolved" (bounded label, counted)
+    major: Optional[int] = None
+    minor: Optional[int] = None
+
+
+NOT_GPU = Resolution("not_gpu")
+UNRESOLVED = Resolution("unresolved")
+
+
+class DeviceResolver:
+    def __init__(self, nodes: GpuNodeSet, proc: str = "/proc", cache_max: int = CACHE_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nodes = nodes
+        self.proc = proc
+        self.cache_max = cache_max
+        self._cache: "collections.OrderedDict[tuple[int, bytes], Resolution]" = \
+            collections.OrderedDict()
+        self._ns_pid: dict[int, int] = {}  # mount ns inode -> a pid last seen in it
+        self._clock = clock
+        self._last_scan = -NS_SCAN_MIN_INTERVAL_S
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    # -- the mount namespace's root -------------------------------------------
+    def _mntns_of(self, pid: int) -> Optional[int]:
+        try:
+            return os.stat(f"{self.proc}/{pid}/ns/mnt").st_ino
+        except OSError:
+            return None
+
+    def _pid_in(self, mntns: int, pid: int) -> Optional[int]:
+        if self._mntns_of(pid) == mntns:
+            return pid
+        known = self._ns_pid.get(mntns)
+        if known is not None and self._mntns_of(known) == mntns:
+            return known
+        now = self._clock()
+        if now - self._last_scan < NS_SCAN_MIN_INTERVAL_S:
+            return None
+        self._last_scan = now
+        self._ns_pid.clear()
+        try:
+            names = os.listdir(self.proc)
+        except OSError:
+            return None
+        for name in names:
+            if name.isdigit():
+                ns = self._mntns_of(int(name))
+                if ns is not None:
+                    self._ns_pid.setdefault(ns, int(name))
+        return self._ns_pid.get(mntns)
+
+    # -- resolving --------------------------------------------------------------
+    def resolve(self, pid: int, mntns: int, path: bytes) -> Resolution:
+        key = (mntns, path)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            self.counts["cache_hit"] += 1
+            return hit
+        live = self._pid_in(mntns, pid)
+        if live is None:
+            self.counts["unresolved"] += 1
+            return UNRESOLVED  # not cached: a process may appear in the namespace later
+        result = self._stat(f"{self.proc}/{live}/root", path)
+        self.counts[result.outcome] += 1
+        self._cache[key] = result
+        while len(self._cache) > self.cache_max:
+            self._cache.popitem(last=False)
+            self.counts["cache_evicted"] += 1
+        return result
+
+    def _stat(self, root: str, path: bytes) -> Resolution:
+        fd = open_in_root(root, os.fsdecode(path), os.O_PATH)
+        if fd is None:
+            return NOT_GPU  # missing, or refused to root: nothing to match
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return NOT_GPU
+        finally:
+            os.close(fd)
+        if not stat.S_ISCHR(st.st_mode):
+            return NOT_GPU
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        if not self.nodes.is_gpu(major, minor):
+            return NOT_GPU
+        return Resolution("gpu", major, minor)
+
+    def __len__(self) -> int:
+        return len(self._cache)

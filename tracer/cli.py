@@ -7,20 +7,18 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Optional, TextIO
 
 if TYPE_CHECKING:
+    from tracer.config import Config
     from tracer.event import Event
-    from tracer.host import HostPaths
-    from tracer.pipeline import Sensor
-    from tracer.sensors.bpf_sensor import BpfConfig
-    from tracer.subscribe import Subscription
+    from tracer.pipeline import Sink
 
 import click
 
 from tracer import __version__
 from tracer.errors import ExitStatus, GputraceError
-from tracer.event import errno_number
+from tracer.event import errno_name, errno_number
 
 
 def _fail(message: str, status: int) -> "None":
@@ -58,22 +56,29 @@ def cli() -> None:
     """gputrace: why was a process denied a GPU device node?"""
 
 
-def _parse_errnos(_ctx: object, _param: object, value: str) -> tuple[int, ...]:
+def _parse_errnos(_ctx: object, _param: object, value: str) -> tuple[str, ...]:
+    """Names (as the configuration holds them) from names or numbers."""
+    from tracer import config as config_mod
+
     try:
-        return tuple(errno_number(v.strip()) for v in value.split(",") if v.strip())
+        names = tuple(errno_name(errno_number(v.strip())) for v in value.split(",") if v.strip())
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    for name in names:
+        if not config_mod.is_errno_name(name):
+            raise click.BadParameter(f"unknown errno {name!r}")
+    return names
 
 
-def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tuple:
-    out = []
+def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tuple[str, ...]:
+    from tracer import config as config_mod
+
     for v in values:
-        major, _, minor = v.partition(":")
         try:
-            out.append((int(major), int(minor) if minor and minor != "*" else None))
+            config_mod.device_pair(v)
         except ValueError:
             raise click.BadParameter(f"{v!r} is not MAJOR or MAJOR:MINOR") from None
-    return tuple(out)
+    return values
 
 
 @cli.command()
@@ -99,21 +104,16 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
               help="Load a probe of our own even when a gputrace daemon is running.")
 @click.option("--config", "config_path", default=None, metavar="PATH",
               help="Daemon configuration, to find its socket (default /etc/gputrace/config.yaml).")
-def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], devices: tuple,
+def watch(as_json: bool, errnos: tuple[str, ...], prefixes: tuple[str, ...], devices: tuple[str, ...],
           sensor_name: str, hook: str, transport: str, duration: Optional[float],
           btf_path: Optional[str], tracefs: str, no_explain: bool, watch_nodes: bool,
           standalone: bool, config_path: Optional[str]) -> None:
     """Print each GPU-node denial as it happens; Ctrl-C prints a summary."""
-    from tracer.pipeline import Pipeline
-    from tracer.sensors.bpf_sensor import BpfConfig
-    from tracer.sensors.choose import start_sensor
+    from tracer import config as config_mod
     from tracer.sinks.console import ConsoleSink
-    from tracer.verdict.stage import explain_stages
 
     if not errnos:
         raise click.BadParameter("at least one errno", param_hint="--errno")
-    config = BpfConfig(errnos=errnos, extra_prefixes=prefixes, extra_devs=devices, hook=hook,
-                       transport=transport, tracefs=tracefs, btf_path=btf_path)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -121,85 +121,42 @@ def watch(as_json: bool, errnos: tuple[int, ...], prefixes: tuple[str, ...], dev
         timer = threading.Timer(duration, stop.set)
         timer.daemon = True
         timer.start()
-    from tracer import config as config_mod
-    from tracer.rate_limit import configured
-
-    settings = config_mod.load(config_path)  # pipeline bounds; defaults without a file
+    sinks: list["Sink"] = [ConsoleSink(sys.stdout, as_json)]
+    loaded = config_mod.load(config_path)  # pipeline bounds; defaults without a file
     if not standalone:
-        from tracer.subscribe import attach
+        from tracer.subscribe import attach, follow
 
-        socket_path = settings.socket_path
-        subscription = attach(socket_path)
+        subscription = attach(loaded.socket_path)
         if subscription is not None:
-            click.echo(f"gputrace: attached to the running gputrace daemon (pid "
-                       f"{subscription.daemon_pid}) at {socket_path}; its sensor and settings "
-                       "apply (--standalone loads a probe of our own)", err=True)
-            _watch_daemon(subscription, as_json, stop)
+            say(f"attached to the running gputrace daemon (pid {subscription.daemon_pid}) at "
+                f"{loaded.socket_path}; its sensor and settings apply (--standalone loads a "
+                "probe of our own)")
+            summary = follow(subscription, sinks, stop, say)
+            say(f"{summary.line()}; the daemon dropped {subscription.dropped} events for this "
+                "slow reader")
             return
-        click.echo(f"gputrace: no daemon at {socket_path}; running standalone", err=True)
-    sensor, how = start_sensor(sensor_name, config, say)
-    side: list = []
-    try:
-        on_arrival, stage = explain_stages(cache_size=settings.pipeline.cache_size)
-        if watch_nodes:
-            from tracer.sensors.node_watch import NodeWatcher
+        say(f"no daemon at {loaded.socket_path}; running standalone")
+    settings = config_mod.with_sensor(
+        loaded, kind=sensor_name, errnos=errnos, extra_prefixes=prefixes, extra_devices=devices,
+        hook=hook, transport=transport, tracefs=tracefs, btf=btf_path, watch_nodes=watch_nodes,
+        explain=not no_explain)
+    _run_standalone(settings, sinks, stop)
 
-            watcher = NodeWatcher(extra_prefixes=prefixes,
-                                  extra_majors=tuple(m for m, _ in devices))
-            watcher.start()
-            side.append(watcher)
-        names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in errnos)
-        click.echo(f"gputrace: watching {names} on GPU nodes ({how}); Ctrl-C to stop", err=True)
-        pipeline = Pipeline(sensor=sensor, stages=[] if no_explain else [stage],
-                            sinks=[ConsoleSink(sys.stdout, as_json)],
-                            on_stage_error=_stage_error_reporter(),
-                            on_arrival=None if no_explain else on_arrival, side_sources=side,
-                            queue_size=settings.pipeline.queue_size,
-                            rate_limiter=configured(settings.pipeline.rate_limit_per_cgroup,
-                                                    settings.pipeline.rate_limit_burst))
+
+def _run_standalone(settings: "Config", sinks: list["Sink"], stop: threading.Event) -> None:
+    from tracer.assembly import build_pipeline, explain_stages_for, start_sources
+
+    host = settings.host_paths()
+    sources = start_sources(settings, host, say)
+    try:
+        names = ",".join(errno_mod.errorcode.get(e, str(e)) for e in settings.errno_numbers())
+        say(f"watching {names} on GPU nodes ({sources.how}); Ctrl-C to stop")
+        pipeline = build_pipeline(settings, sources, explain_stages_for(settings, host), sinks,
+                                  _stage_error_reporter())
         summary = pipeline.run(stop)
     finally:
-        sensor.close()
-        for source in side:
-            source.close()
-    click.echo(f"gputrace: {summary.line()}", err=True)
-
-
-class _DaemonStream:
-    """A running daemon's event stream, shaped as a sensor for the pipeline."""
-
-    def __init__(self, subscription: "Subscription") -> None:
-        self.subscription = subscription
-
-    def start(self) -> None:
-        pass  # attached already
-
-    def events(self, stop: threading.Event) -> "Iterator[Event]":
-        yield from self.subscription.events(stop)
-        if not stop.is_set():
-            click.echo("gputrace: the daemon closed the stream", err=True)
-            stop.set()
-
-    def stats(self) -> dict[str, int]:
-        return {"dropped_subscriber_queue": self.subscription.dropped,
-                "unreadable_lines": self.subscription.bad_lines}
-
-    def close(self) -> None:
-        self.subscription.close()
-
-
-def _watch_daemon(subscription: "Subscription", as_json: bool, stop: threading.Event) -> None:
-    from tracer.pipeline import Pipeline
-    from tracer.sinks.console import ConsoleSink
-
-    stream = _DaemonStream(subscription)
-    try:  # the daemon already enriched and explained every event
-        summary = Pipeline(sensor=stream, stages=[], sinks=[ConsoleSink(sys.stdout, as_json)]
-                           ).run(stop)
-    finally:
-        stream.close()
-    click.echo(f"gputrace: {summary.line()}; the daemon dropped "
-               f"{subscription.dropped} events for this slow reader", err=True)
+        sources.close()
+    say(summary.line())
 
 
 def say(message: str) -> None:

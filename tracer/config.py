@@ -161,12 +161,30 @@ class Config:
         return tuple(getattr(errno_mod, name) for name in self.sensor.errnos)
 
     def device_pairs(self) -> tuple[tuple[int, Optional[int]], ...]:
-        return tuple(_device_pair(v) for v in self.sensor.extra_devices)
+        return tuple(device_pair(v) for v in self.sensor.extra_devices)
 
 
-def _device_pair(text: str) -> tuple[int, Optional[int]]:
+def device_pair(text: str) -> tuple[int, Optional[int]]:
+    """"MAJOR" or "MAJOR:MINOR" ("MAJOR:*" = any minor); ValueError otherwise."""
     major, _, minor = text.partition(":")
     return int(major), (int(minor) if minor and minor != "*" else None)
+
+
+def is_errno_name(name: str) -> bool:
+    return isinstance(getattr(errno_mod, name, None), int)
+
+
+def with_sensor(cfg: Config, *, kind: str, errnos: tuple[str, ...], extra_prefixes: tuple[str, ...],
+                extra_devices: tuple[str, ...], hook: str, transport: str, tracefs: str,
+                btf: Optional[str], watch_nodes: bool, explain: bool) -> Config:
+    """`cfg` with `gputrace watch`'s flags in place of its sensor section (the
+    flags' own defaults included, as before) and its explain switch."""
+    sensor = dataclasses.replace(
+        cfg.sensor, kind=kind, errnos=list(errnos), extra_prefixes=list(extra_prefixes),
+        extra_devices=list(extra_devices), hook=hook, transport=transport, tracefs=tracefs,
+        btf=btf, watch_nodes=watch_nodes)
+    return dataclasses.replace(cfg, sensor=sensor,
+                               pipeline=dataclasses.replace(cfg.pipeline, explain=explain))
 
 
 def _where(path: str, node: yaml.Node) -> str:
@@ -240,11 +258,11 @@ class _Reader:
             raise self.fail(node, f"'{full}' must be at least {meta['minimum']}, not {value!r}")
         if meta.get("power_of_two") and value & (value - 1):
             raise self.fail(node, f"'{full}' must be a power of two, not {value!r}")
-        if full == "sensor.errnos" and not isinstance(getattr(errno_mod, value, None), int):
+        if full == "sensor.errnos" and not is_errno_name(value):
             raise self.fail(node, f"'{full}': unknown errno name {value!r}")
         if full == "sensor.extra_devices":
             try:
-                _device_pair(value)
+                device_pair(value)
             except ValueError:
                 raise self.fail(node, f"'{full}': {value!r} is not MAJOR or MAJOR:MINOR") from None
         if full == "metrics.port" and value > 65535:

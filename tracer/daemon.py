@@ -27,14 +27,12 @@ from tracer.config import Config
 from tracer.errors import ExitStatus, GputraceError
 from tracer.event import Event
 from tracer.host import HostPaths
-from tracer.pipeline import Pipeline, Sensor, Sink, Stage, Summary
-from tracer.rate_limit import configured
-from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
-from tracer.sensors.choose import start_sensor
+from tracer.assembly import Sources, Stages, build_pipeline, explain_stages_for, start_sources
+from tracer.pipeline import Pipeline, Sensor, Sink, Summary
+from tracer.sensors.bpf_sensor import BpfSensor
 from tracer.sinks.journal import JournalSink
 from tracer.sinks.metrics import DaemonState, MetricsSink, Probe
 from tracer.sinks.subscription import SubscriptionSink
-from tracer.verdict.stage import explain_stages
 
 
 def say(message: str) -> None:
@@ -66,13 +64,6 @@ class DaemonLock:
         os.close(self.fd)  # closing drops the flock; the file stays (no unlink race)
 
 
-def bpf_config(cfg: Config) -> BpfConfig:
-    s = cfg.sensor  # validated by config.load (file:line), as --check-config shows
-    return BpfConfig(errnos=cfg.errno_numbers(), extra_prefixes=tuple(s.extra_prefixes),
-                     extra_devs=cfg.device_pairs(), hook=s.hook, transport=s.transport,
-                     aggregate_interval_s=s.aggregate_interval_s, aggregate_max=s.aggregate_max,
-                     ringbuf_pages=s.ringbuf_pages,
-                     sweep_interval_s=s.sweep_interval_s, tracefs=s.tracefs, btf_path=s.btf)
 
 
 
@@ -104,11 +95,8 @@ class Daemon:
         self.metrics_port: Optional[int] = None
         self.journal: Optional[JournalSink] = None
         self.socket: Optional[SubscriptionSink] = None
-        self.sensor: Optional[Sensor] = None
-        self.side_sources: list[Sensor] = []  # the node lifecycle watcher
-        self.sensor_how = ""
-        self.stages: list[Stage] = []
-        self.on_arrival: Optional[Stage] = None
+        self.sources: Optional[Sources] = None  # the sensor and the node lifecycle watcher
+        self.stages = Stages()
         self.pipeline: Optional[Pipeline] = None
         self.discards_before: dict[str, int] = {}  # pipeline drops of runs that ended (reloads)
         self.stop = threading.Event()
@@ -165,30 +153,20 @@ class Daemon:
                     j.fsync_interval_s, on_discard=lambda r: self.state.discard(f"journal_{r}"))
                 self.journal.apply_retention()
         if old is None or old.pipeline != cfg.pipeline:
-            on_arrival, stage = explain_stages(self.host, cfg.pipeline.cache_size)
-            self.stages = [stage] if cfg.pipeline.explain else []
-            self.on_arrival = on_arrival if cfg.pipeline.explain else None
+            self.stages = explain_stages_for(cfg, self.host)  # a new enricher cache
+
+    @property
+    def sensor(self) -> Optional[Sensor]:
+        return self.sources.sensor if self.sources else None
 
     def _start_sensor(self, old: Optional[Config]) -> None:
-        if old is not None and old.sensor == self.cfg.sensor and self.sensor is not None:
+        if old is not None and old.sensor == self.cfg.sensor and self.sources is not None:
             return
-        if self.sensor is not None:
+        if self.sources is not None:
             self.say("sensor settings changed: reloading the probe")
-            self.sensor.close()
-            self.sensor = None
-        self.sensor, self.sensor_how = start_sensor(self.cfg.sensor.kind, bpf_config(self.cfg),
-                                                    self.say)
-        for watcher in self.side_sources:
-            watcher.close()
-        self.side_sources = []
-        if self.cfg.sensor.watch_nodes:
-            from tracer.sensors.node_watch import NodeWatcher
-
-            config = bpf_config(self.cfg)
-            watcher = NodeWatcher(self.host, extra_prefixes=config.extra_prefixes,
-                                  extra_majors=tuple(m for m, _ in config.extra_devs))
-            watcher.start()
-            self.side_sources = [watcher]
+            self.sources.close()
+            self.sources = None
+        self.sources = start_sources(self.cfg, self.host, self.say)
 
     def sinks(self) -> list[Sink]:
         out: list[Sink] = []
@@ -246,15 +224,9 @@ class Daemon:
             self._start_sensor(None)
             self._announce()
             while True:
-                assert self.sensor is not None
-                self.pipeline = Pipeline(self.sensor, self.stages, self.sinks(),
-                                         self._on_stage_error,
-                                         queue_size=self.cfg.pipeline.queue_size,
-                                         on_arrival=self.on_arrival,
-                                         side_sources=self.side_sources,
-                                         rate_limiter=configured(
-                                             self.cfg.pipeline.rate_limit_per_cgroup,
-                                             self.cfg.pipeline.rate_limit_burst))
+                assert self.sources is not None
+                self.pipeline = build_pipeline(self.cfg, self.sources, self.stages, self.sinks(),
+                                               self._on_stage_error)
                 summary = self.pipeline.run(self.stop)
                 self.pipeline = None
                 for reason in ("queue_full", "rate_limited"):
@@ -280,7 +252,7 @@ class Daemon:
         return total
 
     def _announce(self) -> None:
-        parts = [f"sensor {self.sensor_how}"]
+        parts = [f"sensor {self.sources.how if self.sources else '?'}"]
         if self.journal:
             parts.append(f"journal {self.journal.directory}")
         if self.socket:
@@ -291,12 +263,9 @@ class Daemon:
         sd_notify("READY=1")
 
     def _close(self) -> None:
-        for watcher in self.side_sources:
-            watcher.close()
-        self.side_sources = []
-        if self.sensor is not None:
-            self.sensor.close()
-            self.sensor = None
+        if self.sources is not None:
+            self.sources.close()
+            self.sources = None
         if self.journal is not None:
             self.journal.close()
         if self.socket is not None:

@@ -15,10 +15,11 @@ import json
 import os
 import socket
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from tracer.errors import BadInput, NoPrivilege
 from tracer.event import Event
+from tracer.pipeline import Pipeline, Sink, Summary
 
 HELLO_TIMEOUT_S = 5.0
 
@@ -92,6 +93,41 @@ class Subscription:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SubscriptionStream:
+    """A running daemon's event stream, shaped as a sensor for the pipeline."""
+
+    def __init__(self, subscription: Subscription, say: Callable[[str], None]) -> None:
+        self.subscription = subscription
+        self.say = say
+
+    def start(self) -> None:
+        pass  # attached already
+
+    def events(self, stop: threading.Event) -> Iterator[Event]:
+        yield from self.subscription.events(stop)
+        if not stop.is_set():
+            self.say("the daemon closed the stream")
+            stop.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"dropped_subscriber_queue": self.subscription.dropped,
+                "unreadable_lines": self.subscription.bad_lines}
+
+    def close(self) -> None:
+        self.subscription.close()
+
+
+def follow(subscription: Subscription, sinks: list[Sink], stop: threading.Event,
+           say: Callable[[str], None]) -> Summary:
+    """Feed the daemon's events to `sinks` until `stop` or the daemon ends; the
+    daemon already enriched and explained every event, so there are no stages."""
+    stream = SubscriptionStream(subscription, say)
+    try:
+        return Pipeline(sensor=stream, stages=[], sinks=sinks).run(stop)
+    finally:
+        stream.close()
 
 
 def _how_to_join(socket_path: str) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
+import resource
 from typing import Iterator
 
 from tests.support import podman as podman_support
@@ -81,19 +82,26 @@ def rootless_podman(runtime: str = "runc", keep_groups: bool = False, hold_s: fl
 
 @contextlib.contextmanager
 def rootful_podman(via: str = "bind", runtime: str = "runc", hold_s: float = HOLD_S,
-                   container_path: str = "/dev/nvidia0") -> Iterator[Attempt]:
-    """CAUSES #6.  Rootful podman with the cgroupfs manager on this cgroup v1 host.
+                   container_path: str = "/dev/nvidia0",
+                   private_cgroup2: bool = False) -> Iterator[Attempt]:
+    """CAUSES #6.  Rootful podman with the cgroupfs manager on this cgroup v1 host
+    (or, with `private_cgroup2`, inside a private pure-cgroup2 mount, where the
+    runtime attaches a BPF device program instead of writing devices.allow).
     via="bind": the node is only bind-mounted (`-v`), so the container's device cgroup
     has no rule for it: EPERM.  via="device": `--device` adds the rule: ENXIO."""
     if via not in ("bind", "device"):
         raise ValueError(f"via must be 'bind' or 'device', not {via!r}")
     with Scenario(f"rootful-{via}") as scenario:
         node = scenario.nvidia_node(0o666, 0)
-        engine = podman_support.Podman(runtime=runtime, global_options=ROOTFUL_GLOBAL_OPTIONS)
+        engine = podman_support.Podman(runtime=runtime, global_options=ROOTFUL_GLOBAL_OPTIONS,
+                                       private_cgroup2=private_cgroup2)
         rootfs = podman_support.build_rootfs(os.path.join(scenario.workdir, "rootfs"),
                                              probe_binary(), podman_support.RootfsFiles())
         options = [*ROOTFUL_RUN_OPTIONS,
                    "-v" if via == "bind" else "--device", f"{node.path}:{container_path}"]
+        if runtime == "crun":  # crun sets every rlimit podman lists; memlock above this VM's hard limit fails
+            hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+            options[:0] = ["--ulimit", f"memlock={hard}:{hard}"]
         attempt = scenario.run_in_container(engine, node, rootfs, container_path, options,
                                             hold_s, user="root")
         attempt.details.update(via=via)

@@ -21,7 +21,9 @@ import struct
 from dataclasses import dataclass
 
 BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH = 5, 8, 9
+BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 13, 15, 16
+BPF_PROG_TYPE_LSM = 29
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_CGROUP_DEVICE = 6
 BPF_F_QUERY_EFFECTIVE = 1
@@ -79,6 +81,40 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = True) -> list
     _call(BPF_PROG_QUERY, attr, "BPF_PROG_QUERY")
     count = min(struct.unpack_from("<I", attr, 24)[0], MAX_PROGS)
     return list(struct.unpack_from(f"<{count}I", ids, 0))
+
+
+def prog_ids(limit: int = 4096) -> list[int]:
+    """Every loaded program's id (BPF_PROG_GET_NEXT_ID)."""
+    out: list[int] = []
+    current = 0
+    while len(out) < limit:
+        attr = _attr((0, "<I", current))
+        try:
+            _call(BPF_PROG_GET_NEXT_ID, attr, "BPF_PROG_GET_NEXT_ID")
+        except BpfCallFailed as exc:
+            if exc.errno == 2:  # ENOENT: no more
+                break
+            raise
+        current = struct.unpack_from("<I", attr, 4)[0]
+        out.append(current)
+    return out
+
+
+def prog_type_count(prog_type: int) -> int:
+    """How many loaded programs have this type (e.g. BPF_PROG_TYPE_LSM)."""
+    count = 0
+    for prog_id in prog_ids():
+        try:
+            fd = prog_get_fd_by_id(prog_id)
+        except BpfCallFailed:
+            continue
+        try:
+            info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+            _info(fd, info)
+            count += struct.unpack_from("<I", info, 0)[0] == prog_type
+        finally:
+            os.close(fd)
+    return count
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:

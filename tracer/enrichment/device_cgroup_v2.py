@@ -39,7 +39,7 @@ def read_device_programs(cgroup_fd: int, cgroup: str = "") -> V2DevicePrograms:
 def open_v2_cgroup(mount: str, cgroup_id: Optional[int], path: Optional[str]) -> tuple[int, str]:
     """(fd, path under the mount) by id when known (exact even for an exited process),
     else by the `/proc/PID/cgroup` path."""
-    if cgroup_id and cgroup_id > 1:
+    if cgroup_id and cgroup_id >= 1:
         fd = bpf.open_cgroup_by_id(mount, cgroup_id)
         try:
             where = os.readlink(f"/proc/self/fd/{fd}")

@@ -218,7 +218,8 @@ class UnreadPolicy:
 
 
 def policies_from_facts(v1_rules: Any, v2_programs: Any, v2_unreadable: Any,
-                        skips: Optional[SkipCounter] = None) -> Optional[tuple[DevicePolicy, ...]]:
+                        skips: Optional[SkipCounter] = None,
+                        v1_unreadable: Any = None) -> Optional[tuple[DevicePolicy, ...]]:
     """The device cgroup layers a process's facts describe, v2 first (the kernel's
     order); None when neither is known.  Facts may come from a journal written by
     anyone, so they are validated here."""
@@ -230,4 +231,6 @@ def policies_from_facts(v1_rules: Any, v2_programs: Any, v2_unreadable: Any,
     if isinstance(v1_rules, list):
         text = "\n".join(str(r) for r in v1_rules)
         found.append(V1DeviceList.from_devices_list(text, skips))
+    elif v1_unreadable:
+        found.append(UnreadPolicy("device_cgroup_v1", str(v1_unreadable)))
     return tuple(found) or None

@@ -19,7 +19,7 @@ from tracer.enrichment.container import (ContainerClues, detect_container, gathe
 from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
-from tracer.enrichment.host_facts import (device_cgroup_facts, host_group_table,
+from tracer.enrichment.host_facts import (device_cgroup_facts, device_programs_by_cgroup_id, host_group_table,
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
 from tracer.enrichment.node_facts import node_facts
@@ -102,6 +102,10 @@ class Enricher:
             facts.update(self._snapshot(proc))
         else:
             self._add_cached(proc, facts)
+            if "device_cgroup.v2_programs" not in facts:
+                # the process is gone, but the kernel-captured cgroup id still finds its
+                # own v2 cgroup (and its device programs) while the cgroup lives
+                device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts)
         self._add_rootless_inference(proc, facts)
         self._add_host(proc, facts)
         node_facts(self.host, self.stat_node, event, live, facts)

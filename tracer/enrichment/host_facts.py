@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from tracer.enrichment import bpf_syscall as bpf
 from tracer.enrichment import procfs
 from tracer.enrichment.facts import LIVE, Facts
 from tracer.enrichment.parse_files import (parse_group_file, parse_logind_session,
@@ -133,6 +134,21 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
             facts.put("device_cgroup.v1_rules", [r.to_text() for r in rules], LIVE, list_path)
 
 
+def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts) -> None:
+    """An exited process: v2 device programs of the cgroup with this id (it may outlive
+    the process); its v1 devices cgroup is only known from /proc/PID/cgroup."""
+    mounts = cgroup_mounts(host, facts)
+    if any(m.fstype == "cgroup" and "devices" in m.super_options for m in mounts) \
+            and "device_cgroup.v1_rules" not in facts:
+        facts.put("device_cgroup.v1_unreadable", "the process exited before its v1 devices "
+                  "cgroup was read", "inferred", "no /proc/PID/cgroup")
+    if cgroup_id < 1:
+        return  # not captured with the event
+    v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    if v2_mount is not None:
+        device_program_facts(_under_sys(host, v2_mount.mount_point), cgroup_id, None, facts)
+
+
 def security_module_facts(host: HostPaths, facts: Facts) -> None:
     """lsm.active: the LSMs the kernel runs, in order (securityfs `lsm`)."""
     path = os.path.join(host.sys, "kernel/security/lsm")
@@ -143,3 +159,9 @@ def security_module_facts(host: HostPaths, facts: Facts) -> None:
         return
     names = [n for n in text.strip().split(",") if n and n.replace("_", "").isalnum()][:16]
     facts.put("lsm.active", names, LIVE, path)
+    if "bpf" in names:  # the BPF LSM refuses only through attached BPF_PROG_TYPE_LSM programs
+        try:
+            count = bpf.prog_type_count(bpf.BPF_PROG_TYPE_LSM)
+        except OSError:
+            return
+        facts.put("lsm.bpf_programs", count, LIVE, "bpf(BPF_PROG_GET_NEXT_ID)")

@@ -164,8 +164,9 @@ def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:
     label = facts.get("process.lsm_label")
     confined = bool(label) and label != "unconfined"
     active = facts.get("lsm.active")
-    file_lsms = [FILE_LSMS[n] for n in active or [] if n in FILE_LSMS]
-    evidence = ["lsm.active", "process.lsm_label", "node.selinux", "node.mode", "node.gid",
+    file_lsms = [FILE_LSMS[n] for n in active or [] if n in FILE_LSMS
+                 and not (n == "bpf" and facts.get("lsm.bpf_programs") == 0)]
+    evidence = ["lsm.active", "lsm.bpf_programs", "process.lsm_label", "node.selinux", "node.mode", "node.gid",
                 "process.no_new_privs"]
     if confined:
         module = "SELinux" if ":" in str(label) else "AppArmor"

@@ -98,7 +98,7 @@ def _then(reason: str, run: ModelRun, context: dict[str, Any]) -> list[dict[str,
     out = []
     for step in later:
         layer_reason = LAYER_REASONS.get(step.layer, R.UNKNOWN)
-        fixes = ranked_fixes(layer_reason, context)
+        fixes = ranked_fixes(layer_reason, dict(context, device_layer=step.layer))
         mine = [f for f in fixes if f.applies_to == context.get("runtime")] or fixes
         out.append({"layer": step.layer, "errno": errno_name(step.errno or 0),
                     "reason": layer_reason, "detail": step.detail,

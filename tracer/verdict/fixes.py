@@ -88,8 +88,16 @@ def _device_cgroup(ctx: dict[str, Any]) -> list[Fix]:
             Fix("Create the /dev/char symlinks the systemd cgroup driver needs to keep "
                 "NVIDIA rules across daemon-reload.",
                 "nvidia-ctk system create-dev-char-symlinks --create-all", "kubernetes"),
-            Fix("Allow the device in the cgroup now (lost when the container restarts).",
-                f"echo '{rule}' > /sys/fs/cgroup/devices/<cgroup>/devices.allow", "host")]
+            _device_cgroup_host_fix(ctx, rule)]
+
+
+def _device_cgroup_host_fix(ctx: dict[str, Any], rule: str) -> Fix:
+    if ctx.get("device_layer") == "device_cgroup_v2":
+        return Fix("On cgroup v2 the policy is the BPF program the runtime or systemd attached; "
+                   "have it allow the node (for a systemd unit: DeviceAllow=).",
+                   f"DeviceAllow={ctx['path']} rw", "host", where="the unit's [Service] section")
+    return Fix("Allow the device in the cgroup now (lost when the container restarts).",
+               f"echo '{rule}' > /sys/fs/cgroup/devices/<cgroup>/devices.allow", "host")
 
 
 def _nodev(ctx: dict[str, Any]) -> list[Fix]:

@@ -63,7 +63,8 @@ def acl_from_facts(entries: Any) -> Optional[PosixAcl]:
 def device_policy_from_facts(facts: Facts) -> Optional[tuple[DevicePolicy, ...]]:
     return policies_from_facts(facts.get("device_cgroup.v1_rules"),
                                facts.get("device_cgroup.v2_programs"),
-                               facts.get("device_cgroup.v2_unreadable"), SkipCounter())
+                               facts.get("device_cgroup.v2_unreadable"), SkipCounter(),
+                               facts.get("device_cgroup.v1_unreadable"))
 
 
 def node_from_facts(facts: Facts, missing: list[str]) -> Optional[NodeFacts]:

@@ -230,6 +230,8 @@ def check(user: Optional[str], runtime: Optional[str], as_json: bool) -> None:
         click.echo(f"{escape(row.node):<28}{row.runtime:<26}{result:<10}{row.reason or ''}")
         if not row.allowed and row.fix:
             click.echo(f"{'':<28}fix: {escape(str(row.fix))}")
+        for later in row.then:
+            click.echo(f"{'':<28}{escape(later)}")
 
 
 def _login_name() -> str:

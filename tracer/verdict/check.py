@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import stat as stat_mod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tracer.enrichment import procfs
@@ -21,6 +21,7 @@ from tracer.errors import BadInput
 from tracer.host import HostPaths
 from tracer.verdict.catalog import classify
 from tracer.verdict.fixes import ranked_fixes
+from tracer.verdict.explain import later_refusals, then_note
 from tracer.verdict.model_input import run_model
 
 CHECK_RUNTIMES = ("host", "podman-runc", "podman-crun-keep-groups", "docker-device",
@@ -47,6 +48,8 @@ class CheckRow:
     check: Optional[str]
     reason: Optional[str]
     fix: Optional[str]
+    ladder: list[str] = field(default_factory=list)  # "layer: allows|refuses|unknown (check)"
+    then: list[str] = field(default_factory=list)    # layers that would refuse after the fix
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -140,13 +143,23 @@ def _row(base: Facts, path: str, found: Any, node_class: str, runtime: str, uid:
         node["node.acl"] = [e.to_json() for e in acl]
     for name, value in dict(node, **_scenario_facts(runtime, uid, gid, gids)).items():
         facts.put(name, value, INFERRED, f"check scenario {runtime}")
+    if runtime == "docker-device":  # --device adds the node to the allowlist
+        facts.put("device_cgroup.v1_rules", DOCKER_DEFAULT_DEVICES
+                  + [f"c {found.major}:{found.minor} rwm"], INFERRED, f"check scenario {runtime}")
     run = run_model(facts, os.O_RDWR)
     decision = run.decision
     assert decision is not None  # the node's stat is always known here
+    ladder = [f"{step.layer}: {_verb(step.refuses)} ({step.check})" for step in decision.ladder]
     if decision.allowed:
-        return CheckRow(path, node_class, runtime, True, None, decision.check, None, None)
+        return CheckRow(path, node_class, runtime, True, None, decision.check, None, None, ladder)
     err = decision.errno or errno_mod.EACCES
     found_cause = classify(err, facts, run)
     fixes = ranked_fixes(found_cause.reason, found_cause.context)
+    then = [then_note(item) for item in later_refusals(found_cause.reason, run, found_cause.context)]
     return CheckRow(path, node_class, runtime, False, errno_mod.errorcode.get(err, str(err)),
-                    decision.check, found_cause.reason, fixes[0].command if fixes else None)
+                    decision.check, found_cause.reason, fixes[0].command if fixes else None,
+                    ladder, then)
+
+
+def _verb(refuses: Optional[bool]) -> str:
+    return "unknown" if refuses is None else "refuses" if refuses else "allows"

@@ -75,14 +75,14 @@ LAYER_OF_REASON = {R.NODEV_MOUNT: "nodev", R.DEVICE_CGROUP: "device_cgroup",
                    R.UNKNOWN: "none"}
 
 
-def _ladder_json(run: ModelRun) -> list[dict[str, Any]]:
+def ladder_json(run: ModelRun) -> list[dict[str, Any]]:
     if run.decision is None:
         return []
     return [{"layer": s.layer, "refuses": s.refuses, "check": s.check, "detail": s.detail,
              **({"program": s.program} if s.program else {})} for s in run.decision.ladder]
 
 
-def _then(reason: str, run: ModelRun, context: dict[str, Any]) -> list[dict[str, Any]]:
+def later_refusals(reason: str, run: ModelRun, context: dict[str, Any]) -> list[dict[str, Any]]:
     """Layers after the reason's own that are shown to refuse too, each with its fix."""
     if run.decision is None:
         return []
@@ -107,7 +107,7 @@ def _then(reason: str, run: ModelRun, context: dict[str, Any]) -> list[dict[str,
     return out
 
 
-def _then_note(item: dict[str, Any]) -> str:
+def then_note(item: dict[str, Any]) -> str:
     fix = item.get("fix") or {}
     also = f": also {fix['command']}" if fix.get("command") else ""
     return (f"Then {LAYER_NAMES.get(item['layer'], item['layer'])} would refuse with "
@@ -133,8 +133,8 @@ def explain_facts(event: Event, facts: Facts) -> Verdict:
         notes.append(f"Not known for this event: {', '.join(run.missing)}.")
     if run.decision is not None and run.decision.unknown:
         notes.append("Not modelled: " + ", ".join(run.decision.unknown) + ".")
-    then = _then(found.reason, run, found.context)
-    notes += [_then_note(item) for item in then]
+    then = later_refusals(found.reason, run, found.context)
+    notes += [then_note(item) for item in then]
     return Verdict(
         reason=found.reason,
         summary=SUMMARIES[found.reason].format_map(_Missing(found.context)),
@@ -142,7 +142,7 @@ def explain_facts(event: Event, facts: Facts) -> Verdict:
         fixes=ranked_fixes(found.reason, found.context), notes=notes,
         check=run.decision.check if run.decision else None,
         model_detail=run.decision.detail if run.decision else "",
-        then=then, ladder=_ladder_json(run))
+        then=then, ladder=ladder_json(run))
 
 
 def explain(event: Event, enricher: Enricher) -> Verdict:

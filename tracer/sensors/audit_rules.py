@@ -22,7 +22,6 @@ What audit can narrow, and what it cannot (the pipeline filters the rest):
 from __future__ import annotations
 
 import errno
-import platform
 import stat
 from dataclasses import dataclass
 from typing import Iterable, Protocol
@@ -31,6 +30,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tracer.errors import EnvironmentProblem
 from tracer.sensors.audit_marshal import AUDIT_BITMASK_SIZE, AUDIT_MAX_FIELDS, audit_rule
+from tracer.sensors.syscall_table import ARCHES, Arch, arch_for
+
+__all__ = ["ARCHES", "AuditArch", "current_arch"]
 
 GPUTRACE_KEY = "gputrace"
 
@@ -48,29 +50,12 @@ AUDIT_KEY_SEPARATOR = b"\x01"
 STRING_FIELDS = frozenset({13, 14, 15, 16, 17, 19, 20, 21, 22, 23, 105, 107, 112, AUDIT_FILTERKEY})
 
 
-@dataclass(frozen=True)
-class AuditArch:
-    machine: str
-    audit_arch: int              # AUDIT_ARCH_* value the kernel reports as `arch=`
-    syscalls: dict[str, int]     # name -> number; absent = not on this arch
-
-
-ARCHES: dict[str, AuditArch] = {
-    "x86_64": AuditArch("x86_64", 0xC000003E,
-                        {"open": 2, "creat": 85, "openat": 257, "openat2": 437, "ioctl": 16}),
-    "aarch64": AuditArch("aarch64", 0xC00000B7, {"openat": 56, "openat2": 437, "ioctl": 29}),
-    "riscv64": AuditArch("riscv64", 0xC00000F3, {"openat": 56, "openat2": 437, "ioctl": 29}),
-}
+AuditArch = Arch  # one syscall table per arch: tracer/sensors/syscall_table.py
 OPEN_SYSCALLS = ("open", "openat", "openat2", "creat")
 
 
 def current_arch(machine: str | None = None) -> AuditArch:
-    machine = machine or platform.machine()
-    try:
-        return ARCHES[machine]
-    except KeyError:
-        raise EnvironmentProblem(f"architecture {machine} is not supported by the audit sensor") \
-            from None
+    return arch_for(machine, "audit")
 
 
 @dataclass(frozen=True)

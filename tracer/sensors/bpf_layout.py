@@ -6,11 +6,11 @@ argument registers depend on the architecture.
 
 from __future__ import annotations
 
-import platform
-from dataclasses import dataclass
-
 from tracer.errors import EnvironmentProblem
 from tracer.sensors.btf import KernelBtf
+from tracer.sensors.syscall_table import Arch, arch_for
+
+__all__ = ["Arch", "current_arch", "offset_flags"]
 
 # macro -> BTF member path.  Every kernel struct the program touches is here.
 OFFSETS: dict[str, str] = {
@@ -71,40 +71,8 @@ OPTIONAL_OFFSETS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    syscalls: dict[str, int]          # name -> number; absent = not on this arch
-    regs: dict[str, tuple[str, int]]  # role -> (pt_regs member, extra byte offset)
-    nr_size: int                      # bytes of the syscall-number field
-    syscall_prefix: str               # symbol prefix of syscall wrappers (fexit mode)
-
-
-ARCHES: dict[str, Arch] = {
-    "x86_64": Arch(
-        "x86_64",
-        {"open": 2, "creat": 85, "openat": 257, "openat2": 437, "ioctl": 16},
-        {"NR": ("pt_regs.orig_ax", 0), "ARG0": ("pt_regs.di", 0), "ARG1": ("pt_regs.si", 0),
-         "ARG2": ("pt_regs.dx", 0), "ARG3": ("pt_regs.r10", 0)},
-        8, "__x64_sys_"),
-    "aarch64": Arch(
-        "aarch64",
-        {"openat": 56, "openat2": 437, "ioctl": 29},
-        # arg0's register is overwritten by the return value; orig_x0 keeps it.
-        {"NR": ("pt_regs.syscallno", 0), "ARG0": ("pt_regs.orig_x0", 0),
-         "ARG1": ("pt_regs.regs", 8), "ARG2": ("pt_regs.regs", 16), "ARG3": ("pt_regs.regs", 24)},
-        4, "__arm64_sys_"),
-}
-
-
-
 def current_arch(machine: str | None = None) -> Arch:
-    machine = machine or platform.machine()
-    try:
-        return ARCHES[machine]
-    except KeyError:
-        raise EnvironmentProblem(f"architecture {machine} is not supported by the BPF sensor; "
-                                 "use --sensor audit") from None
+    return arch_for(machine, "bpf")
 
 
 def offset_flags(btf: KernelBtf, arch: Arch) -> dict[str, int]:

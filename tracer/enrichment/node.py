@@ -11,7 +11,6 @@ import ctypes
 import errno
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -19,6 +18,7 @@ from typing import Any, Callable, Optional
 from tracer.enrichment import procfs
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.parse_files import AclEntry, build_posix_acl, parse_posix_acl
+from tracer.sensors.gpu_nodes import classify_node  # the one GPU-node model
 
 MAX_SYMLINKS = 40  # the kernel's own limit (MAXSYMLINKS)
 ACL_XATTR = "system.posix_acl_access"
@@ -203,49 +203,6 @@ class FixtureNodeStats:
         return NodeStat(mode=int(rec["mode"], 8), uid=rec["uid"], gid=rec["gid"],
                         major=rec.get("major"), minor=rec.get("minor"), acl_xattr=acl,
                         selinux=rec.get("selinux"), resolved=path)
-
-
-NVIDIA_MAJOR = 195
-DRM_MAJOR = 226
-_PATH_CLASSES = [
-    (re.compile(r"^/dev/nvidia\d+$"), "nvidia-gpu"),
-    (re.compile(r"^/dev/nvidiactl$"), "nvidiactl"),
-    (re.compile(r"^/dev/nvidia-modeset$"), "nvidia-modeset"),
-    (re.compile(r"^/dev/nvidia-uvm$"), "nvidia-uvm"),
-    (re.compile(r"^/dev/nvidia-uvm-tools$"), "nvidia-uvm-tools"),
-    (re.compile(r"^/dev/nvidia-caps/"), "nvidia-caps"),
-    (re.compile(r"^/dev/nvidia-nvswitch"), "nvidia-nvswitch"),
-    (re.compile(r"^/dev/dri/renderD\d+$"), "drm-render"),
-    (re.compile(r"^/dev/dri/card\d+$"), "drm-card"),
-    (re.compile(r"^/dev/nvmap$"), "tegra-nvmap"),
-    (re.compile(r"^/dev/nvhost-"), "tegra-nvhost"),
-    (re.compile(r"^/dev/nvgpu/"), "tegra-nvgpu"),
-]
-
-
-def classify_node(path: Optional[str], major: Optional[int], minor: Optional[int],
-                  char_majors: dict[int, str]) -> str:
-    """The node class from major/minor (with /proc/devices names), else the path."""
-    if major is not None and minor is not None:
-        name = char_majors.get(major, "")
-        if major == NVIDIA_MAJOR or name in ("nvidia", "nvidia-frontend"):
-            return {255: "nvidiactl", 254: "nvidia-modeset"}.get(minor, "nvidia-gpu")
-        if name == "nvidia-uvm":
-            return "nvidia-uvm-tools" if minor == 1 else "nvidia-uvm"
-        if name in ("nvidia-caps", "nvidia-caps-imex-channels"):
-            return "nvidia-caps"
-        if name == "nvidia-nvswitch":
-            return "nvidia-nvswitch"
-        if major == DRM_MAJOR or name == "drm":
-            return "drm-render" if minor >= 128 else "drm-card"
-        if name.startswith("nvhost"):
-            return "tegra-nvhost"
-        if name == "nvgpu" or name.startswith("nvgpu"):
-            return "tegra-nvgpu"
-    for pattern, cls in _PATH_CLASSES:
-        if path and pattern.search(path):
-            return cls
-    return "unknown"
 
 
 def host_devname(sys_root: str, major: int, minor: int) -> Optional[str]:

@@ -9,14 +9,14 @@ from typing import Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.facts import INFERRED, KERNEL, LIVE, Facts
-from tracer.enrichment.node import NodeStat, NodeStatter, classify_node, host_devname
+from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
+from tracer.sensors.gpu_nodes import classify_node, is_gpu_driver
 from tracer.enrichment.parse_proc import (id_to_inside, mount_holding, parse_mountinfo,
                                           parse_proc_devices)
 from tracer.event import Event
 from tracer.host import HostPaths
 
 OVERFLOW_GID = 65534  # what an unmapped id shows as inside a user namespace
-GPU_DRIVER_WORDS = ("nvidia", "drm", "nvhost", "nvmap", "nvgpu")
 
 
 def host_root(host: HostPaths) -> str:
@@ -72,8 +72,7 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
     devices_path = os.path.join(host.proc, "devices")
     devices_text = procfs.read_text(devices_path)
     char_majors = parse_proc_devices(devices_text, facts.skips) if devices_text else {}
-    gpu_majors = {str(k): v for k, v in char_majors.items()
-                  if any(w in v for w in GPU_DRIVER_WORDS)}
+    gpu_majors = {str(k): v for k, v in char_majors.items() if is_gpu_driver(v)}
     if devices_text is not None:
         facts.put("host.gpu_char_majors", gpu_majors, LIVE, devices_path)
     if event.node.major is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tracer.enrichment.facts import SkipCounter
+from tracer.sensors.gpu_nodes import parse_proc_devices  # the one /proc/devices parser
 
 IdMap = list[tuple[int, int, int]]  # (inside, outside, count)
 MAX_DECIMAL_DIGITS = 20  # a u64; also far below int()'s 4300-digit limit
@@ -180,22 +181,3 @@ def parse_proc_cgroup(text: str, skips: SkipCounter) -> list[CgroupLine]:
     return out
 
 
-def parse_proc_devices(text: str, skips: SkipCounter) -> dict[int, str]:
-    """/proc/devices: character-device majors -> driver name."""
-    out: dict[int, str] = {}
-    section = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if stripped.endswith(":"):
-            section = stripped[:-1].lower()
-            continue
-        parts = stripped.split(None, 1)
-        major = decimal(parts[0]) if len(parts) == 2 else None
-        if major is None:
-            skips.skip("devices:bad_line")
-            continue
-        if section == "character devices":
-            out[major] = parts[1]
-    return out

@@ -1,4 +1,8 @@
-"""Which device numbers and paths count as GPU nodes.
+"""GPU node identity: which device numbers and paths are GPU nodes, and their class.
+
+The one model of this concept: the sensors match by it, enrichment names the
+node's class with it, the verdict reads that class.  /proc/devices is parsed
+here and only here.
 
 NVIDIA's main nodes use char major 195 and DRM uses 226; `nvidia-uvm`,
 `nvidia-caps`, `nvidia-nvswitch` and the Tegra drivers get dynamic majors that
@@ -12,6 +16,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
+from typing import Optional, Protocol
 
 NVIDIA_MAJOR = 195
 DRM_MAJOR = 226
@@ -37,21 +42,77 @@ def mkdev(major: int, minor: int) -> int:
     return (major << 20) | minor
 
 
-def char_majors(proc_devices_text: str) -> dict[str, int]:
-    """name -> major for the "Character devices:" section; malformed lines are skipped."""
-    out: dict[str, int] = {}
-    in_char = False
-    for line in proc_devices_text.splitlines():
-        line = line.strip()
-        if line.endswith("devices:"):
-            in_char = line.startswith("Character")
+class BadLines(Protocol):
+    def skip(self, reason: str) -> None: ...
+
+
+def parse_proc_devices(text: str, skips: Optional[BadLines] = None) -> dict[int, str]:
+    """/proc/devices, "Character devices:" section: major -> driver name.  The one
+    parser of this file; a malformed line is skipped (and counted when `skips`)."""
+    out: dict[int, str] = {}
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
             continue
-        if not in_char or not line:
+        if stripped.endswith(":"):
+            section = stripped[:-1].lower()
             continue
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[0].isdigit():
-            out[parts[1]] = int(parts[0])
+        parts = stripped.split(None, 1)
+        if len(parts) != 2 or not (parts[0].isascii() and parts[0].isdigit()) or len(parts[0]) > 20:
+            if skips is not None:
+                skips.skip("devices:bad_line")
+            continue
+        if section == "character devices":
+            out[int(parts[0])] = parts[1]
     return out
+
+
+def is_gpu_driver(name: str) -> bool:
+    """A /proc/devices driver name whose major is a GPU driver's."""
+    return GPU_DRIVER_NAMES.match(name) is not None
+
+
+# Node classes by path, for nodes whose major says nothing (or is unknown).
+_PATH_CLASSES = [
+    (re.compile(r"^/dev/nvidia\d+$"), "nvidia-gpu"),
+    (re.compile(r"^/dev/nvidiactl$"), "nvidiactl"),
+    (re.compile(r"^/dev/nvidia-modeset$"), "nvidia-modeset"),
+    (re.compile(r"^/dev/nvidia-uvm$"), "nvidia-uvm"),
+    (re.compile(r"^/dev/nvidia-uvm-tools$"), "nvidia-uvm-tools"),
+    (re.compile(r"^/dev/nvidia-caps/"), "nvidia-caps"),
+    (re.compile(r"^/dev/nvidia-nvswitch"), "nvidia-nvswitch"),
+    (re.compile(r"^/dev/dri/renderD\d+$"), "drm-render"),
+    (re.compile(r"^/dev/dri/card\d+$"), "drm-card"),
+    (re.compile(r"^/dev/nvmap$"), "tegra-nvmap"),
+    (re.compile(r"^/dev/nvhost-"), "tegra-nvhost"),
+    (re.compile(r"^/dev/nvgpu/"), "tegra-nvgpu"),
+]
+
+
+def classify_node(path: Optional[str], major: Optional[int], minor: Optional[int],
+                  char_majors: dict[int, str]) -> str:
+    """The node class from major/minor (with /proc/devices names), else the path."""
+    if major is not None and minor is not None:
+        name = char_majors.get(major, "")
+        if major == NVIDIA_MAJOR or name in ("nvidia", "nvidia-frontend"):
+            return {255: "nvidiactl", 254: "nvidia-modeset"}.get(minor, "nvidia-gpu")
+        if name == "nvidia-uvm":
+            return "nvidia-uvm-tools" if minor == 1 else "nvidia-uvm"
+        if name in ("nvidia-caps", "nvidia-caps-imex-channels"):
+            return "nvidia-caps"
+        if name == "nvidia-nvswitch":
+            return "nvidia-nvswitch"
+        if major == DRM_MAJOR or name == "drm":
+            return "drm-render" if minor >= 128 else "drm-card"
+        if name.startswith("nvhost"):
+            return "tegra-nvhost"
+        if name == "nvgpu" or name.startswith("nvgpu"):
+            return "tegra-nvgpu"
+    for pattern, cls in _PATH_CLASSES:
+        if path and pattern.search(path):
+            return cls
+    return "unknown"
 
 
 @dataclass
@@ -84,8 +145,8 @@ def discover(proc: str = "/proc", dev: str = "/dev", extra_prefixes: tuple[str, 
             text = f.read()
     except OSError:
         text = ""
-    for name, major in char_majors(text).items():
-        if GPU_DRIVER_NAMES.match(name):
+    for major, name in parse_proc_devices(text).items():
+        if is_gpu_driver(name):
             nodes.majors.setdefault(major, name)
     for name in EXACT_NODES:
         try:

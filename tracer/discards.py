@@ -27,6 +27,11 @@ SENSOR_DISCARDS: dict[str, Discard] = {
     "dropped_perf_lost": Discard("kernel_buffer_full", False, True),
     "first_event_lost": Discard("first_event_lost", False, False),  # part of buffer_full
     "aggregated": Discard("rate_aggregated", True, False),
+    # refused opens outside the GPU prefixes that could not be matched by device:
+    # each might have been a GPU node reached under another name
+    "candidates_rate_limited": Discard("candidate_rate_limited", True, False),
+    "candidates_unresolved": Discard("candidate_unresolved", False, False),
+    "candidates_first_event_lost": Discard("kernel_buffer_full", False, False),
     # audit sensor: records the kernel dropped (backlog limit exceeded, rate limit,
     # out of memory; AUDIT_GET `lost`, kernel-wide), records our socket could not
     # take (ENOBUFS, at least one each), records or events that did not parse, and

@@ -1,7 +1,13 @@
 """`make bench`: overhead, denial storm, latency and start-up of gputrace, side by side
 with opensnoop and audit.  Run as root; prints Markdown tables and writes JSON.
 
-    python -m contrib.bench                    # everything (~10 minutes on 2 cores)
+Overhead: a getppid loop (a syscall gputrace does not watch), an open/close
+loop, an ioctl loop and a macro workload (make -j2 of small C files), each
+under no tracer, the floor (empty programs on gputrace's hooks), an empty
+program on raw sys_exit, gputrace, the trace-bpfcc stand-in and audit rules,
+interleaved round by round.
+
+    python -m contrib.bench                    # everything (~9 minutes on 2 cores)
     python -m contrib.bench overhead storm     # some parts
     python -m contrib.bench --quick            # fewer rounds and shorter storms
 """
@@ -27,10 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parts", nargs="*", metavar="PART",
                     help=f"any of {', '.join(PARTS)} (default: all)")
-    ap.add_argument("--rounds", type=int, default=11, help="overhead rounds per configuration")
+    ap.add_argument("--rounds", type=int, default=7, help="overhead rounds per configuration")
+    ap.add_argument("--getppid-iterations", type=int, default=1_000_000)
     ap.add_argument("--open-iterations", type=int, default=200_000)
     ap.add_argument("--ioctl-iterations", type=int, default=500_000)
-    ap.add_argument("--storm-procs", default="1,4,16", help="K values, comma-separated")
+    ap.add_argument("--macro-files", type=int, default=200, help="C files make -j2 compiles")
+    ap.add_argument("--candidate-paths", type=int, default=10_000,
+                    help="distinct refused non-GPU paths in the candidate storm")
+    ap.add_argument("--storm-procs", default="1,4", help="K values, comma-separated")
     ap.add_argument("--seconds", type=float, default=5.0, help="storm length T")
     ap.add_argument("--latency-samples", type=int, default=200)
     ap.add_argument("--latency-gap-ms", type=int, default=20)
@@ -45,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown part {unknown[0]!r} (choose from {', '.join(PARTS)})")
     if args.quick:
         args.rounds, args.seconds, args.latency_samples, args.startup_runs = 3, 2.0, 60, 1
+        args.macro_files, args.getppid_iterations = 60, 300_000
     args.parts = args.parts or list(PARTS)
     return args
 
@@ -69,15 +80,18 @@ def run_overhead(host: Any, exe: str, kind: str, args: argparse.Namespace, peer:
     open(target, "w").close()
     os.chmod(target, 0o644)
     ioctl_path = overhead.ioctl_target()
-    workloads = [overhead.Workload("open+close, non-GPU file", "open", target, args.open_iterations),
+    tree = overhead.macro_tree(host.workdir, args.macro_files, host.uid, host.gid)
+    workloads = [overhead.Workload("getppid (not watched)", "getppid", "-", args.getppid_iterations),
+                 overhead.Workload("open+close, non-GPU file", "open", target, args.open_iterations),
                  overhead.Workload(f"ioctl(FIONREAD) on {ioctl_path}", "ioctl", ioctl_path,
-                                   args.ioctl_iterations)]
-    configs: list = [tracers.NoTracer(), tracers.EmptyProgram(),
+                                   args.ioctl_iterations),
+                 overhead.Workload(f"make -j2, {args.macro_files} small C files", "make", tree,
+                                   args.macro_files)]
+    configs: list = [tracers.NoTracer(), tracers.EmptyProgram(), tracers.EmptyProgram(raw=True),
                      tracers.GputraceTracer(kind, host.workdir)]
     if peer is not None:
         configs.append(peer)
-    configs += [tracers.GputraceTracer("watch-audit", host.workdir),
-                tracers.PlainAuditRules(host.audit), tracers.AuditContextOnly()]
+    configs += [tracers.PlainAuditRules(host.audit), tracers.AuditContextOnly()]
     try:
         series = overhead.interleaved(host, exe, configs, workloads, args.rounds, say)
     finally:
@@ -96,7 +110,11 @@ def run_storm(host: Any, exe: str, kind: str, args: argparse.Namespace, peer: An
     ks = [int(k) for k in args.storm_procs.split(",") if k.strip()]
     rows = [storm.gputrace_storm(host, exe, kind, k, args.seconds, say) for k in ks]
     peers = [storm.peer_storm(host, exe, peer, k, args.seconds, say) for k in ks] if peer else []
-    return {"rows": rows, "peers": peers, "text": tables.storm_table(rows, peers)}
+    candidates = [storm.candidate_storm(host, exe, kind, mode, args.seconds,
+                                        args.candidate_paths, say) for mode in ("one", "distinct")]
+    return {"rows": rows, "peers": peers, "candidates": candidates,
+            "text": tables.storm_table(rows, peers) + "\n\nRefused opens of paths that are not GPU "
+            "nodes (candidates):\n\n" + tables.candidate_table(candidates)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         ["python -m contrib.bench", *(argv if argv is not None else sys.argv[1:])])}
     results["fexit"] = fexit_status()
     if not results["fexit"]["loads"]:
-        say(f"fexit does not load here ({results['fexit']['why']}): gputrace runs on the sys_exit "
-            "tracepoint and the fexit target (<= 1.03x) cannot be measured on this machine")
+        say(f"fexit does not load here ({results['fexit']['why']}): gputrace runs on the syscall "
+            "exit tracepoints; its floor is empty programs on those tracepoints")
     with machine.BenchHost() as host:
         exe = overhead.build_loop(host.workdir)
         kind, results["gputrace_process"] = processes.choose_bpf_process(host.workdir)
@@ -154,8 +172,8 @@ def report(results: dict) -> str:
     parts.append(f"gputrace process: {results.get('gputrace_process', '?')}")
     fexit = results.get("fexit", {})
     if fexit and not fexit["loads"]:
-        parts.append(f"fexit: {fexit['why']} -- gputrace uses the sys_exit raw tracepoint; "
-                     "the fexit overhead target (<= 1.03x) is not measurable on this machine")
+        parts.append(f"fexit: {fexit['why']} -- gputrace uses the syscall exit tracepoints; "
+                     "its floor is empty programs on those tracepoints")
     if results.get("peer_tool", {}).get("opensnoop_unavailable"):
         parts.append(f"opensnoop-bpfcc -x could not run: {results['peer_tool']['opensnoop_unavailable']}; "
                      f"its stand-in is {results['peer_tool']['name']}")

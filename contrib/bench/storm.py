@@ -8,6 +8,7 @@ lines are compared with the attempts.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -173,3 +174,52 @@ def count_peer_lines(out_path: str, stderr: str, command: Optional[str] = "sysca
     for found in re.finditer(r"[Ll]ost (\d+) (?:samples|events)", text + stderr):
         lost += int(found.group(1))
     return printed, lost
+
+
+def candidate_storm(host: BenchHost, exe: str, kind: str, mode: str, seconds: float,
+                    distinct: int, say: Callable[[str], None]) -> dict:
+    """Refused opens of paths that are not GPU nodes (outside the GPU prefixes): what
+    they cost the daemon.  mode "one": one path hammered for `seconds`; "distinct":
+    `distinct` different paths, each once."""
+    locked = os.path.join(host.workdir, f"locked-{mode}")
+    os.makedirs(locked, mode=0o700, exist_ok=True)
+    os.chmod(locked, 0o700)  # root's: the bench user is refused at the directory
+    gt = Gputrace(kind, host.workdir, tag=f"candidates-{mode}")
+    gt.start(tap=True)
+    try:
+        before = gt.scrape()
+        cpu0, w0 = cpu_seconds(gt.pid), time.monotonic()
+        argv = ([exe, "deny", os.path.join(locked, "f"), str(seconds)] if mode == "one"
+                else [exe, "denyn", locked, str(distinct)])
+        out = subprocess.run(argv, capture_output=True, text=True, check=True,
+                             **host.user_popen_kwargs()).stdout
+        storm_s = time.monotonic() - w0
+        attempts, eacces, _other, _opened = (int(v) for v in out.split())
+        time.sleep(SETTLE_TIMEOUT_S / 2)  # the daemon finishes what the storm queued
+        cpu1, w1 = cpu_seconds(gt.pid), time.monotonic()
+        after = gt.scrape()
+        memory = memory_kib(gt.pid)
+    finally:
+        gt.stop()
+    events = gt.tap.snapshot() if gt.tap else []
+    mine = sum(1 for _, e in events if str((e.get("node") or {}).get("path", "")).startswith(locked))
+
+    def delta(counter: str) -> int:
+        return sensor_counter(after, counter) - sensor_counter(before, counter)
+    say(f"candidate storm ({mode}): {eacces} refused, {delta('candidates')} counted")
+    return {
+        "mode": mode, "attempts": attempts, "refused": eacces, "seconds": round(storm_s, 2),
+        "per_s": round(attempts / storm_s) if storm_s else 0,
+        "kernel_candidates": delta("candidates"),
+        "kernel_known_not_gpu": delta("candidates_known"),
+        "kernel_rate_limited": delta("candidates_rate_limited"),
+        "resolved_not_gpu": delta("candidates_not_gpu"),
+        "resolved_unresolved": delta("candidates_unresolved"),
+        "buffer_full": delta("dropped_buffer_full"),
+        "cache_entries": sensor_counter(after, "candidate_cache_entries"),
+        "events_delivered": mine,
+        "exact": delta("candidates") == eacces,
+        "daemon_cpu_s": round(cpu1 - cpu0, 2),
+        "daemon_cpu_percent": round(100 * (cpu1 - cpu0) / (w1 - w0), 1),
+        "daemon_peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
+    }

@@ -5,10 +5,13 @@
  *
  *   syscall_loop open  PATH N        open()+close() of PATH N times
  *   syscall_loop ioctl PATH N        ioctl(FIONREAD) on an open PATH, N times
+ *   syscall_loop getppid - N         getppid() N times: a syscall gputrace does not watch
  *       both print "cpu_ns/call wall_ns/call failures": CPU time is the loop's own
  *       (CLOCK_THREAD_CPUTIME_ID), so time other processes take the core is not in it
  *   syscall_loop deny  PATH SECONDS  open() expected to fail, for SECONDS:
  *                                    "attempts eacces other_failures opened"
+ *   syscall_loop denyn DIR N         open() of DIR/f0 .. DIR/f<N-1>, each once (expected
+ *                                    to fail): "attempts eacces other_failures opened"
  *   syscall_loop probe PATH N GAP_MS N times: fork a child that opens PATH (expected
  *                                    EACCES), prints "pid sec.nsec" (CLOCK_REALTIME right
  *                                    after the failing return), stays alive HOLD_MS, exits */
@@ -18,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -82,6 +86,36 @@ static int loop_ioctl(const char *path, long n)
 	return 0;
 }
 
+static int loop_getppid(long n)
+{
+	long sum = 0;
+	double t0 = mono_ns(), c0 = cpu_ns();
+	for (long i = 0; i < n; i++)
+		sum += syscall(SYS_getppid);
+	report_loop(c0, t0, n, sum < 0);
+	return 0;
+}
+
+static int loop_deny_distinct(const char *dir, long n)
+{
+	long eacces = 0, other = 0, opened = 0;
+	char path[4096];
+	for (long i = 0; i < n; i++) {
+		snprintf(path, sizeof(path), "%s/f%ld", dir, i);
+		int fd = open(path, O_RDONLY);
+		if (fd >= 0) {
+			opened++;
+			close(fd);
+		} else if (errno == EACCES) {
+			eacces++;
+		} else {
+			other++;
+		}
+	}
+	printf("%ld %ld %ld %ld\n", n, eacces, other, opened);
+	return 0;
+}
+
 static int loop_deny(const char *path, double seconds)
 {
 	long attempts = 0, eacces = 0, other = 0, opened = 0;
@@ -140,8 +174,12 @@ static int run(int argc, char **argv)
 		return loop_open(path, atol(argv[3]));
 	if (!strcmp(mode, "ioctl"))
 		return loop_ioctl(path, atol(argv[3]));
+	if (!strcmp(mode, "getppid"))
+		return loop_getppid(atol(argv[3]));
 	if (!strcmp(mode, "deny"))
 		return loop_deny(path, atof(argv[3]));
+	if (!strcmp(mode, "denyn"))
+		return loop_deny_distinct(path, atol(argv[3]));
 	if (!strcmp(mode, "probe") && argc == 5)
 		return probe(path, atol(argv[3]), atol(argv[4]));
 	fprintf(stderr, "unknown mode %s\n", mode);
@@ -152,7 +190,7 @@ int main(int argc, char **argv)
 {
 	int status;
 	if (argc < 4) {
-		fprintf(stderr, "usage: %s open|ioctl|deny|probe PATH N [GAP_MS]\n", argv[0]);
+		fprintf(stderr, "usage: %s open|ioctl|getppid|deny|denyn|probe PATH N [GAP_MS]\n", argv[0]);
 		return 2;
 	}
 	fflush(stdout);

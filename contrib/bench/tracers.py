@@ -59,13 +59,15 @@ def bcc_environment() -> dict:
     return env
 
 
+SYSCALL_EXIT_TRACEPOINTS = ("open", "creat", "openat", "openat2", "ioctl")
+
+
 class EmptyProgram(NoTracer):
-    """An empty BPF program on gputrace's hook: the floor for that hook."""
+    """Empty BPF programs on gputrace's hooks, the syscall exit tracepoints: the floor
+    any tracer on those hooks pays.  `raw=True`: one empty program on the raw
+    sys_exit tracepoint instead (every syscall runs it; gputrace's hook before)."""
 
-    name = "empty BPF program"
-    note = "raw tracepoint sys_exit, returns 0"
-
-    def __init__(self) -> None:
+    def __init__(self, raw: bool = False) -> None:
         from bcc import BPF
 
         from tracer.sensors import preflight
@@ -75,14 +77,28 @@ class EmptyProgram(NoTracer):
         source = bcc_environment().get("BCC_KERNEL_SOURCE")
         if source:
             os.environ["BCC_KERNEL_SOURCE"] = source
-        self.bpf = BPF(src_file=os.path.join(bpf_source_dir(), "bench_empty.bpf.c").encode())
-        self.bpf.detach_raw_tracepoint(b"sys_exit")
+        self.raw = raw
+        self.name = "empty, raw sys_exit" if raw else "floor: empty, syscall exit tracepoints"
+        self.note = ("one empty program on raw_syscalls:sys_exit (every syscall runs it)" if raw
+                     else "empty programs on syscalls:sys_exit_{open,creat,openat,openat2,ioctl}")
+        self.bpf = BPF(src_file=os.path.join(bpf_source_dir(), "bench_empty.bpf.c").encode(),
+                       cflags=["-DRAW_SYS_EXIT=1"] if raw else [])
+        self.detach()
 
     def attach(self) -> None:
-        self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"raw_tracepoint__sys_exit")
+        if self.raw:
+            self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"raw_tracepoint__sys_exit")
+            return
+        for name in SYSCALL_EXIT_TRACEPOINTS:
+            self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}".encode(),
+                                       fn_name=f"tracepoint__syscalls__sys_exit_{name}".encode())
 
     def detach(self) -> None:
-        self.bpf.detach_raw_tracepoint(b"sys_exit")
+        if self.raw:
+            self.bpf.detach_raw_tracepoint(b"sys_exit")
+            return
+        for name in SYSCALL_EXIT_TRACEPOINTS:
+            self.bpf.detach_tracepoint(f"syscalls:sys_exit_{name}".encode())
 
     def close(self) -> None:
         self.bpf.cleanup()

@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F401
 from tests.test_hostile_strings import assert_terminal_safe
 from tracer import cli
+from tracer import config
 from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import Facts
+from tracer.sinks import journal
 from tracer.sinks.console import ConsoleSink
 from tracer.verdict.explain import explain_records
 
@@ -187,7 +189,6 @@ def test_explain_cli_on_any_file(scratch_dir: str, content: bytes) -> None:
 @given(st.lists(st.one_of(mutated_event().map(lambda d: json.dumps(d).encode()),
                           st.binary(max_size=60)), max_size=5).map(b"\n".join))
 def test_journal_reader_on_any_file(scratch_dir: str, content: bytes) -> None:
-    journal = pytest.importorskip("tracer.sinks.journal")
     ran("journal.read_journal")
     directory = os.path.join(scratch_dir, "journal")
     os.makedirs(directory, exist_ok=True)
@@ -213,7 +214,6 @@ YAML_LINES = st.lists(st.lists(st.one_of(YAML_ATOMS, st.text(max_size=6)), max_s
 @fuzz(800)
 @given(YAML_TEXT | YAML_LINES)
 def test_config_loader_on_any_text(text: str) -> None:
-    config = pytest.importorskip("tracer.config")
     from tracer.errors import BadInput
     ran("config.parse (YAML)")
     try:

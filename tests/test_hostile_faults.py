@@ -16,7 +16,7 @@ from typing import Optional
 
 import pytest
 
-from tests.fuzz.denial_storm import denied_dir, storm
+from tests.fuzz.denial_storm import denied_dir, held_storm, storm
 from tests.support.sensor_harness import SensorHarness
 from tests.test_hostile_strings import assert_terminal_safe
 from tracer.enrichment.enricher import Enricher
@@ -198,11 +198,20 @@ def test_full_aggregation_table_keeps_totals_exact(small_table_sensor) -> None:
 
 
 def test_sensor_forgets_keys_of_exited_processes(small_table_sensor) -> None:
-    with denied_dir() as base:
-        result = storm(base, 300, names=300)
-    time.sleep(1.5)  # several sweeps after the process exited
     book = small_table_sensor.sensor._book
-    assert [k for k in list(book) if k.tgid == result.pid] == []
+
+    def keys_of(pid: int) -> list:
+        return [k for k in list(book) if k.tgid == pid]
+    with denied_dir() as base:
+        with held_storm(base, 300, names=300) as result:
+            assert result.failures == {"EACCES": 300}
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not keys_of(result.pid):
+                time.sleep(0.1)
+            time.sleep(1.0)  # several sweeps while the process lives: its keys stay
+            assert keys_of(result.pid), "the sensor never kept this process's keys"
+    time.sleep(1.5)  # several sweeps after the process exited (killed and reaped)
+    assert keys_of(result.pid) == []
 
 
 def long_path_event(sensor: SensorHarness, base: str) -> Event:

@@ -70,7 +70,11 @@ def test_seat_acl_for_another_user(bpf_sensor, enricher):
     with scenarios.seat_acl(opener="ssh", acl=True) as attempt:
         assert attempt.errno == errno.EACCES
         event, verdict = explained(bpf_sensor, enricher, attempt)
-    assert (event.node.major if event.node.major is not None else 226) == 226
+    # the sensor caught the scenario's DRM render node, and enrichment stat'ed that node
+    assert event.node.path == attempt.node.path.encode()
+    assert (attempt.node.major, attempt.node.minor) == (226, attempt.node.minor)
+    assert (event.facts.get("node.major"), event.facts.get("node.minor")) == \
+        (attempt.node.major, attempt.node.minor)
     assert verdict.reason == "seat_acl_only", verdict.to_json()
 
 

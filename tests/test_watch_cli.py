@@ -137,6 +137,8 @@ def test_missing_tracefs_is_one_line_error(tmp_path):
 
 def test_bad_option_is_one_line_usage_error():
     one_line_error(run_cli("watch", "--errno", "ENOTANERRNO"), 2, "--errno")
+    one_line_error(run_cli("watch", "--prefix", "dev/relative"), 2, "--prefix")
+    one_line_error(run_cli("watch", "--device", "195:x"), 2, "--device")
 
 
 def test_auto_sensor_falls_back_to_audit_and_says_why(tmp_path):

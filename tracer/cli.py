@@ -70,6 +70,16 @@ def _parse_errnos(_ctx: object, _param: object, value: str) -> tuple[str, ...]:
     return names
 
 
+def _check_prefixes(_ctx: object, _param: object, values: tuple[str, ...]) -> tuple[str, ...]:
+    from tracer import config as config_mod
+
+    for v in values:
+        if not config_mod.prefix_ok(v):
+            raise click.BadParameter(f"{v!r} must be an absolute path of at most "
+                                     f"{config_mod.PREFIX_CAP} bytes")
+    return values
+
+
 def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tuple[str, ...]:
     from tracer import config as config_mod
 
@@ -85,7 +95,8 @@ def _parse_devices(_ctx: object, _param: object, values: tuple[str, ...]) -> tup
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--errno", "errnos", default="EACCES,EPERM", show_default=True,
               callback=_parse_errnos, help="Errors to report (e.g. add ENOENT,ENXIO).")
-@click.option("--prefix", "prefixes", multiple=True, help="Extra path prefix to watch (repeatable).")
+@click.option("--prefix", "prefixes", multiple=True, callback=_check_prefixes,
+              help="Extra path prefix to watch (repeatable).")
 @click.option("--device", "devices", multiple=True, callback=_parse_devices,
               help="Extra MAJOR or MAJOR:MINOR whose ioctls to watch (repeatable).")
 @click.option("--sensor", "sensor_name", type=click.Choice(["auto", "bpf", "audit"]), default="auto",

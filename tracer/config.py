@@ -19,6 +19,7 @@ import yaml
 
 from tracer.errors import BadInput
 from tracer.host import HostPaths
+from tracer.sensors.bpf_constants import MAX_PREFIXES, PREFIX_CAP, RINGBUF_PAGES
 
 DEFAULT_PATH = "/etc/gputrace/config.yaml"
 DEFAULT_METRICS_PORT = 9464
@@ -38,7 +39,8 @@ class SensorConfig:
     errnos: list[str] = field(default_factory=lambda: ["EACCES", "EPERM"], metadata=doc(
         "Errors to record, by name (add ENOENT, ENXIO to see missing or driverless nodes)."))
     extra_prefixes: list[str] = field(default_factory=list, metadata=doc(
-        "Path prefixes watched besides the built-in GPU node prefixes."))
+        f"Path prefixes watched besides the built-in GPU node prefixes (absolute, at most "
+        f"{PREFIX_CAP} bytes each)."))
     extra_devices: list[str] = field(default_factory=list, metadata=doc(
         "Extra device numbers whose opens and ioctls are watched, as \"MAJOR\" or \"MAJOR:MINOR\"."))
     hook: str = field(default="auto", metadata=doc(
@@ -49,7 +51,7 @@ class SensorConfig:
     aggregate_max: int = field(default=16384, metadata=doc(
         "Size of the kernel table that folds repeats into counts; when full, repeats are "
         "sent one by one (counted: aggregation_table_full).", minimum=64))
-    ringbuf_pages: int = field(default=1024, metadata=doc(
+    ringbuf_pages: int = field(default=RINGBUF_PAGES, metadata=doc(
         "Kernel ring buffer size in 4 KiB pages (a power of two); 1024 = 4 MiB holds a burst of "
         "about 7,000 distinct denials.", minimum=1, power_of_two=True))
     aggregate_interval_s: float = field(default=1.0, metadata=doc(
@@ -170,6 +172,11 @@ def device_pair(text: str) -> tuple[int, Optional[int]]:
     return int(major), (int(minor) if minor and minor != "*" else None)
 
 
+def prefix_ok(prefix: str) -> bool:
+    """A watched path prefix the BPF sensor can hold (its LPM trie key size)."""
+    return prefix.startswith("/") and len(prefix.encode()) <= PREFIX_CAP
+
+
 def is_errno_name(name: str) -> bool:
     return isinstance(getattr(errno_mod, name, None), int)
 
@@ -232,6 +239,8 @@ class _Reader:
         if get_origin(hint) is list:
             if not isinstance(node, yaml.SequenceNode):
                 raise self.fail(node, f"'{full}' must be a list")
+            if full == "sensor.extra_prefixes" and len(node.value) > MAX_PREFIXES:
+                raise self.fail(node, f"'{full}' holds at most {MAX_PREFIXES} prefixes")
             return [self.check(fld, self.typed(str, n, full), n, full) for n in node.value]
         raw = self.scalar(node)
         if raw is None and optional:
@@ -260,6 +269,9 @@ class _Reader:
             raise self.fail(node, f"'{full}' must be a power of two, not {value!r}")
         if full == "sensor.errnos" and not is_errno_name(value):
             raise self.fail(node, f"'{full}': unknown errno name {value!r}")
+        if full == "sensor.extra_prefixes" and not prefix_ok(value):
+            raise self.fail(node, f"'{full}': {value!r} must be an absolute path of at most "
+                                  f"{PREFIX_CAP} bytes")
         if full == "sensor.extra_devices":
             try:
                 device_pair(value)

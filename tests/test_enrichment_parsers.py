@@ -13,19 +13,20 @@ from tracer.enrichment.parse_files import (AclEntry, build_posix_acl, parse_grou
                                            parse_logind_session, parse_nvidia_params,
                                            parse_passwd_file, parse_posix_acl, user_gids)
 from tracer.enrichment.device_rules import V1DeviceList, parse_devices_list
-from tracer.enrichment.parse_proc import (id_to_inside, id_to_kernel,
-                                          mount_holding, parse_id_map,
+from tracer.enrichment.id_map import IdMap
+from tracer.enrichment.parse_proc import (mount_holding,
                                           parse_mountinfo, parse_proc_cgroup, parse_proc_devices,
                                           parse_status)
 
 
 def test_id_map() -> None:
     skips = SkipCounter()
-    m = parse_id_map("         0       1000          1\n1 100000 65536\nbad line\n5 5 0\n", skips)
-    assert m == [(0, 1000, 1), (1, 100000, 65536)]
+    m = IdMap.parse("         0       1000          1\n1 100000 65536\nbad line\n5 5 0\n", skips)
+    assert m.rows() == [[0, 1000, 1], [1, 100000, 65536]]
     assert skips.counts == {"id_map:bad_line": 1, "id_map:bad_range": 1}
-    assert id_to_inside(m, 1000) == 0 and id_to_inside(m, 100026) == 27
-    assert id_to_inside(m, 27) is None and id_to_kernel(m, 27) == 100026
+    assert m.to_inside(1000) == 0 and m.to_inside(100026) == 27
+    assert m.to_inside(27) is None and m.to_outside(27) == 100026
+    assert IdMap.from_rows(m.rows()) == m
 
 
 def test_mountinfo_escapes_and_holding_mount() -> None:
@@ -149,7 +150,7 @@ def test_container_detection_clues() -> None:
 @given(st.text(max_size=400))
 def test_text_parsers_never_raise(text: str) -> None:
     skips = SkipCounter()
-    for parse in (parse_id_map, parse_mountinfo, parse_status, parse_proc_cgroup,
+    for parse in (IdMap.parse, parse_mountinfo, parse_status, parse_proc_cgroup,
                   parse_proc_devices, parse_devices_list, parse_group_file, parse_passwd_file,
                   parse_nvidia_params, parse_logind_session):
         parse(text, skips)  # type: ignore[operator]

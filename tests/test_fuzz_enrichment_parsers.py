@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F401
 from tracer.enrichment import device_rules, parse_files, parse_proc, procfs
 from tracer.enrichment.facts import SkipCounter
+from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.parse_files import (ACL_TAGS, ACL_UNDEFINED_ID, AclEntry, build_posix_acl,
                                            parse_posix_acl)
 
@@ -43,9 +44,9 @@ def structured(sep: str, fields: int) -> st.SearchStrategy[str]:
 def test_id_map(text: str) -> None:
     ran("parse_id_map")
     skips = SkipCounter()
-    for inside, outside, count in parse_proc.parse_id_map(text, skips):
+    for inside, outside, count in IdMap.parse(text, skips).rows():
         assert count > 0 and inside + count <= 2**32 and outside + count <= 2**32
-        assert parse_proc.id_to_kernel([(inside, outside, count)], inside) == outside
+        assert IdMap.from_rows([[inside, outside, count]]).to_outside(inside) == outside
 
 
 @fuzz(1000)

@@ -11,8 +11,8 @@ from tracer.enrichment import procfs
 from tracer.enrichment.facts import INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
 from tracer.sensors.gpu_nodes import classify_node, is_gpu_driver
-from tracer.enrichment.parse_proc import (id_to_inside, mount_holding, parse_mountinfo,
-                                          parse_proc_devices)
+from tracer.enrichment.id_map import IdMap
+from tracer.enrichment.parse_proc import mount_holding, parse_mountinfo, parse_proc_devices
 from tracer.event import Event
 from tracer.host import HostPaths
 
@@ -115,7 +115,7 @@ def _name_ids(found: NodeStat, facts: Facts) -> None:
         facts.put("node.group_name", host_name, INFERRED, "host /etc/group")
     gid_map = facts.get("userns.gid_map")
     if gid_map is not None:
-        inside = id_to_inside([tuple(r) for r in gid_map], found.gid)
+        inside = IdMap.from_rows(gid_map).to_inside(found.gid)
         facts.put("node.gid_in_container", OVERFLOW_GID if inside is None else inside,
                   INFERRED, "node gid through userns gid_map")
         facts.put("node.gid_mapped", inside is not None, INFERRED, "userns gid_map")

@@ -12,7 +12,6 @@ from typing import Optional
 from tracer.enrichment.facts import SkipCounter
 from tracer.sensors.gpu_nodes import parse_proc_devices  # the one /proc/devices parser
 
-IdMap = list[tuple[int, int, int]]  # (inside, outside, count)
 MAX_DECIMAL_DIGITS = 20  # a u64; also far below int()'s 4300-digit limit
 
 
@@ -22,43 +21,6 @@ def decimal(text: str) -> Optional[int]:
     if not 0 < len(text) <= MAX_DECIMAL_DIGITS or not (text.isascii() and text.isdigit()):
         return None
     return int(text)
-
-
-def parse_id_map(text: str, skips: SkipCounter, what: str = "id_map") -> IdMap:
-    """/proc/PID/uid_map or gid_map: `inside outside count` per line."""
-    out: IdMap = []
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 3 or any(decimal(p) is None for p in parts):
-            skips.skip(f"{what}:bad_line")
-            continue
-        inside, outside, count = (int(p) for p in parts)
-        if count == 0 or inside + count > 2**32 or outside + count > 2**32:
-            skips.skip(f"{what}:bad_range")
-            continue
-        out.append((inside, outside, count))
-    return out
-
-
-def id_to_inside(id_map: IdMap, kernel_id: int) -> Optional[int]:
-    """The id a kernel (initial-namespace) id has inside the namespace, if mapped."""
-    for inside, outside, count in id_map:
-        if outside <= kernel_id < outside + count:
-            return inside + (kernel_id - outside)
-    return None
-
-
-def id_to_kernel(id_map: IdMap, inside_id: int) -> Optional[int]:
-    for inside, outside, count in id_map:
-        if inside <= inside_id < inside + count:
-            return outside + (inside_id - inside)
-    return None
-
-
-def is_identity_map(id_map: IdMap) -> bool:
-    return id_map == [(0, 0, 4294967295)]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from tracer.enrichment import procfs
 from tracer.enrichment.facts import KERNEL, LIVE, Facts, SkipCounter
 from tracer.enrichment.node import read_in_root
 from tracer.enrichment.parse_files import parse_group_file
-from tracer.enrichment.parse_proc import (parse_id_map, parse_proc_cgroup, parse_status,
+from tracer.enrichment.id_map import IdMap
+from tracer.enrichment.parse_proc import (parse_proc_cgroup, parse_status,
                                           status_hex, status_ints)
 from tracer.event import Process
 from tracer.host import HostPaths
@@ -88,8 +89,7 @@ def userns_facts(host: HostPaths, pid: int, facts: Facts) -> None:
         path = host.proc_pid(pid, name)
         text = procfs.read_text(path)
         if text is not None:
-            id_map = parse_id_map(text, facts.skips, name)
-            facts.put(f"userns.{name}", [list(r) for r in id_map], LIVE, path)
+            facts.put(f"userns.{name}", IdMap.parse(text, facts.skips, name).rows(), LIVE, path)
     path = host.proc_pid(pid, "setgroups")
     text = procfs.read_text(path)
     if text is not None and text.strip() in ("allow", "deny"):

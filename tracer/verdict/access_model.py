@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from tracer.enrichment.device_rules import DeviceDecision, DevicePolicy, access_from_mask
+from tracer.enrichment.id_map import IdMap, IdMapRange  # noqa: F401 (the one id map model)
 
 MAY_READ = 4
 MAY_WRITE = 2
@@ -56,41 +57,6 @@ def _star(number: Optional[int]) -> str:
 
 def _wanted(mask: int) -> str:
     return {MAY_READ: "read", MAY_WRITE: "write"}.get(mask, "read+write")
-
-
-@dataclass(frozen=True)
-class IdMapRange:
-    inside: int
-    outside: int
-    count: int
-
-
-@dataclass(frozen=True)
-class IdMap:
-    """One uid_map or gid_map: ids inside a namespace <-> ids in its parent."""
-
-    ranges: tuple[IdMapRange, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> "IdMap":
-        ranges = []
-        for line in text.splitlines():
-            if line.strip():
-                inside, outside, count = (int(part) for part in line.split())
-                ranges.append(IdMapRange(inside, outside, count))
-        return cls(tuple(ranges))
-
-    def to_inside(self, outside_id: int) -> Optional[int]:
-        for r in self.ranges:
-            if r.outside <= outside_id < r.outside + r.count:
-                return r.inside + (outside_id - r.outside)
-        return None
-
-    def to_outside(self, inside_id: int) -> Optional[int]:
-        for r in self.ranges:
-            if r.inside <= inside_id < r.inside + r.count:
-                return r.outside + (inside_id - r.inside)
-        return None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tracer.enrichment.facts import Facts
-from tracer.enrichment.parse_proc import id_to_inside, id_to_kernel
+from tracer.enrichment.id_map import IdMap
 from tracer.verdict import reasons as R
 from tracer.verdict.model_input import ModelRun
 
@@ -76,7 +76,7 @@ def _root_in_namespace(facts: Facts) -> bool:
     uid_map = facts.get("userns.uid_map")
     if uid_map is None:
         return False
-    return id_to_inside([tuple(r) for r in uid_map], fsuid) == 0
+    return IdMap.from_rows(uid_map).to_inside(fsuid) == 0
 
 
 def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
@@ -253,13 +253,13 @@ def _container_gid_for_name(facts: Facts) -> Optional[int]:
         return None
     inside = int(table[name])
     gid_map = facts.get("userns.gid_map")
-    kernel = inside if gid_map is None else id_to_kernel([tuple(r) for r in gid_map], inside)
+    kernel = inside if gid_map is None else IdMap.from_rows(gid_map).to_outside(inside)
     return inside if kernel != gid else None
 
 
 def _holds_container_gid(facts: Facts, inside_gid: int, groups: set[Any]) -> bool:
     gid_map = facts.get("userns.gid_map")
-    kernel = inside_gid if gid_map is None else id_to_kernel([tuple(r) for r in gid_map], inside_gid)
+    kernel = inside_gid if gid_map is None else IdMap.from_rows(gid_map).to_outside(inside_gid)
     return kernel in groups
 
 

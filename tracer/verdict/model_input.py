@@ -14,7 +14,7 @@ from tracer.enrichment.facts import Facts
 from tracer.enrichment.device_rules import DevicePolicy, policies_from_facts
 from tracer.enrichment.facts import SkipCounter
 from tracer.verdict.access_model import (MAY_READ, MAY_WRITE, AccessDecision, Credentials,
-                                         IdMap, IdMapRange, NodeFacts,
+                                         IdMap, NodeFacts,
                                          PosixAcl, UserNamespace, UserNamespaceLevel,
                                          access_mask_from_open_flags, decide_open)
 
@@ -27,7 +27,7 @@ class ModelRun:
 
 
 def _id_map(rows: Any) -> IdMap:
-    return IdMap(tuple(IdMapRange(int(a), int(b), int(c)) for a, b, c in rows or []))
+    return IdMap.from_rows(rows)
 
 
 def credentials_from_facts(facts: Facts, missing: list[str]) -> Credentials:

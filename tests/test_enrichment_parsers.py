@@ -9,9 +9,10 @@ from hypothesis import given, settings, strategies as st
 from tracer.enrichment.container import ContainerClues, detect_container
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.node import classify_node
-from tracer.enrichment.parse_files import (AclEntry, build_posix_acl, parse_group_file,
+from tracer.enrichment.posix_acl import AclEntry, build_posix_acl, parse_posix_acl
+from tracer.enrichment.parse_files import (parse_group_file,
                                            parse_logind_session, parse_nvidia_params,
-                                           parse_passwd_file, parse_posix_acl, user_gids)
+                                           parse_passwd_file, user_gids)
 from tracer.enrichment.device_rules import V1DeviceList, parse_devices_list
 from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.parse_proc import (mount_holding,

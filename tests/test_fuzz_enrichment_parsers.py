@@ -15,8 +15,8 @@ from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F
 from tracer.enrichment import device_rules, parse_files, parse_proc, procfs
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.id_map import IdMap
-from tracer.enrichment.parse_files import (ACL_TAGS, ACL_UNDEFINED_ID, AclEntry, build_posix_acl,
-                                           parse_posix_acl)
+from tracer.enrichment.posix_acl import (ACL_TAGS, ACL_UNDEFINED_ID, AclEntry, build_posix_acl,
+                                         parse_posix_acl)
 
 # Pieces that look like numbers to str.isdigit() but not to int(), huge numbers,
 # separators and whitespace of every kind, plus plain printable text.

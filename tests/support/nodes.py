@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import pytest
 
-from tracer.verdict.access_model import PosixAcl
+from tracer.enrichment.posix_acl import PosixAcl
 
 ACL_XATTR = "system.posix_acl_access"
 DEVICES_CGROUP_ROOT = "/sys/fs/cgroup/devices"

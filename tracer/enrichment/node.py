@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.facts import SkipCounter
-from tracer.enrichment.parse_files import AclEntry, build_posix_acl, parse_posix_acl
+from tracer.enrichment.posix_acl import AclEntry, build_posix_acl, parse_posix_acl
 from tracer.sensors.gpu_nodes import classify_node  # the one GPU-node model
 
 MAX_SYMLINKS = 40  # the kernel's own limit (MAXSYMLINKS)

@@ -6,7 +6,6 @@ counted with a bounded reason, never raised.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,61 +106,3 @@ def parse_logind_session(text: str, skips: SkipCounter) -> dict[str, str]:
             continue
         out[key] = value
     return out
-
-
-# Linux <linux/posix_acl_xattr.h>: a 4-byte version, then 8-byte entries.
-ACL_XATTR_VERSION = 2
-ACL_UNDEFINED_ID = 0xFFFFFFFF
-ACL_TAGS = {0x01: "user_obj", 0x02: "user", 0x04: "group_obj", 0x08: "group",
-            0x10: "mask", 0x20: "other"}
-
-
-@dataclass(frozen=True)
-class AclEntry:
-    tag: str            # user_obj, user, group_obj, group, mask, other
-    perm: int           # 0..7: r=4 w=2 x=1
-    id: Optional[int]   # for user/group entries only
-
-    def to_json(self) -> dict[str, object]:
-        return {"tag": self.tag, "perm": perm_text(self.perm), "id": self.id}
-
-
-def perm_text(perm: int) -> str:
-    return ("r" if perm & 4 else "-") + ("w" if perm & 2 else "-") + ("x" if perm & 1 else "-")
-
-
-def parse_posix_acl(raw: bytes, skips: SkipCounter) -> Optional[list[AclEntry]]:
-    """The `system.posix_acl_access` xattr value; None when it is malformed."""
-    if len(raw) < 4 or (len(raw) - 4) % 8:
-        skips.skip("acl:bad_length")
-        return None
-    (version,) = struct.unpack_from("<I", raw, 0)
-    if version != ACL_XATTR_VERSION:
-        skips.skip("acl:bad_version")
-        return None
-    entries = []
-    for offset in range(4, len(raw), 8):
-        tag_num, perm, ident = struct.unpack_from("<HHI", raw, offset)
-        tag = ACL_TAGS.get(tag_num)
-        if tag is None or perm > 7:
-            skips.skip("acl:bad_entry")
-            return None
-        has_id = tag in ("user", "group")
-        if has_id == (ident == ACL_UNDEFINED_ID):
-            skips.skip("acl:bad_id")
-            return None
-        entries.append(AclEntry(tag, perm, ident if has_id else None))
-    if not any(e.tag == "user_obj" for e in entries):
-        skips.skip("acl:no_user_obj")
-        return None
-    return entries
-
-
-def build_posix_acl(entries: list[AclEntry]) -> bytes:
-    """The xattr bytes for entries (used by tests and by fixture recording)."""
-    tag_nums = {name: num for num, name in ACL_TAGS.items()}
-    out = [struct.pack("<I", ACL_XATTR_VERSION)]
-    for e in entries:
-        out.append(struct.pack("<HHI", tag_nums[e.tag], e.perm,
-                               ACL_UNDEFINED_ID if e.id is None else e.id))
-    return b"".join(out)

@@ -23,8 +23,8 @@ import yaml
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.node import NodeStatter, classify_node, stat_in_root
 from tracer.enrichment.parse_files import (GroupEntry, PasswdEntry, parse_group_file,
-                                           parse_nvidia_params, parse_passwd_file, parse_posix_acl,
-                                           perm_text, user_gids)
+                                           parse_nvidia_params, parse_passwd_file, user_gids)
+from tracer.enrichment.posix_acl import perm_text
 from tracer.enrichment.parse_proc import mount_holding, parse_mountinfo
 from tracer.enrichment.procfs import read_text
 from tracer.host import HostPaths

@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import errno
 import stat
-import struct
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from tracer.enrichment.device_rules import DeviceDecision, DevicePolicy, access_from_mask
 from tracer.enrichment.id_map import IdMap, IdMapRange  # noqa: F401 (the one id map model)
+from tracer.enrichment.posix_acl import PosixAcl  # the one ACL model
 
 MAY_READ = 4
 MAY_WRITE = 2
 CAP_DAC_OVERRIDE = 1
 CAP_DAC_READ_SEARCH = 2
 
-ACL_XATTR_VERSION = 2
-ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 def access_mask_from_open_flags(flags: int) -> int:
@@ -97,50 +95,6 @@ class UserNamespace:
 
     def has_gid(self, kgid: int) -> bool:
         return self._maps_down(kgid, "gid_map")
-
-
-@dataclass(frozen=True)
-class PosixAcl:
-    """The extended part of an access ACL; owner and other come from the mode."""
-
-    users: tuple[tuple[int, int], ...] = ()   # (kuid, rwx) named user entries
-    groups: tuple[tuple[int, int], ...] = ()  # (kgid, rwx) named group entries
-    group_obj: int = 0
-    mask: Optional[int] = None
-
-    @classmethod
-    def from_xattr(cls, raw: bytes) -> "PosixAcl":
-        """Parse ``system.posix_acl_access`` as the initial namespace reads it."""
-        if len(raw) < 4 or (len(raw) - 4) % 8 or struct.unpack_from("<I", raw)[0] != ACL_XATTR_VERSION:
-            raise ValueError("not a version 2 POSIX ACL xattr")
-        users, groups, group_obj, mask = [], [], 0, None
-        for offset in range(4, len(raw), 8):
-            tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
-            if tag == ACL_USER:
-                users.append((ident, perm & 7))
-            elif tag == ACL_GROUP:
-                groups.append((ident, perm & 7))
-            elif tag == ACL_GROUP_OBJ:
-                group_obj = perm & 7
-            elif tag == ACL_MASK:
-                mask = perm & 7
-        return cls(tuple(users), tuple(groups), group_obj, mask)
-
-    def to_xattr(self, mode: int) -> bytes:
-        """Encode with owner/other perms from ``mode``; the mask defaults to the union."""
-        mask = self.mask
-        if mask is None and (self.users or self.groups):
-            mask = self.group_obj
-            for _, perm in self.users + self.groups:
-                mask |= perm
-        entries = [(ACL_USER_OBJ, (mode >> 6) & 7, 0xFFFFFFFF)]
-        entries += [(ACL_USER, perm, uid) for uid, perm in sorted(self.users)]
-        entries.append((ACL_GROUP_OBJ, self.group_obj, 0xFFFFFFFF))
-        entries += [(ACL_GROUP, perm, gid) for gid, perm in sorted(self.groups)]
-        if mask is not None:
-            entries.append((ACL_MASK, mask, 0xFFFFFFFF))
-        entries.append((ACL_OTHER, mode & 7, 0xFFFFFFFF))
-        return struct.pack("<I", ACL_XATTR_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
 @dataclass(frozen=True)

@@ -48,16 +48,7 @@ def credentials_from_facts(facts: Facts, missing: list[str]) -> Credentials:
 
 
 def acl_from_facts(entries: Any) -> Optional[PosixAcl]:
-    if not entries:
-        return None
-    def perm(text: str) -> int:
-        return (4 if "r" in text else 0) | (2 if "w" in text else 0) | (1 if "x" in text else 0)
-
-    users = tuple((int(e["id"]), perm(e["perm"])) for e in entries if e["tag"] == "user")
-    groups = tuple((int(e["id"]), perm(e["perm"])) for e in entries if e["tag"] == "group")
-    group_obj = next((perm(e["perm"]) for e in entries if e["tag"] == "group_obj"), 0)
-    mask = next((perm(e["perm"]) for e in entries if e["tag"] == "mask"), None)
-    return PosixAcl(users, groups, group_obj, mask)
+    return PosixAcl.from_json(entries)
 
 
 def device_policy_from_facts(facts: Facts) -> Optional[tuple[DevicePolicy, ...]]:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from tracer.enrichment.facts import Facts
 from tracer.enrichment.id_map import IdMap
 from tracer.verdict import reasons as R
+from tracer.verdict.access_model import Credentials, NodeFacts
 from tracer.verdict.model_input import ModelRun
 
 CAP_DAC_OVERRIDE = 1
@@ -64,19 +65,14 @@ def _base_context(facts: Facts, run: ModelRun) -> dict[str, Any]:
     }
 
 
-def _group_bits_grant(facts: Facts, mask: int) -> bool:
-    mode = int(str(facts.get("node.mode", "0")), 8)
-    return (mask & ~(mode >> 3 & 7)) == 0
+def _group_bits_grant(node: NodeFacts, mask: int) -> bool:
+    return (mask & ~(node.mode >> 3 & 7)) == 0
 
 
-def _root_in_namespace(facts: Facts) -> bool:
-    fsuid = int(facts.get("process.fsuid", -1))
-    if int(facts.get("userns.level", 0) or 0) == 0:
-        return fsuid == 0
-    uid_map = facts.get("userns.uid_map")
-    if uid_map is None:
-        return False
-    return IdMap.from_rows(uid_map).to_inside(fsuid) == 0
+def _root_in_namespace(creds: Credentials) -> bool:
+    if creds.userns.is_initial:
+        return creds.fsuid == 0
+    return all(level.uid_map.to_inside(creds.fsuid) == 0 for level in creds.userns.levels[:1])
 
 
 def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
@@ -197,11 +193,13 @@ def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:
 
 
 def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
-    gid = int(facts.get("node.gid"))
-    groups = set(facts.get("process.groups", [])) | {facts.get("process.fsgid")}
+    node, creds = run.node, run.creds
+    assert node is not None and creds is not None  # a DAC refusal was decided from them
+    gid = node.gid
+    groups = set(creds.groups) | {creds.fsgid}
     level = int(facts.get("userns.level", 0) or 0)
     host_groups = set(facts.get("host.user_groups") or [])
-    if _group_bits_grant(facts, run.mask) and gid not in groups:
+    if _group_bits_grant(node, run.mask) and gid not in groups:
         if level > 0 and gid in host_groups:
             gid_map = facts.get("userns.gid_map")
             mapped = facts.get("node.gid_mapped")
@@ -224,8 +222,8 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
             return Classification(R.GID_MISMATCH_IN_CONTAINER, "high" if holds else "medium",
                                   ["node.gid", "node.group_name", "container.etc_group",
                                    "process.groups", "userns.gid_map"], ctx)
-        acl_users = [e["id"] for e in facts.get("node.acl") or [] if e["tag"] == "user"]
-        if acl_users and int(facts.get("process.fsuid", -1)) not in acl_users:
+        acl_users = [uid for uid, _ in node.acl.users] if node.acl is not None else []
+        if acl_users and creds.fsuid not in acl_users:
             ctx["acl_users"] = acl_users
             ctx["acl_user_names"] = _seat_users(facts, acl_users)
             return Classification(R.SEAT_ACL_ONLY, "high" if ctx["acl_user_names"] else "medium",
@@ -234,9 +232,8 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
         return Classification(R.NOT_IN_GROUP, "high",
                               ["process.groups", "node.gid", "node.group_name", "node.mode",
                                "host.user_groups", "container.etc_group"], ctx)
-    if _root_in_namespace(facts):
-        cap = int(str(facts.get("process.cap_effective", "0")), 16)
-        ctx["cap_held"] = bool(cap >> CAP_DAC_OVERRIDE & 1)
+    if _root_in_namespace(creds):
+        ctx["cap_held"] = creds.has_cap(CAP_DAC_OVERRIDE)
         return Classification(R.CAPABILITY_REQUIRED, "medium",
                               ["process.cap_effective", "process.fsuid", "userns.uid_map",
                                "userns.gid_map", "node.uid", "node.gid", "node.mode"], ctx)

@@ -24,6 +24,8 @@ class ModelRun:
     decision: Optional[AccessDecision]
     mask: int
     missing: list[str] = field(default_factory=list)
+    node: Optional[NodeFacts] = None          # the typed inputs the decision used:
+    creds: Optional[Credentials] = None       # the catalog reads these, not strings
 
 
 def _id_map(rows: Any) -> IdMap:
@@ -90,7 +92,7 @@ def run_model(facts: Facts, open_flags: Optional[int]) -> ModelRun:
     node = node_from_facts(facts, missing)
     creds = credentials_from_facts(facts, missing)
     if node is None:
-        return ModelRun(None, mask, missing)
+        return ModelRun(None, mask, missing, None, creds)
     label = facts.get("process.lsm_label")
     lsm = (str(label),) if label and label != "unconfined" else ()
-    return ModelRun(decide_open(node, creds, mask, lsm), mask, missing)
+    return ModelRun(decide_open(node, creds, mask, lsm), mask, missing, node, creds)

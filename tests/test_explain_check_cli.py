@@ -72,8 +72,13 @@ def test_check_predicts_a_group_node_for_a_user_outside_the_group():
         mine = [r for r in rows if r["node"] == path]
         assert mine and mine[0]["allowed"] is False and mine[0]["errno"] == "EACCES"
         assert mine[0]["reason"] == "not_in_group"
+        assert "dac: refuses (dac_other)" in mine[0]["ladder"]
         root = run("check", "--user", "root", "--runtime", "host", "--json")
         assert [json.loads(l) for l in root.stdout.splitlines() if path in l][0]["allowed"] is True
+        bind = run("check", "--user", "nobody", "--runtime", "docker-bind-mount")
+        lines = bind.stdout.splitlines()
+        at = next(n for n, line in enumerate(lines) if line.startswith(path))
+        assert "device_cgroup" in lines[at] and "device_cgroup_v1: refuses" in " ".join(lines[at:at + 4])
     finally:
         os.unlink(path)
 

@@ -241,6 +241,8 @@ def check(user: Optional[str], runtime: Optional[str], as_json: bool) -> None:
         click.echo(f"{escape(row.node):<28}{row.runtime:<26}{result:<10}{row.reason or ''}")
         if not row.allowed and row.fix:
             click.echo(f"{'':<28}fix: {escape(str(row.fix))}")
+        if not row.allowed:
+            click.echo(f"{'':<28}ladder: {escape(' · '.join(row.ladder))}")
         for later in row.then:
             click.echo(f"{'':<28}{escape(later)}")
 

@@ -175,6 +175,20 @@ def test_landlock_sandbox_is_lsm_denied_naming_landlock(bpf_sensor: Any, nvidia_
 
 
 @pytest.mark.podman
+def test_rootful_runc_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) -> None:
+    """runc's own device program on a real v2 cgroup (private cgroup2 mount); the
+    probe is held: the --rm cgroup and its program vanish with the container."""
+    with scenarios.rootful_podman(via="bind", runtime="runc", private_cgroup2=True) as attempt:
+        assert attempt.errno == errno.EPERM
+        event, verdict = explained(bpf_sensor, attempt.host_pid)
+    assert verdict.reason == R.DEVICE_CGROUP and verdict.confidence == "high", verdict.to_json()
+    v2 = layer(verdict, "device_cgroup_v2")
+    assert v2["refuses"] is True and v2["program"]["id"] > 0 and len(v2["program"]["tag"]) == 16
+    assert f"program id {v2['program']['id']}" in " ".join(verdict.notes)
+    assert any("--device" in f.command for f in verdict.fixes)
+
+
+@pytest.mark.podman
 def test_rootful_crun_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) -> None:
     """The container's device program vanishes with its --rm cgroup (the container
     tracker snapshots it at start); here the probe is held until explained.

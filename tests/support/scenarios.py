@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
-import resource
 from typing import Iterator
 
 from tests.support import podman as podman_support
@@ -99,9 +98,8 @@ def rootful_podman(via: str = "bind", runtime: str = "runc", hold_s: float = HOL
                                              probe_binary(), podman_support.RootfsFiles())
         options = [*ROOTFUL_RUN_OPTIONS,
                    "-v" if via == "bind" else "--device", f"{node.path}:{container_path}"]
-        if runtime == "crun":  # crun sets every rlimit podman lists; memlock above this VM's hard limit fails
-            hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
-            options[:0] = ["--ulimit", f"memlock={hard}:{hard}"]
+        if private_cgroup2 and runtime == "runc":  # the pids controller is v1's on this hybrid host
+            options[:0] = ["--pids-limit=-1"]
         attempt = scenario.run_in_container(engine, node, rootfs, container_path, options,
                                             hold_s, user="root")
         attempt.details.update(via=via)

@@ -149,6 +149,8 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
         missing.append("the device cgroup policy")
     if filtered is None:
         missing.append("the process's seccomp state (it had exited)")
+    ctx["unknown_why"] = (" (EPERM comes from a device cgroup, a seccomp filter or a "
+                          "capability check, and none was shown to refuse)")
     notes.append("EPERM, but no layer was shown to refuse: no device cgroup rule or program "
                  "refuses this node and no seccomp filter is known; a capability-gated driver "
                  "or ioctl check is possible." + (f" Missing: {', '.join(missing)}." if missing else ""))

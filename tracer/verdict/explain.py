@@ -56,13 +56,16 @@ SUMMARIES = {
         "mode {mode}): it lacks CAP_DAC_OVERRIDE or the node is not mapped into its user "
         "namespace.",
     R.NODE_MISSING: "{path} does not exist where the process looked for it.",
-    R.UNKNOWN: "gputrace could not tell why {path} was refused; the facts it gathered are listed.",
+    R.UNKNOWN: "gputrace could not tell why {path} was refused{unknown_why}; the facts it "
+               "gathered are listed.",
 }
 
 
 class _Missing(dict):  # type: ignore[type-arg]
     def __missing__(self, key: str) -> str:
-        return "a security module (SELinux, AppArmor or Landlock)" if key == "lsm" else "?"
+        if key == "lsm":
+            return "a security module (SELinux, AppArmor or Landlock)"
+        return "" if key == "unknown_why" else "?"
 
 
 LAYER_REASONS = {"nodev": R.NODEV_MOUNT, "dac": R.MODE_RESTRICTIVE,

@@ -139,10 +139,11 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
                               else "medium", SECCOMP_EVIDENCE, ctx, notes)
     notes = []
     v1 = facts.get("device_cgroup.v1_rules")
-    if v1 == ["a *:* rwm"] and "/" != (facts.get("cgroup.paths") or {}).get("devices", "/"):
-        notes.append("devices.list prints 'a *:* rwm' for a default-allow cgroup and hides "
-                     "its deny rules, so a v1 deny rule may have refused without being visible.")
-        return Classification(R.DEVICE_CGROUP, "medium", DEVICE_EVIDENCE, ctx, notes)
+    v1_path = (facts.get("cgroup.paths") or {}).get("devices", "/")
+    if v1 == ["a *:* rwm"] and v1_path != "/":
+        notes.append(f"The process's v1 device cgroup ({v1_path}) allows by default, and "
+                     "devices.list hides such a cgroup's deny rules: a deny rule there may "
+                     "have refused, but nothing shows it.")
     missing = list(run.missing)
     if decision is None or any(step.refuses is None and step.layer.startswith("device_cgroup")
                                for step in decision.ladder):

@@ -267,3 +267,21 @@ def test_helpers_maps_and_loops_are_undecided() -> None:
     for raw, why in ((call, "helper"), (loop, "loop"), (stack, "stack")):
         decision = V2DevicePrograms((DeviceProgram(7, "x", "00" * 8, raw),)).may("c", 195, 0, "rw")
         assert decision.allowed is None and why in decision.detail, decision
+
+
+def test_snapshot_outlives_the_cgroup(nodes: Any) -> None:
+    """What the container tracker keeps at container start still decides after the
+    cgroup (and its program) is gone, by id or by path."""
+    from tests.support.v2_device_cgroup import deny_major, v2_device_cgroup
+    from tracer.enrichment.device_cgroup_v2 import snapshot_device_programs
+
+    with v2_device_cgroup(deny_major(195, "crun")) as cgroup:
+        by_id = snapshot_device_programs(UNIFIED, cgroup_id=os.stat(cgroup).st_ino)
+        by_path = snapshot_device_programs(UNIFIED, path="/" + os.path.basename(cgroup))
+        gone_id = os.stat(cgroup).st_ino
+    assert by_id is not None and by_path is not None
+    assert by_id.programs == by_path.programs and len(by_id.programs) == 1
+    assert by_id.programs[0].name == "crun_devices"
+    assert by_id.may("c", 195, 0, "rw").allowed is False
+    assert by_id.may("c", 1, 3, "rw").allowed is True
+    assert snapshot_device_programs(UNIFIED, cgroup_id=gone_id) is None

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from tests.test_audit_records import FIXTURES, replay
 from tests.test_enrichment_fixtures import fixture_enricher, gentoo_denial
 from tracer.event import Event
@@ -89,6 +91,9 @@ def test_sensor_facts_are_never_overwritten_by_enrichment() -> None:
     event.facts.put("sensor.unaggregated", True, SENSOR, "BPF event flag: table full")
     facts = fixture_enricher("gentoo-rootless-podman").enrich(event)
     assert facts is event.facts
+    again = fixture_enricher("gentoo-rootless-podman").enrich(event)  # enriched twice
+    assert again.fact("node.mode") == Fact("0600", SENSOR, "node watcher, at the event")
+    assert again.fact("process.live") == facts.fact("process.live")
     assert facts.fact("node.mode") == Fact("0600", SENSOR, "node watcher, at the event")
     assert facts.get("sensor.unaggregated") is True
     assert facts.fact("process.live").source == LIVE  # type: ignore[union-attr]  # enrichment added
@@ -124,6 +129,8 @@ def test_old_journal_shapes_still_explain() -> None:
     assert bpf.facts.fact("sensor.unaggregated") == Fact(True, SENSOR)
     assert node.facts.get("node.change") == "created" and node.facts.get("node.mode") == "0660"
     assert not audit.facts.enriched() and not bpf.facts.enriched()
+    with pytest.raises(ValueError):  # only names old sensors wrote may be bare values
+        Facts.from_json({"cgroup.paths": [None]})
     results = list(explain_records(lines))
     assert [r.error for r in results] == [None, None, None]
     explained = results[0].event

@@ -24,6 +24,9 @@ SENSOR = "sensor"      # reported by the sensor with the event (audit records, B
 SOURCES = (LIVE, KERNEL, INFERRED, CACHED, SENSOR)
 # journals written before facts had one shape: {"audit": {...}} and bare sensor values
 OLD_AUDIT_ORIGIN = "audit records"
+OLD_BARE_NAMES = frozenset({"sensor.unaggregated", "sensor.path_unresolved",
+                            "sensor.first_event_lost",
+                            "node.change", "node.mode", "node.uid", "node.gid"})  # node events
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,12 @@ class Facts:
             elif name == "audit" and isinstance(raw, dict):
                 for key, value in raw.items():
                     out._facts[f"audit.{key}"] = Fact(value, SENSOR, OLD_AUDIT_ORIGIN)
-            else:
+            elif name in OLD_BARE_NAMES:
                 out._facts[name] = Fact(raw, SENSOR)
+            else:
+                raise ValueError(f"fact {name[:60]!r} must be an object with a value")
         return out
+
+    def from_sensor(self) -> "Facts":
+        """Only the facts the sensor reported with the event."""
+        return Facts({name: fact for name, fact in self._facts.items() if fact.source == SENSOR})

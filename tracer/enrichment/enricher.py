@@ -89,7 +89,8 @@ class Enricher:
 
     def enrich(self, event: Event) -> Facts:
         """Adds enrichment's facts to `event.facts` beside the sensor's (which are
-        kept, never overwritten) and returns the merged facts."""
+        kept, never overwritten) and returns the merged facts.  Enriching the same
+        event again gives enrichment's view now, in place of its earlier one."""
         proc = event.process
         facts = Facts()
         read_live = backfill_process(self.host, event)
@@ -111,8 +112,10 @@ class Enricher:
         node_facts(self.host, self.stat_node, event, live, facts)
         trim_group_tables(facts)
         self.counters.update({f"skip:{k}": v for k, v in facts.skips.counts.items()})
-        event.facts.update(facts)
-        return event.facts
+        merged = event.facts.from_sensor()
+        merged.update(facts)
+        event.facts = merged
+        return merged
 
     def prime(self, proc: Process) -> bool:
         """Snapshot container-wide facts of a live process whose userns or cgroup

@@ -51,8 +51,10 @@ def test_group_dropped_in_userns_through_audit(audit_sensor):
 
 
 def test_device_cgroup_through_audit(audit_sensor):
-    with scenarios.device_cgroup_v1() as attempt:
+    # deny-all ("a"): devices.list shows the (empty) allowlist, so the refusal is shown;
+    # a default-allow cgroup's deny rules are not (test_verdict_scenarios covers that)
+    with scenarios.device_cgroup_v1(rule="a") as attempt:
         assert attempt.errno == errno.EPERM
         event, verdict = explained(audit_sensor, attempt)
     assert event.errno == errno.EPERM
-    assert verdict.reason == "device_cgroup", verdict.to_json()
+    assert verdict.reason == "device_cgroup" and verdict.confidence == "high", verdict.to_json()

@@ -89,7 +89,7 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
                               [f"Missing facts: {', '.join(run.missing)}."])
     seen_from_host = facts.get("node.seen_from") == "host"
     if decision.check in ("nodev_mount", "nodev_superblock"):
-        ctx["mount"] = (facts.get("node.mount") or {}).get("mount_point", "?")
+        ctx["mount"] = _field(facts, "node.mount", "mount_point", "?")
         return Classification(R.NODEV_MOUNT, "high", ["node.mount_nodev", "node.mount"], ctx)
     if decision.allowed:
         found = _lsm_or_seccomp(facts, ctx)
@@ -109,6 +109,12 @@ DEVICE_EVIDENCE = ["device_cgroup.v2_programs", "device_cgroup.v2_cgroup", "devi
 SECCOMP_EVIDENCE = ["process.seccomp", "process.seccomp_filters", "process.no_new_privs"]
 FILE_LSMS = {"selinux": "SELinux", "apparmor": "AppArmor", "landlock": "Landlock",
              "smack": "Smack", "tomoyo": "TOMOYO", "bpf": "BPF LSM"}
+
+
+def _field(facts: Facts, name: str, key: str, default: Any) -> Any:
+    """One key of an object-valued fact; recorded facts may be anything."""
+    value = facts.get(name)
+    return value.get(key, default) if isinstance(value, dict) else default
 
 
 def seccomp_filtered(facts: Facts) -> Optional[bool]:
@@ -139,7 +145,7 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
                               else "medium", SECCOMP_EVIDENCE, ctx, notes)
     notes = []
     v1 = facts.get("device_cgroup.v1_rules")
-    v1_path = (facts.get("cgroup.paths") or {}).get("devices", "/")
+    v1_path = _field(facts, "cgroup.paths", "devices", "/")
     if v1 == ["a *:* rwm"] and v1_path != "/":
         notes.append(f"The process's v1 device cgroup ({v1_path}) allows by default, and "
                      "devices.list hides such a cgroup's deny rules: a deny rule there may "

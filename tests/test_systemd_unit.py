@@ -15,6 +15,7 @@ import pytest
 from tests.support import actor
 from tests.support.daemon_proc import GPUTRACE, REPO, DaemonProcess, service_config, write_config
 from tests.support.nodes import NodeSpec, make_node, unique
+from tracer import config as config_mod
 from tracer.config import Config
 from tracer.sinks.journal import read_journal
 
@@ -60,7 +61,9 @@ def test_unit_hardening_and_paths_match_the_config_defaults():
     assert s["NoNewPrivileges"] == ["yes"] and s["Type"] == ["notify"]
     assert s["StateDirectory"] == ["gputrace"] and Config().state_dir == "/var/lib/gputrace"
     assert s["RuntimeDirectory"] == ["gputrace"] and Config().runtime_dir == "/run/gputrace"
-    assert "--config /etc/gputrace/config.yaml" in s["ExecStart"][0]
+    # the default configuration path, where a missing file means defaults
+    assert s["ExecStart"] == ["/usr/bin/gputrace daemon"] and \
+        config_mod.DEFAULT_PATH == "/etc/gputrace/config.yaml"
     assert set(s["RestartPreventExitStatus"][0].split()) == {"5", "6"}
     assert "PrivateDevices" not in s  # GPU nodes must stay visible
     with open(UNIT, encoding="utf-8") as handle:

@@ -56,14 +56,35 @@ from tracer.sensors.audit_rules import (current_arch, gputrace_rules, install_ru
 AUDIT_LOCKED = 2  # `enabled=2`: rules and settings immutable until reboot
 
 
+# Inode numbers the kernel gives its initial namespaces (PROC_*_INIT_INO in proc_ns.h).
+INITIAL_NAMESPACES = {"pid": 0xEFFFFFFC, "user": 0xEFFFFFFD}
+
+
+def foreign_namespaces(proc: str = "/proc") -> list[str]:
+    """Which of our PID and user namespaces are not the kernel's initial ones."""
+    out = []
+    for name, inum in INITIAL_NAMESPACES.items():
+        try:
+            link = os.readlink(os.path.join(proc, "self/ns", name))
+        except OSError:
+            continue
+        if link != f"{name}:[{inum}]":
+            out.append(name)
+    return out
+
+
 def netlink_failure(exc: Exception, doing: str) -> Exception:
     code = getattr(exc, "code", None) or getattr(exc, "errno", None) or 0
-    if code == errno.EPERM:
+    if code in (errno.EPERM, errno.ECONNREFUSED):
+        foreign = foreign_namespaces()
+        if foreign or code == errno.ECONNREFUSED:
+            return EnvironmentProblem(
+                f"cannot {doing}: Linux audit answers only processes in the initial network, "
+                f"PID and user namespaces (this one runs in its own "
+                f"{' and '.join(foreign) or 'network'} namespace; in a container, share the "
+                "host's)")
         return NoPrivilege(f"cannot {doing}: the audit sensor needs root "
                            "(CAP_AUDIT_CONTROL and CAP_AUDIT_READ)")
-    if code == errno.ECONNREFUSED:
-        return EnvironmentProblem(f"cannot {doing}: audit is only reachable from the "
-                                  "initial network namespace")
     return EnvironmentProblem(f"cannot {doing}: {errno.errorcode.get(code, str(exc))}")
 
 

@@ -10,6 +10,7 @@ tracker should call `snapshot_device_programs` when a container starts.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional
 
 from tracer.enrichment import bpf_syscall as bpf
@@ -18,6 +19,7 @@ from tracer.enrichment.facts import LIVE, Facts
 from tracer.host import HostPaths
 
 MAX_EFFECTIVE = 64
+MAX_RECORDED_INSN_BYTES = 64 << 10  # 8192 instructions; runtimes emit a few hundred
 
 
 def read_device_programs(cgroup_fd: int, cgroup: str = "") -> V2DevicePrograms:
@@ -95,4 +97,7 @@ def device_program_facts(mount: str, cgroup_id: Optional[int], path: Optional[st
         os.close(fd)
     origin = f"bpf(BPF_PROG_QUERY, effective) on {where}"
     facts.put("device_cgroup.v2_cgroup", where, LIVE, origin)
-    facts.put("device_cgroup.v2_programs", [p.to_json() for p in found.programs], LIVE, origin)
+    # a program too large to carry with every event is named, and left undecided
+    kept = [p if len(p.insns) <= MAX_RECORDED_INSN_BYTES else replace(p, insns=b"")
+            for p in found.programs]
+    facts.put("device_cgroup.v2_programs", [p.to_json() for p in kept], LIVE, origin)

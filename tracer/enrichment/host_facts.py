@@ -4,6 +4,7 @@ seat sessions and the device-cgroup policy of the process's cgroup."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 from tracer.enrichment import bpf_syscall as bpf
@@ -149,19 +150,34 @@ def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts) 
         device_program_facts(_under_sys(host, v2_mount.mount_point), cgroup_id, None, facts)
 
 
+LSM_FACTS_TTL_S = 5.0  # host-wide and slow to change; a storm must not walk every BPF program
+_lsm_cache: dict[str, tuple[float, Optional[list[str]], Optional[int]]] = {}
+
+
 def security_module_facts(host: HostPaths, facts: Facts) -> None:
-    """lsm.active: the LSMs the kernel runs, in order (securityfs `lsm`)."""
+    """lsm.active: the LSMs the kernel runs, in order (securityfs `lsm`); with the BPF
+    LSM, lsm.bpf_programs: how many BPF_PROG_TYPE_LSM programs are loaded."""
     path = os.path.join(host.sys, "kernel/security/lsm")
-    text = procfs.read_text(path)
-    if text is None:
+    now = time.monotonic()
+    cached = _lsm_cache.get(path)
+    if cached is None or now - cached[0] > LSM_FACTS_TTL_S:
+        text = procfs.read_text(path)
+        names = None if text is None else \
+            [n for n in text.strip().split(",") if n and n.replace("_", "").isalnum()][:16]
+        count: Optional[int] = None
+        if names is not None and "bpf" in names:  # refuses only through loaded LSM programs
+            try:
+                count = bpf.prog_type_count(bpf.BPF_PROG_TYPE_LSM)
+            except OSError:
+                count = None
+        cached = (now, names, count)
+        if names is not None:  # not mounted yet is not cached: a mount shows at once
+            _lsm_cache[path] = cached
+    _, names, count = cached
+    if names is None:
         facts.put("lsm.active_unknown", "securityfs is not mounted at "
                   + os.path.join(host.sys, "kernel/security"), LIVE, path)
         return
-    names = [n for n in text.strip().split(",") if n and n.replace("_", "").isalnum()][:16]
     facts.put("lsm.active", names, LIVE, path)
-    if "bpf" in names:  # the BPF LSM refuses only through attached BPF_PROG_TYPE_LSM programs
-        try:
-            count = bpf.prog_type_count(bpf.BPF_PROG_TYPE_LSM)
-        except OSError:
-            return
+    if count is not None:
         facts.put("lsm.bpf_programs", count, LIVE, "bpf(BPF_PROG_GET_NEXT_ID)")

@@ -25,7 +25,7 @@ import pytest
 
 from tests.support import device_program_styles as styles
 from tests.support.devcg_prober import Prober
-from tracer.enrichment import bpf_syscall as bpf
+from tests.support.v2_device_cgroup import attach_program
 from tracer.enrichment import device_program
 from tracer.enrichment.device_cgroup_v2 import open_v2_cgroup, read_device_programs
 from tracer.enrichment.device_rules import V2DevicePrograms
@@ -115,17 +115,6 @@ def cgroup_parent() -> Iterator[str]:
             os.rmdir(directory)
 
 
-def _attach(directory: str, rules: styles.RuleSet) -> int:
-    insns = device_program.encode(styles.COMPILERS[rules.style](rules))
-    prog_fd = bpf.prog_load(insns, name=styles.PROGRAM_NAMES[rules.style])
-    cg_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        bpf.prog_attach(cg_fd, prog_fd, flags=bpf.BPF_F_ALLOW_MULTI)
-    finally:
-        os.close(cg_fd)
-    return prog_fd
-
-
 def run_cases(prober: Prober, parent: str, nodes: dict[tuple[str, int, int], str],
               scratch: str, rng: random.Random, index: int) -> list[Case]:
     keys = sorted(nodes)
@@ -139,7 +128,7 @@ def run_cases(prober: Prober, parent: str, nodes: dict[tuple[str, int, int], str
         where = os.path.join(where, f"s{index}_{n}")
         os.mkdir(where)
         directories.append(where)
-        prog_fds.append(_attach(where, rules))
+        prog_fds.append(attach_program(where, rules))
     leaf = directories[-1]
     try:
         fd, path = open_v2_cgroup(UNIFIED, os.stat(leaf).st_ino, None)  # as production does

@@ -127,6 +127,14 @@ def _restricted(mode: str, node: str, hold: bool) -> tuple[subprocess.Popen[str]
     return proc, pid, err
 
 
+def _exited_after(mode: str, expected: int, bpf_sensor: Any, node: str) -> Verdict:
+    """Open `node` under the restriction, exit at once, then explain."""
+    proc, pid, err = _restricted(mode, node, hold=False)
+    proc.wait(timeout=10)
+    assert err == expected
+    return explained(bpf_sensor, pid)[1]
+
+
 def test_seccomp_eperm_is_not_device_cgroup(bpf_sensor: Any, nvidia_node: Any) -> None:
     """The seccomp state is read from /proc/PID/status: held until explained."""
     node = nvidia_node(0o666)
@@ -143,11 +151,7 @@ def test_seccomp_eperm_is_not_device_cgroup(bpf_sensor: Any, nvidia_node: Any) -
 
 def test_seccomp_eperm_of_an_exited_process_is_not_device_cgroup(bpf_sensor: Any,
                                                                  nvidia_node: Any) -> None:
-    node = nvidia_node(0o666)
-    proc, pid, err = _restricted("seccomp", node, hold=False)
-    proc.wait(timeout=10)
-    assert err == errno.EPERM
-    _event, verdict = explained(bpf_sensor, pid)
+    verdict = _exited_after("seccomp", errno.EPERM, bpf_sensor, nvidia_node(0o666))
     assert verdict.reason == R.UNKNOWN, verdict.to_json()  # nothing shows which layer refused
     assert "seccomp" in verdict.summary  # named as a candidate, not as the cause
     assert any("seccomp state (it had exited)" in n for n in verdict.notes)
@@ -165,11 +169,7 @@ def securityfs() -> Iterator[None]:
 
 def test_landlock_sandbox_is_lsm_denied_naming_landlock(bpf_sensor: Any, nvidia_node: Any,
                                                         securityfs: None) -> None:
-    node = nvidia_node(0o666)
-    proc, pid, err = _restricted("landlock", node, hold=False)
-    proc.wait(timeout=10)
-    assert err == errno.EACCES
-    _event, verdict = explained(bpf_sensor, pid)
+    verdict = _exited_after("landlock", errno.EACCES, bpf_sensor, nvidia_node(0o666))
     assert verdict.reason == R.LSM_DENIED, verdict.to_json()
     assert "Landlock" in verdict.summary
     assert "landlock" in {e.fact: e.value for e in verdict.evidence}["lsm.active"]

@@ -15,20 +15,30 @@ from tracer.enrichment import device_program
 UNIFIED = "/sys/fs/cgroup/unified"
 
 
+def attach_program(directory: str, rules: styles.RuleSet) -> int:
+    """Compile `rules` in its runtime's shape, load it and attach it to the v2 cgroup
+    `directory` (BPF_F_ALLOW_MULTI, as runtimes do); returns the program fd."""
+    prog_fd = bpf.prog_load(device_program.encode(styles.COMPILERS[rules.style](rules)),
+                            name=styles.PROGRAM_NAMES[rules.style])
+    cg_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpf.prog_attach(cg_fd, prog_fd, flags=bpf.BPF_F_ALLOW_MULTI)
+    except OSError:
+        os.close(prog_fd)
+        raise
+    finally:
+        os.close(cg_fd)
+    return prog_fd
+
+
 @contextlib.contextmanager
 def v2_device_cgroup(rules: styles.RuleSet) -> Iterator[str]:
     """Yields the cgroup directory; its `cgroup.procs` is where a process joins it.
     Processes left in it are moved back to the root before it is removed."""
     directory = os.path.join(UNIFIED, f"gttest-v2dev-{uuid.uuid4().hex[:8]}")
     os.mkdir(directory)
-    prog_fd = bpf.prog_load(device_program.encode(styles.COMPILERS[rules.style](rules)),
-                            name=styles.PROGRAM_NAMES[rules.style])
+    prog_fd = attach_program(directory, rules)
     try:
-        cg_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            bpf.prog_attach(cg_fd, prog_fd, flags=bpf.BPF_F_ALLOW_MULTI)
-        finally:
-            os.close(cg_fd)
         yield directory
     finally:
         os.close(prog_fd)

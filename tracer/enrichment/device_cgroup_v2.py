@@ -16,7 +16,6 @@ from typing import Optional
 from tracer.enrichment import bpf_syscall as bpf
 from tracer.enrichment.device_rules import DeviceProgram, V2DevicePrograms
 from tracer.enrichment.facts import LIVE, Facts
-from tracer.host import HostPaths
 
 MAX_EFFECTIVE = 64
 MAX_RECORDED_INSN_BYTES = 64 << 10  # 8192 instructions; runtimes emit a few hundred
@@ -67,15 +66,6 @@ def snapshot_device_programs(mount: str, cgroup_id: Optional[int] = None,
         return None
     finally:
         os.close(fd)
-
-
-def cgroup2_mount_point(host: HostPaths, mounts_cgroup2: list[str]) -> Optional[str]:
-    """The first cgroup2 mount point, moved under the injected /sys root."""
-    for mount_point in mounts_cgroup2:
-        if mount_point == "/sys" or mount_point.startswith("/sys/"):
-            return os.path.join(host.sys, mount_point[len("/sys"):].lstrip("/"))
-        return mount_point
-    return None
 
 
 def device_program_facts(mount: str, cgroup_id: Optional[int], path: Optional[str],

@@ -1,23 +1,25 @@
 """The enrichment stage: event -> Facts, with per-userns and per-cgroup caches.
 
-Container-wide facts (id maps, the container's /etc/group, engine, LSM label,
-device-cgroup policy) are cached per user namespace and per cgroup id, so a
-process that exited before we looked still gets its container's facts when a
-sibling was seen earlier.  `prime()` lets the pipeline take that snapshot as
-soon as it first meets a new userns or cgroup.
+Container-wide facts (id maps, the container's /etc/group, engine, name, OCI
+config, device-cgroup policy) come from the snapshot the container tracker took
+when the container started (`SnapshotStore`, found by the event's cgroup id or
+namespace inodes), and from the per-userns/per-cgroup cache `prime()` fills from
+the process itself as its first denial arrives.  Facts are never borrowed from
+another process, with one exception that is not a borrowing: a mount table is a
+property of the mount namespace, read from any live member of it.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from dataclasses import replace
 from typing import Generic, Optional, TypeVar
 
 from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
                                          podman_storage_has, read_containerenv)
 from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
+from tracer.enrichment.container_store import SnapshotStore
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.host_facts import (device_cgroup_facts, device_programs_by_cgroup_id, host_group_table,
                                           logind_session_facts, nvidia_params_facts,
@@ -80,8 +82,10 @@ class Enricher:
     """Adds facts to events.  `stat_node` may be replaced (fixture node stats)."""
 
     def __init__(self, host: HostPaths, stat_node: NodeStatter = stat_in_root,
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE,
+                 snapshots: Optional[SnapshotStore] = None) -> None:
         self.host = host
+        self.snapshots = snapshots if snapshots is not None else SnapshotStore()
         self.stat_node = stat_node
         self.by_userns: BoundedLru[int, Facts] = BoundedLru(cache_size)
         self.by_cgroup: BoundedLru[int, Facts] = BoundedLru(cache_size)
@@ -101,14 +105,16 @@ class Enricher:
         if live:
             live_status_facts(self.host, proc.pid, facts)
             facts.update(self._snapshot(proc))
+            self._add_container_snapshot(event, facts)
         else:
+            self._add_container_snapshot(event, facts)
             self._add_cached(proc, facts)
             if "device_cgroup.v2_programs" not in facts:
                 # the process is gone, but the kernel-captured cgroup id still finds its
                 # own v2 cgroup (and its device programs) while the cgroup lives
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts)
         self._add_rootless_inference(proc, facts)
-        self._add_host(proc, facts)
+        self._add_host(event, live, facts)
         node_facts(self.host, self.stat_node, event, live, facts)
         trim_group_tables(facts)
         self.counters.update({f"skip:{k}": v for k, v in facts.skips.counts.items()})
@@ -183,30 +189,26 @@ class Enricher:
         for key, (value, clue) in detect_container(clues).items():
             shared.put(f"container.{key}", value, INFERRED if key == "rootless" else LIVE, clue)
 
+    def _add_container_snapshot(self, event: Event, facts: Facts) -> None:
+        """The container's facts as the tracker saw them when it started."""
+        found = self.snapshots.find(event.process, event.time, event.missing)
+        if found is None:
+            return
+        snap, key = found
+        facts.update(snap.to_facts(f"container snapshot found by {key}"))
+        if snap.pid:
+            facts.put("container.init_pid", snap.pid, CACHED, snap.runtime + " state")
+        facts.put("container.snapshot_key", key, INFERRED, "container snapshot store")
+
     def _add_cached(self, proc: Process, facts: Facts) -> None:
+        """What `prime` read from this very process while it lived."""
         key = self._userns_key(proc)
         by_userns = self.by_userns.get(key) if key is not None else None
-        if key is not None and by_userns is None:
-            by_userns = self._from_sibling(proc, key)
         by_cgroup = self.by_cgroup.get(proc.cgroup_id) if self._cgroup_key(proc) else None
         for shared in (by_userns, by_cgroup):
             if shared is not None:
                 facts.update(shared, CACHED)
         self.counters["cache_hit" if (by_userns or by_cgroup) else "cache_miss"] += 1
-
-    def _from_sibling(self, proc: Process, userns: int) -> Optional[Facts]:
-        """The process is gone, but its user namespace may live on in another
-        process (the container's init): snapshot the shared facts from that one."""
-        sibling = procfs.process_in_user_namespace(self.host.proc, userns)
-        if sibling is None:
-            return None
-        stand_in = replace(proc, pid=sibling, cgroup_id=0)  # its cgroup may differ
-        shared = self._read_shared(stand_in)
-        shared.put("userns.read_from_pid", sibling, INFERRED,
-                   "a live process in the same user namespace")
-        self.by_userns.put(userns, shared)
-        self.counters["sibling_snapshot"] += 1
-        return shared
 
     @staticmethod
     def _add_rootless_inference(proc: Process, facts: Facts) -> None:
@@ -215,17 +217,42 @@ class Enricher:
             facts.put("container.rootless", True, INFERRED,
                       "userns level > 0 and owner uid != 0 (kernel)")
 
-    def _add_host(self, proc: Process, facts: Facts) -> None:
-        host_group_table(self.host, facts)
+    def _host_process(self, event: Event, live: bool, facts: Facts) -> tuple[Optional[bool], str]:
+        """Whether the process ran on the host, in no container: only then is its
+        uid a host user's.  None when the facts cannot tell."""
+        proc, missing = event.process, set(event.missing)
+        if facts.get("container.engine") is not None or facts.get("container.id") is not None:
+            return False, "container facts"
+        if "process.userns" in missing:
+            return None, "the sensor could not capture the user namespace"
         if proc.userns.level > 0:
+            return False, "user namespace level > 0 (kernel)"
+        if live:
+            return True, "live process with no container clue"
+        host_mnt = procfs.host_mount_namespace(self.host.proc)
+        if "process.mntns" in missing or not proc.mntns or host_mnt is None:
+            return None, "the process's mount namespace is unknown and it is gone"
+        if proc.mntns == host_mnt:
+            return True, f"in the host's mount namespace (mnt:[{host_mnt}]) and no container"
+        return None, "gone, in a mount namespace of its own, and no container snapshot"
+
+    def _add_host(self, event: Event, live: bool, facts: Facts) -> None:
+        proc = event.process
+        host_group_table(self.host, facts)
+        host_process, why = self._host_process(event, live, facts)
+        facts.put("process.host_process", host_process, INFERRED, why)
+        if "process.userns" in event.missing:
+            pass  # whose namespace it was is unknown: no user is named
+        elif proc.userns.level > 0:
             owner_user_facts(self.host, proc.userns.owner_uid, facts,
                              "owner of the process's user namespace (kernel)")
-        else:
-            owner_user_facts(self.host, proc.uid, facts, "process uid in the initial userns")
+        elif host_process:
+            owner_user_facts(self.host, proc.uid, facts, "process uid on the host, no container")
         nvidia_params_facts(self.host, facts)
         logind_session_facts(self.host, facts)
         security_module_facts(self.host, facts)
-        facts.put("process.in_initial_userns", proc.userns.level == 0, KERNEL, "event")
+        if "process.userns" not in event.missing:
+            facts.put("process.in_initial_userns", proc.userns.level == 0, KERNEL, "event")
         if os.path.isdir(os.path.join(self.host.proc, "driver/nvidia")):
             facts.put("nvidia.driver_loaded", True, LIVE,
                       os.path.join(self.host.proc, "driver/nvidia"))

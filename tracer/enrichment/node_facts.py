@@ -47,11 +47,17 @@ def _mount_facts(host: HostPaths, event: Event, path: str, live: bool, facts: Fa
     pid = event.process.pid
     mountinfo_path = host.proc_pid(pid, "mountinfo") if live else None
     if mountinfo_path is None:
-        # the host's own mounts are the process's only when it shares init's mount ns
-        init_mnt = procfs.ns_inum(procfs.read_link(host.proc_pid(1, "ns", "mnt")))
-        if not event.process.mntns or init_mnt != event.process.mntns:
+        # the process is gone: any live member of its mount namespace has its mount table
+        mntns = event.process.mntns if "process.mntns" not in event.missing else 0
+        if not mntns:
             return
-        mountinfo_path = host.proc_pid(1, "mountinfo")
+        prefer = tuple(p for p in (1, facts.get("container.init_pid")) if isinstance(p, int))
+        member = procfs.process_in_mount_namespace(host.proc, mntns, prefer)
+        if member is None:
+            return
+        mountinfo_path = host.proc_pid(member, "mountinfo")
+        facts.put("node.mount_read_from_pid", member, INFERRED,
+                  f"a live process in the same mount namespace (mnt:[{mntns}])")
     text = procfs.read_text(mountinfo_path)
     if text is None:
         return

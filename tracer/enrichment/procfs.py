@@ -43,11 +43,22 @@ def ns_inum(link_target: Optional[str]) -> Optional[int]:
     return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
 
 
-def process_in_user_namespace(proc_root: str, inum: int, limit: int = 100000) -> Optional[int]:
-    """A live pid whose user namespace has inode `inum` (e.g. a container's init,
-    when the process that was denied has already exited)."""
-    want = f"user:[{inum}]"
+def process_in_mount_namespace(proc_root: str, inum: int, prefer: tuple[int, ...] = (1,),
+                               limit: int = 100000) -> Optional[int]:
+    """A live pid whose mount namespace has inode `inum`: its mount table is the
+    exited process's (a mount namespace's table is the same for all its members)."""
+    want = f"mnt:[{inum}]"
+    for pid in prefer:
+        if read_link(os.path.join(proc_root, str(pid), "ns", "mnt")) == want:
+            return pid
     for name in list_dir(proc_root)[:limit]:
-        if name.isdigit() and read_link(os.path.join(proc_root, name, "ns", "user")) == want:
+        if name.isdigit() and read_link(os.path.join(proc_root, name, "ns", "mnt")) == want:
             return int(name)
     return None
+
+
+def host_mount_namespace(proc_root: str) -> Optional[int]:
+    """The host's mount namespace: PID 1's, or this tracer's own where PID 1's
+    cannot be read (a sandbox that hides it)."""
+    return ns_inum(read_link(os.path.join(proc_root, "1", "ns", "mnt"))) or \
+        ns_inum(read_link(os.path.join(proc_root, "self", "ns", "mnt")))

@@ -1,0 +1,185 @@
+"""Container snapshots taken when a container starts, kept a while after it dies.
+
+A snapshot is found again by what every event carries: the cgroup id, the
+mount, pid and user namespace inodes, or (for the audit sensor, which has none
+of those) the host pid of the container's init during the container's life.
+The store is bounded in count and in each snapshot's size; what it evicts is
+counted, never silent.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from tracer.enrichment.facts import CACHED, Facts, Fact
+from tracer.event import Process
+
+DEFAULT_CAPACITY = 512
+DEFAULT_RETENTION_S = 600.0
+MAX_FACTS_PER_SNAPSHOT = 64
+MAX_FACT_JSON_BYTES = 64 << 10   # a fact larger than this is dropped (counted)
+
+
+@dataclass
+class ContainerSnapshot:
+    """One container as seen when it started.  `facts` use the enrichment's own
+    fact names (container.*, userns.*, cgroup.*, device_cgroup.*), so an event of
+    an exited process gets exactly what a live one would have."""
+
+    id: str
+    runtime: str
+    created: float                          # when we saw it (epoch seconds)
+    pid: Optional[int] = None               # host pid of the container's init
+    died: Optional[float] = None            # when its state went away
+    cgroup_id: Optional[int] = None
+    mntns: Optional[int] = None
+    pidns: Optional[int] = None
+    userns: Optional[int] = None
+    facts: dict[str, Fact] = field(default_factory=dict)
+    dropped_facts: int = 0
+
+    def put(self, name: str, value: Any, origin: str) -> None:
+        if value is None or (name not in self.facts and len(self.facts) >= MAX_FACTS_PER_SNAPSHOT):
+            self.dropped_facts += value is not None
+            return
+        if len(repr(value)) > MAX_FACT_JSON_BYTES:
+            self.dropped_facts += 1
+            return
+        self.facts[name] = Fact(value, CACHED, origin)
+
+    def add_facts(self, facts: Facts, prefix_origin: str) -> None:
+        for name, fact in facts.items():
+            self.put(name, fact.value, f"{prefix_origin}: {fact.origin}" if fact.origin
+                     else prefix_origin)
+
+    def keys(self) -> list[tuple[str, int]]:
+        out = []
+        for kind in ("cgroup_id", "mntns", "pidns", "userns"):
+            value = getattr(self, kind)
+            if value:
+                out.append((kind, int(value)))
+        return out
+
+    def alive_at(self, when: float, slack_s: float = 1.0) -> bool:
+        """Was the container running at `when` (event time; clocks may differ a bit)?"""
+        return self.created - slack_s <= when and (self.died is None or when <= self.died + slack_s)
+
+    def to_facts(self, why: str) -> Facts:
+        out = Facts()
+        for name, fact in self.facts.items():
+            out.put(name, fact.value, CACHED, f"{why}; {fact.origin}")
+        return out
+
+    def approx_bytes(self) -> int:
+        return sys.getsizeof(self) + sum(len(repr(f.value)) + len(f.origin) + 100
+                                         for f in self.facts.values())
+
+
+class SnapshotStore:
+    """Bounded: at most `capacity` snapshots; a dead one expires `retention_s`
+    after it died; when full, the dead ones go first, oldest first."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY,
+                 retention_s: float = DEFAULT_RETENTION_S) -> None:
+        if capacity < 1:
+            raise ValueError("snapshot store capacity must be at least 1")
+        self.capacity = capacity
+        self.retention_s = retention_s
+        self._items: OrderedDict[str, ContainerSnapshot] = OrderedDict()
+        self._index: dict[tuple[str, int], str] = {}
+        self._lock = threading.Lock()
+        self.counters: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, snap: ContainerSnapshot) -> None:
+        with self._lock:
+            old = self._items.pop(snap.id, None)
+            if old is not None:
+                self._unindex(old)
+            self._items[snap.id] = snap
+            for key in snap.keys():
+                self._index[key] = snap.id
+            self.counters["snapshots_taken"] += 1
+            self.counters["snapshot_facts_dropped"] += snap.dropped_facts
+            self._bound(time.time())
+
+    def get(self, cid: str) -> Optional[ContainerSnapshot]:
+        with self._lock:
+            return self._items.get(cid)
+
+    def mark_died(self, cid: str, when: Optional[float] = None) -> None:
+        with self._lock:
+            snap = self._items.get(cid)
+            if snap is not None and snap.died is None:
+                snap.died = when if when is not None else time.time()
+                self.counters["containers_died"] += 1
+
+    def _unindex(self, snap: ContainerSnapshot) -> None:
+        for key in snap.keys():
+            if self._index.get(key) == snap.id:
+                del self._index[key]
+
+    def _drop(self, cid: str, why: str) -> None:
+        snap = self._items.pop(cid)
+        self._unindex(snap)
+        self.counters[why] += 1
+
+    def _bound(self, now: float) -> None:
+        for cid in [c for c, s in self._items.items()
+                    if s.died is not None and now - s.died > self.retention_s]:
+            self._drop(cid, "snapshots_expired")
+        while len(self._items) > self.capacity:
+            dead = next((c for c, s in self._items.items() if s.died is not None), None)
+            self._drop(dead if dead is not None else next(iter(self._items)),
+                       "snapshots_evicted")
+
+    def expire(self, now: Optional[float] = None) -> None:
+        with self._lock:
+            self._bound(time.time() if now is None else now)
+
+    def find(self, proc: Process, when: float, missing: Iterable[str] = ()) -> Optional[tuple[ContainerSnapshot, str]]:
+        """The snapshot of the container the event's process ran in, and the key
+        that found it.  Namespace and cgroup keys are unique while the kernel
+        object lives; a pid only counts within the container's own lifetime."""
+        absent = set(missing)
+        with self._lock:
+            candidates = []
+            if "process.cgroup_id" not in absent and proc.cgroup_id > 1:
+                candidates.append(("cgroup_id", proc.cgroup_id))
+            if "process.mntns" not in absent and proc.mntns:
+                candidates.append(("mntns", proc.mntns))
+            if "process.pidns" not in absent and proc.pidns:
+                candidates.append(("pidns", proc.pidns))
+            if "process.userns" not in absent and proc.userns.level > 0 and proc.userns.inum:
+                candidates.append(("userns", proc.userns.inum))
+            for key in candidates:
+                cid = self._index.get(key)
+                snap = self._items.get(cid) if cid else None
+                if snap is not None and snap.alive_at(when):
+                    self.counters["snapshot_hit_" + key[0]] += 1
+                    return snap, f"{key[0]} {key[1]}"
+            if not candidates:  # no kernel keys (audit): the container's init pid, in its lifetime
+                for pid, how in ((proc.pid, "pid"), (proc.ppid, "parent pid")):
+                    for snap in reversed(self._items.values()):
+                        if pid and snap.pid == pid and snap.alive_at(when):
+                            self.counters["snapshot_hit_pid"] += 1
+                            return snap, f"{how} {pid} was the container's init then"
+            self.counters["snapshot_miss"] += 1
+            return None
+
+    def approx_bytes(self) -> int:
+        with self._lock:
+            return sum(s.approx_bytes() for s in self._items.values()) + 200 * len(self._index)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self.counters)
+            out["snapshots_held"] = len(self._items)
+            return out

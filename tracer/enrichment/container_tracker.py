@@ -1,0 +1,284 @@
+"""Learn containers when they start: inotify on the OCI runtimes' state
+directories, a snapshot the moment runc/crun writes a container's state.
+
+runc writes <root>/<id>/state.json (by rename) and crun <root>/<id>/status when
+the container is created, while its init process already sits in the new
+namespaces and cgroup; a container living 10 ms is seen.  Roots: /run/runc,
+/run/crun, /run/user/UID/{runc,crun} (rootless podman), docker's
+/run/docker/runtime-runc/moby, containerd's /run/containerd/runc/<namespace>;
+more may be given (a docker with its own --exec-root).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import select
+import struct
+import threading
+import time
+from typing import Callable, Optional
+
+from tracer.enrichment import procfs
+from tracer.enrichment.container_state import (RuntimeState, docker_identity, host_file,
+                                               kubernetes_from_annotations,
+                                               kubernetes_from_cgroup, podman_identity,
+                                               read_oci_config, read_runtime_state)
+from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
+from tracer.enrichment.facts import Facts
+from tracer.enrichment.host_facts import device_cgroup_facts
+from tracer.enrichment.node import read_in_root
+from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
+from tracer.enrichment.process import cgroup_facts, lsm_facts, userns_facts
+from tracer.enrichment.backfill import userns_level_and_owner
+from tracer.host import HostPaths
+
+IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
+IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_IGNORED, IN_Q_OVERFLOW = 0x200, 0x400, 0x40000000, 0x8000, 0x4000
+IN_NONBLOCK, IN_CLOEXEC, IN_MASK_ADD = 0o4000, 0o2000000, 0x20000000
+_EVENT = struct.Struct("iIII")
+MAX_WATCHES = 4096
+MAX_ETC_ENTRIES = 256
+
+# (path components under the host's /run; "*" matches any directory, "#" a uid) -> runtime
+STATE_ROOTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("runc",), "runc"), (("crun",), "crun"),
+    (("user", "#", "runc"), "runc"), (("user", "#", "crun"), "crun"),
+    (("docker", "runtime-runc", "moby"), "runc"),
+    (("containerd", "runc", "*"), "runc"),
+)
+
+
+def _etc_table(root: str, name: str, facts: Facts) -> Optional[dict[str, int]]:
+    text = read_in_root(root, "/etc/" + name)
+    if text is None:
+        return None
+    if name == "group":
+        return {g.name: g.gid for g in parse_group_file(text, facts.skips)[:MAX_ETC_ENTRIES]}
+    return {u.name: u.uid for u in parse_passwd_file(text, facts.skips)[:MAX_ETC_ENTRIES]}
+
+
+def _cgroup_id(host: HostPaths, paths: dict[str, str], facts: Facts) -> Optional[int]:
+    """The v2 cgroup's inode number: what bpf_get_current_cgroup_id() returns."""
+    from tracer.enrichment.host_facts import cgroup_mounts
+    v2 = paths.get("unified")
+    mount = next((m for m in cgroup_mounts(host, facts) if m.fstype == "cgroup2"), None)
+    if v2 is None or mount is None or v2 in ("/", ""):
+        return None
+    root = mount.root.rstrip("/")
+    if root and not v2.startswith(root + "/"):
+        return None
+    try:
+        return os.stat(host_file(host, os.path.join(mount.mount_point, v2[len(root):].lstrip("/")))).st_ino
+    except OSError:
+        return None
+
+
+def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0) -> ContainerSnapshot:
+    """Everything a verdict may need later, read now while the container lives."""
+    snap = ContainerSnapshot(id=state.id, runtime=state.runtime, created=time.time(),
+                             pid=state.pid)
+    where = f"{state.runtime} state {state.state_dir}"
+    snap.put("container.id", state.id, where)
+    snap.put("container.runtime", state.runtime, where)
+    config = read_oci_config(host, state.bundle) if state.bundle else None
+    live = Facts()
+    if state.pid:
+        pid = state.pid
+        for kind in ("mnt", "pid", "user"):
+            inum = procfs.ns_inum(procfs.read_link(host.proc_pid(pid, "ns", kind)))
+            setattr(snap, {"mnt": "mntns", "pid": "pidns", "user": "userns"}[kind], inum)
+        found = userns_level_and_owner(host.proc_pid(pid, "ns", "user"))
+        if found is not None:
+            level, owner_uid = found
+            snap.put("userns.level", level, f"/proc/{pid}/ns/user")
+            snap.put("userns.owner_uid", owner_uid, f"/proc/{pid}/ns/user")
+            snap.put("container.rootless", level > 0 and owner_uid != 0, "userns level and owner")
+            if level == 0:
+                snap.userns = None  # the initial userns is everyone's: not a container key
+        userns_facts(host, pid, live)
+        lsm_facts(host, pid, live)
+        cgroup_facts(host, pid, live)
+        root = host.proc_pid(pid, "root")
+        for name in ("group", "passwd"):
+            table = _etc_table(root, name, live)
+            if table is not None:
+                live.put(f"container.etc_{name}", table, "live", f"/proc/{pid}/root/etc/{name}")
+        paths = live.get("cgroup.paths") or {}
+        device_cgroup_facts(host, paths, live)
+        if state.id in str(paths.get("unified", "")) or state.runtime == "crun" \
+                or (paths.get("unified") and paths.get("unified") != "/"):
+            snap.cgroup_id = _cgroup_id(host, paths, live)
+        snap.add_facts(live, f"container init pid {pid} at start")
+    if "container.etc_group" not in snap.facts and state.rootfs:
+        for name in ("group", "passwd"):
+            table = _etc_table(host_file(host, state.rootfs), name, live)
+            snap.put(f"container.etc_{name}", table, f"{state.rootfs}/etc/{name}")
+    if config is not None:
+        _config_facts(host, snap, config, state, owner_uid)
+    if snap.cgroup_id is not None:
+        snap.put("cgroup.id", snap.cgroup_id, "stat of the container's v2 cgroup")
+    return snap
+
+
+def _config_facts(host: HostPaths, snap: ContainerSnapshot, config: dict[str, object],
+                  state: RuntimeState, owner_uid: int) -> None:
+    origin = os.path.join(state.bundle or "?", "config.json")
+    snap.put("container.oci", config, origin)
+    annotations = config.get("annotations") or {}
+    assert isinstance(annotations, dict)
+    identity = docker_identity(host, config) or podman_identity(host, config, state.id, owner_uid)
+    kube = kubernetes_from_annotations(annotations)
+    paths = snap.facts.get("cgroup.paths")
+    for path in (paths.value.values() if paths else []):
+        for key, value in kubernetes_from_cgroup(str(path)).items():
+            kube.setdefault(key, value)
+    if identity:
+        snap.put("container.engine", identity["engine"], identity.get("origin", origin))
+        snap.put("container.name", identity.get("name"), identity.get("origin", origin))
+        snap.put("container.image", identity.get("image"), identity.get("origin", origin))
+    if kube:
+        snap.put("container.kubernetes", True, origin)
+        snap.put("container.pod", kube, origin)
+        if not identity:
+            snap.put("container.engine", "kubernetes", origin)
+            snap.put("container.name", kube.get("container"), origin)
+    maps = [("userns.uid_map", "uid_mappings"), ("userns.gid_map", "gid_mappings")]
+    for name, key in maps:
+        if name not in snap.facts and config.get(key):
+            snap.put(name, config[key], origin)
+    keep = annotations.get("run.oci.keep_original_groups")
+    if keep is not None:
+        snap.put("container.keep_original_groups", keep == "1", origin)
+
+
+class ContainerTracker:
+    """A thread that snapshots every container as its runtime creates it."""
+
+    def __init__(self, host: HostPaths, store: SnapshotStore,
+                 extra_roots: tuple[tuple[str, str], ...] = (),
+                 on_snapshot: Optional[Callable[[ContainerSnapshot], None]] = None) -> None:
+        self.host = host
+        self.store = store
+        self.extra_roots = extra_roots  # (absolute host dir, runtime)
+        self.on_snapshot = on_snapshot
+        self._fd = -1
+        # wd -> what that directory is watched for: [(dir, rest of the pattern, runtime)]
+        self._watches: dict[int, list[tuple[str, tuple[str, ...], str]]] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        libc_name = ctypes.util.find_library("c") or "libc.so.6"
+        self._libc = ctypes.CDLL(libc_name, use_errno=True)
+
+    # --- watches ----------------------------------------------------------------------
+    def _watch(self, directory: str, rest: tuple[str, ...], runtime: str, mask: int) -> None:
+        if len(self._watches) >= MAX_WATCHES:
+            self.store.counters["tracker_watch_limit"] += 1
+            return
+        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), mask | IN_MASK_ADD)
+        if wd < 0:
+            return
+        uses = self._watches.setdefault(wd, [])
+        if (directory, rest, runtime) not in uses:
+            uses.append((directory, rest, runtime))
+        self._scan(directory, rest, runtime)
+
+    def _scan(self, directory: str, rest: tuple[str, ...], runtime: str) -> None:
+        if rest == ("@",):  # a container's own dir: its state may already be written
+            self._take(os.path.dirname(directory), os.path.basename(directory), runtime)
+            return
+        for name in procfs.list_dir(directory):
+            self._entry(directory, rest, runtime, name)
+
+    def _entry(self, directory: str, rest: tuple[str, ...], runtime: str, name: str) -> None:
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path):
+            return
+        if not rest:  # a state root: `name` is a container id
+            self._watch(path, ("@",), runtime, IN_MOVED_TO | IN_CLOSE_WRITE)
+            return
+        head = rest[0]
+        if head == name or head == "*" or (head == "#" and name.isdigit()):
+            mask = IN_CREATE | IN_MOVED_TO | (IN_DELETE if len(rest) == 1 else 0)
+            self._watch(path, rest[1:], runtime, mask)
+
+    def start(self) -> "ContainerTracker":
+        self._fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        for parts, runtime in STATE_ROOTS:
+            self._watch(self.host.run, parts, runtime, IN_CREATE | IN_MOVED_TO)
+        for directory, runtime in self.extra_roots:
+            parts = tuple(p for p in directory.split("/") if p)
+            self._watch("/", parts, runtime, IN_CREATE | IN_MOVED_TO)
+        self._thread = threading.Thread(target=self._run, name="container-tracker", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- events -----------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(200):
+                self.store.expire()
+                continue
+            try:
+                data = os.read(self._fd, 64 << 10)
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            raw = data[offset + _EVENT.size:offset + _EVENT.size + length]
+            offset += _EVENT.size + length
+            name = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            if mask & IN_Q_OVERFLOW:
+                self.store.counters["tracker_queue_overflow"] += 1
+                continue
+            if mask & IN_IGNORED:
+                self._watches.pop(wd, None)
+                continue
+            for directory, rest, runtime in list(self._watches.get(wd, ())):
+                if rest == ("@",):
+                    if name in ("state.json", "status"):
+                        self._take(os.path.dirname(directory), os.path.basename(directory),
+                                   runtime)
+                elif not rest and mask & IN_DELETE:
+                    self.store.mark_died(name)
+                elif mask & (IN_CREATE | IN_MOVED_TO):
+                    self._entry(directory, rest, runtime, name)
+
+    def _take(self, state_root: str, cid: str, runtime: str) -> None:
+        state = read_runtime_state(self.host, runtime, state_root, cid)
+        if state is None:
+            return
+        known = self.store.get(cid)
+        if known is not None and known.pid == state.pid:
+            return  # a later rewrite of the same state (runc updates it on start)
+        owner = _owner_of(state_root)
+        snap = snapshot_container(self.host, state, owner)
+        self.store.add(snap)
+        if self.on_snapshot is not None:
+            self.on_snapshot(snap)
+
+
+def _owner_of(path: str) -> int:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return 0

@@ -21,6 +21,7 @@ from tracer.event import Process
 
 DEFAULT_CAPACITY = 512
 DEFAULT_RETENTION_S = 600.0
+DEFAULT_MAX_BYTES = 32 << 20     # all snapshots together, measured as approx_bytes()
 MAX_FACTS_PER_SNAPSHOT = 64
 MAX_FACT_JSON_BYTES = 64 << 10   # a fact larger than this is dropped (counted)
 
@@ -81,15 +82,19 @@ class ContainerSnapshot:
 
 
 class SnapshotStore:
-    """Bounded: at most `capacity` snapshots; a dead one expires `retention_s`
-    after it died; when full, the dead ones go first, oldest first."""
+    """Bounded: at most `capacity` snapshots and `max_bytes` of them together; a
+    dead one expires `retention_s` after it died; when full, the dead ones go
+    first, oldest first.  Every eviction and expiry is counted."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY,
-                 retention_s: float = DEFAULT_RETENTION_S) -> None:
+                 retention_s: float = DEFAULT_RETENTION_S,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if capacity < 1:
             raise ValueError("snapshot store capacity must be at least 1")
         self.capacity = capacity
         self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self._bytes: dict[str, int] = {}
         self._items: OrderedDict[str, ContainerSnapshot] = OrderedDict()
         self._index: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
@@ -102,8 +107,10 @@ class SnapshotStore:
         with self._lock:
             old = self._items.pop(snap.id, None)
             if old is not None:
+                self._bytes.pop(snap.id, None)
                 self._unindex(old)
             self._items[snap.id] = snap
+            self._bytes[snap.id] = snap.approx_bytes()
             for key in snap.keys():
                 self._index[key] = snap.id
             self.counters["snapshots_taken"] += 1
@@ -128,6 +135,7 @@ class SnapshotStore:
 
     def _drop(self, cid: str, why: str) -> None:
         snap = self._items.pop(cid)
+        self._bytes.pop(cid, None)
         self._unindex(snap)
         self.counters[why] += 1
 
@@ -135,7 +143,8 @@ class SnapshotStore:
         for cid in [c for c, s in self._items.items()
                     if s.died is not None and now - s.died > self.retention_s]:
             self._drop(cid, "snapshots_expired")
-        while len(self._items) > self.capacity:
+        while len(self._items) > self.capacity or \
+                (len(self._items) > 1 and sum(self._bytes.values()) > self.max_bytes):
             dead = next((c for c, s in self._items.items() if s.died is not None), None)
             self._drop(dead if dead is not None else next(iter(self._items)),
                        "snapshots_evicted")
@@ -151,12 +160,12 @@ class SnapshotStore:
         absent = set(missing)
         with self._lock:
             candidates = []
-            if "process.cgroup_id" not in absent and proc.cgroup_id > 1:
-                candidates.append(("cgroup_id", proc.cgroup_id))
             if "process.mntns" not in absent and proc.mntns:
                 candidates.append(("mntns", proc.mntns))
             if "process.pidns" not in absent and proc.pidns:
                 candidates.append(("pidns", proc.pidns))
+            if "process.cgroup_id" not in absent and proc.cgroup_id > 1:
+                candidates.append(("cgroup_id", proc.cgroup_id))
             if "process.userns" not in absent and proc.userns.level > 0 and proc.userns.inum:
                 candidates.append(("userns", proc.userns.inum))
             for key in candidates:
@@ -176,10 +185,11 @@ class SnapshotStore:
 
     def approx_bytes(self) -> int:
         with self._lock:
-            return sum(s.approx_bytes() for s in self._items.values()) + 200 * len(self._index)
+            return sum(self._bytes.values())
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self.counters)
             out["snapshots_held"] = len(self._items)
+            out["snapshot_bytes"] = sum(self._bytes.values())
             return out

@@ -75,6 +75,17 @@ def _cgroup_id(host: HostPaths, paths: dict[str, str], facts: Facts) -> Optional
         return None
 
 
+def _own_cgroup(state: RuntimeState, config: Optional[dict[str, object]], v2_path: str) -> bool:
+    """The v2 cgroup is the container's own (not one it shares with its engine or
+    the user's session, as on a hybrid host where the runtime manages v1 only)."""
+    if not v2_path or v2_path == "/":
+        return False
+    wanted = str((config or {}).get("cgroups_path") or state.cgroup_path or "")
+    last = v2_path.rstrip("/").rsplit("/", 1)[-1]
+    return state.id in last or (bool(wanted) and (v2_path.rstrip("/") == wanted.rstrip("/")
+                                                  or v2_path.endswith(wanted.split(":")[-1])))
+
+
 def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0) -> ContainerSnapshot:
     """Everything a verdict may need later, read now while the container lives."""
     snap = ContainerSnapshot(id=state.id, runtime=state.runtime, created=time.time(),
@@ -107,8 +118,7 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
                 live.put(f"container.etc_{name}", table, "live", f"/proc/{pid}/root/etc/{name}")
         paths = live.get("cgroup.paths") or {}
         device_cgroup_facts(host, paths, live)
-        if state.id in str(paths.get("unified", "")) or state.runtime == "crun" \
-                or (paths.get("unified") and paths.get("unified") != "/"):
+        if _own_cgroup(state, config, str(paths.get("unified", ""))):
             snap.cgroup_id = _cgroup_id(host, paths, live)
         snap.add_facts(live, f"container init pid {pid} at start")
     if "container.etc_group" not in snap.facts and state.rootfs:
@@ -166,6 +176,7 @@ class ContainerTracker:
         self._fd = -1
         # wd -> what that directory is watched for: [(dir, rest of the pattern, runtime)]
         self._watches: dict[int, list[tuple[str, tuple[str, ...], str]]] = {}
+        self._pending: set[str] = set()  # container dirs seen whose state was not read yet
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         libc_name = ctypes.util.find_library("c") or "libc.so.6"
@@ -193,10 +204,15 @@ class ContainerTracker:
 
     def _entry(self, directory: str, rest: tuple[str, ...], runtime: str, name: str) -> None:
         path = os.path.join(directory, name)
-        if not os.path.isdir(path):
-            return
         if not rest:  # a state root: `name` is a container id
+            if self.store.get(name) is None:
+                self._pending.add(path)
+            if not os.path.isdir(path):
+                self._missed(path)  # gone before we could look
+                return
             self._watch(path, ("@",), runtime, IN_MOVED_TO | IN_CLOSE_WRITE)
+            return
+        if not os.path.isdir(path):
             return
         head = rest[0]
         if head == name or head == "*" or (head == "#" and name.isdigit()):
@@ -259,9 +275,16 @@ class ContainerTracker:
                         self._take(os.path.dirname(directory), os.path.basename(directory),
                                    runtime)
                 elif not rest and mask & IN_DELETE:
+                    self._missed(os.path.join(directory, name))
                     self.store.mark_died(name)
                 elif mask & (IN_CREATE | IN_MOVED_TO):
                     self._entry(directory, rest, runtime, name)
+
+    def _missed(self, path: str) -> None:
+        """A container whose state went away before it could be read: counted."""
+        if path in self._pending:
+            self._pending.discard(path)
+            self.store.counters["containers_missed"] += 1
 
     def _take(self, state_root: str, cid: str, runtime: str) -> None:
         state = read_runtime_state(self.host, runtime, state_root, cid)
@@ -272,6 +295,7 @@ class ContainerTracker:
             return  # a later rewrite of the same state (runc updates it on start)
         owner = _owner_of(state_root)
         snap = snapshot_container(self.host, state, owner)
+        self._pending.discard(os.path.join(state_root, cid))
         self.store.add(snap)
         if self.on_snapshot is not None:
             self.on_snapshot(snap)
@@ -282,3 +306,23 @@ def _owner_of(path: str) -> int:
         return os.stat(path).st_uid
     except OSError:
         return 0
+
+
+_SHARED: dict[HostPaths, ContainerTracker] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_tracker(host: HostPaths) -> ContainerTracker:
+    """The process's one tracker for a host tree, started on first use.  Where
+    inotify is unavailable it stays unstarted (counted), and events only get
+    what /proc still shows."""
+    with _SHARED_LOCK:
+        tracker = _SHARED.get(host)
+        if tracker is None:
+            tracker = ContainerTracker(host, SnapshotStore())
+            try:
+                tracker.start()
+            except OSError:
+                tracker.store.counters["tracker_unavailable"] += 1
+            _SHARED[host] = tracker
+        return tracker

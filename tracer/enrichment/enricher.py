@@ -223,10 +223,11 @@ class Enricher:
         proc, missing = event.process, set(event.missing)
         if facts.get("container.engine") is not None or facts.get("container.id") is not None:
             return False, "container facts"
-        if "process.userns" in missing:
+        level = facts.get("userns.level")
+        if level is None:
             return None, "the sensor could not capture the user namespace"
-        if proc.userns.level > 0:
-            return False, "user namespace level > 0 (kernel)"
+        if int(level) > 0:
+            return False, "user namespace level > 0"
         if live:
             return True, "live process with no container clue"
         host_mnt = procfs.host_mount_namespace(self.host.proc)
@@ -241,11 +242,12 @@ class Enricher:
         host_group_table(self.host, facts)
         host_process, why = self._host_process(event, live, facts)
         facts.put("process.host_process", host_process, INFERRED, why)
-        if "process.userns" in event.missing:
+        level, owner = facts.get("userns.level"), facts.get("userns.owner_uid")
+        if level is None:
             pass  # whose namespace it was is unknown: no user is named
-        elif proc.userns.level > 0:
-            owner_user_facts(self.host, proc.userns.owner_uid, facts,
-                             "owner of the process's user namespace (kernel)")
+        elif int(level) > 0 and owner is not None:
+            owner_user_facts(self.host, int(owner), facts,
+                             "owner of the process's user namespace")
         elif host_process:
             owner_user_facts(self.host, proc.uid, facts, "process uid on the host, no container")
         nvidia_params_facts(self.host, facts)

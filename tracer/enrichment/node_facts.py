@@ -8,6 +8,7 @@ import stat
 from typing import Optional
 
 from tracer.enrichment import procfs
+from tracer.enrichment.container_node import container_node_facts
 from tracer.enrichment.facts import INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
 from tracer.sensors.gpu_nodes import classify_node, is_gpu_driver
@@ -87,6 +88,11 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
     if path is None:
         return
     facts.put("node.path", path, KERNEL, "event")
+    if not live and container_node_facts(host, statter, path, facts):
+        facts.put("node.class", classify_node(path, facts.get("node.major"),
+                                              facts.get("node.minor"), char_majors),
+                  INFERRED, "major:minor, /proc/devices and path")
+        return
     found, seen_from, origin = _stat_node(host, statter, event, path, live)
     facts.put("node.seen_from", seen_from, INFERRED, "process alive" if live else "process gone")
     facts.put("node.exists", found is not None, LIVE, origin)

@@ -56,6 +56,8 @@ def _base_context(facts: Facts, run: ModelRun) -> dict[str, Any]:
         "mode": facts.get("node.mode"), "uid": facts.get("node.uid"), "gid": gid,
         "group": facts.get("node.group_name") or (str(gid) if gid is not None else "?"),
         "user": facts.get("host.user_name") or str(facts.get("host.user_uid", "?")),
+        # a host account, named only for a host process or a rootless userns owner
+        "user_name": facts.get("host.user_name"),
         "runtime": runtime_key(facts), "rootless": bool(facts.get("container.rootless")),
         "lsm_label": facts.get("process.lsm_label"), "node_label": facts.get("node.selinux"),
         "major": facts.get("node.major"), "minor": facts.get("node.minor"),
@@ -91,6 +93,11 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     if decision.check in ("nodev_mount", "nodev_superblock"):
         ctx["mount"] = _field(facts, "node.mount", "mount_point", "?")
         return Classification(R.NODEV_MOUNT, "high", ["node.mount_nodev", "node.mount"], ctx)
+    if decision.allowed and run.missing:
+        # the model allowed only because facts it needed were absent: conclude nothing
+        return Classification(R.UNKNOWN, "low", ["node.mount_nodev", "process.groups"], ctx,
+                              [f"Missing facts: {', '.join(run.missing)}; without them the "
+                               "layers that may have refused cannot be checked."])
     if decision.allowed:
         found = _lsm_or_seccomp(facts, ctx)
         if seen_from_host:
@@ -208,6 +215,13 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
     groups = set(creds.groups) | {creds.fsgid}
     level = int(facts.get("userns.level", 0) or 0)
     host_groups = set(facts.get("host.user_groups") or [])
+    if _group_bits_grant(node, run.mask) and "process.groups" not in facts \
+            and not (level > 0 and facts.get("node.gid_mapped") is False):
+        # the sensor could not capture the groups (audit) and the process is gone
+        return Classification(R.UNKNOWN, "low", ["process.groups", "node.gid", "node.mode"], ctx,
+                              ["Missing facts: process.groups (the sensor cannot capture "
+                               "supplementary groups and the process had exited); whether it "
+                               f"held gid {gid} is unknown."])
     if _group_bits_grant(node, run.mask) and gid not in groups:
         if level > 0 and gid in host_groups:
             gid_map = facts.get("userns.gid_map")

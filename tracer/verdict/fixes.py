@@ -43,17 +43,22 @@ def _group_dropped(ctx: dict[str, Any]) -> list[Fix]:
     return fixes + _device_file_mode(ctx)
 
 
+def _usermod(ctx: dict[str, Any], summary: str) -> list[Fix]:
+    """usermod only for a named host account: a host process's user or the owner of
+    a rootless container's user namespace, never whoever has the same uid."""
+    user = ctx.get("user_name")
+    return [Fix(summary, f"usermod -aG {ctx['group']} {user}", "host")] if user else []
+
+
 def _add_group(ctx: dict[str, Any]) -> list[Fix]:
-    g, name, user = ctx["gid"], ctx["group"], ctx["user"]
+    g, name = ctx["gid"], ctx["group"]
     fixes = [Fix(f"Give the container the host group {name} by its number.",
                  f"podman run --group-add {g} ...", "podman-crun"),
              Fix(f"Give the container the host group {name} by its number.",
                  f"docker run --group-add {g} ...", "docker"),
              Fix(f"Add gid {g} to the pod's supplemental groups.",
-                 f"securityContext:\n  supplementalGroups: [{g}]", "kubernetes"),
-             Fix(f"Add the user to group {name}, then log in again.",
-                 f"usermod -aG {name} {user}", "host")]
-    return fixes
+                 f"securityContext:\n  supplementalGroups: [{g}]", "kubernetes")]
+    return fixes + _usermod(ctx, f"Add the user to group {name}, then log in again.")
 
 
 def _not_in_group(ctx: dict[str, Any]) -> list[Fix]:
@@ -61,9 +66,9 @@ def _not_in_group(ctx: dict[str, Any]) -> list[Fix]:
 
 
 def _seat_acl_only(ctx: dict[str, Any]) -> list[Fix]:
-    name, user = ctx["group"], ctx["user"]
-    return [Fix(f"Add the user to group {name} so access no longer depends on the local seat, "
-                "then log in again.", f"usermod -aG {name} {user}", "host")] + _add_group(ctx)[:3]
+    name = ctx["group"]
+    return _usermod(ctx, f"Add the user to group {name} so access no longer depends on the "
+                    "local seat, then log in again.") + _add_group(ctx)[:3]
 
 
 def _gid_mismatch(ctx: dict[str, Any]) -> list[Fix]:
@@ -204,13 +209,21 @@ FIXES: dict[str, Callable[[dict[str, Any]], list[Fix]]] = {
 }
 
 
+RELATED = {"podman-runc": ("podman-runc", "podman-crun"), "podman-crun": ("podman-crun",)}
+HOST_WIDE = ("host", "any")
+
+
 def ranked_fixes(reason: str, ctx: dict[str, Any]) -> list[Fix]:
-    """Fixes for the process's own runtime first, then host-wide ones, then the rest."""
+    """Only fixes that apply to the process's own runtime: a host process gets
+    host fixes; a container of a known engine gets that engine's fixes, then the
+    host-wide ones (driver, udev, device cgroup).  When the engine is unknown
+    every engine's fix is offered, the process's runtime being unknown."""
     fixes = FIXES[reason](ctx)
     runtime = ctx.get("runtime", "any")
-    related = {"podman-runc": ("podman-runc", "podman-crun"), "podman-crun": ("podman-crun",)}
-    mine = related.get(runtime, (runtime,))
-    order = lambda f: (0 if f.applies_to in mine else 1 if f.applies_to in ("host", "any") else 2)  # noqa: E731
     if runtime == "host":
-        order = lambda f: (0 if f.applies_to in ("host", "any") else 1)  # noqa: E731
-    return sorted(fixes, key=order)
+        return [f for f in fixes if f.applies_to in HOST_WIDE]
+    if runtime == "any":
+        return sorted(fixes, key=lambda f: 1 if f.applies_to in HOST_WIDE else 0)
+    mine = RELATED.get(runtime, (runtime,))
+    kept = [f for f in fixes if f.applies_to in mine or f.applies_to in HOST_WIDE]
+    return sorted(kept, key=lambda f: 0 if f.applies_to in mine else 1)

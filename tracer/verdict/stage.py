@@ -5,17 +5,22 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
+from tracer.enrichment.container_tracker import shared_tracker
 from tracer.enrichment.enricher import Enricher
 from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.verdict.explain import explain
 
 
-def explain_stages(host: Optional[HostPaths] = None, cache_size: int = 256
+def explain_stages(host: Optional[HostPaths] = None, cache_size: int = 256,
+                   track_containers: bool = True
                    ) -> tuple[Callable[[Event], None], Callable[[Event], None]]:
     """(on_arrival, stage): snapshot a new container's facts the moment its first
-    denial arrives (on the sensor thread), then enrich and explain (in order)."""
-    enricher = Enricher(host or HostPaths(), cache_size=cache_size)
+    denial arrives (on the sensor thread), then enrich and explain (in order).
+    Containers are learnt when they start (one tracker per host tree and process)."""
+    host = host or HostPaths()
+    store = shared_tracker(host).store if track_containers else None
+    enricher = Enricher(host, cache_size=cache_size, snapshots=store)
     lock = threading.Lock()  # the enricher's caches are shared by both threads
 
     def on_arrival(event: Event) -> None:

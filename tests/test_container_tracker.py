@@ -205,3 +205,14 @@ def test_dead_snapshots_expire_and_are_counted():
     assert store.get("a") is not None
     store.expire(now=111.0)
     assert store.get("a") is None and store.stats()["snapshots_expired"] == 1
+
+
+def test_requested_device_rules_as_the_v1_allowlist():
+    from tracer.enrichment.container_tracker import oci_rules_as_devices_list
+    rules = [{"allow": False, "type": None, "major": None, "minor": None, "access": "rwm"},
+             {"allow": True, "type": "c", "major": 195, "minor": 0, "access": "rw"},
+             {"allow": True, "type": "c", "major": 136, "minor": None, "access": "rwm"}]
+    assert oci_rules_as_devices_list(rules) == ["c 195:0 rw", "c 136:* rwm"]
+    # a deny after the allows, or no deny-all first: not the simple shape, stays unknown
+    assert oci_rules_as_devices_list(rules + [dict(rules[1], allow=False)]) is None
+    assert oci_rules_as_devices_list(rules[1:]) is None

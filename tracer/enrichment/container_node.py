@@ -15,7 +15,7 @@ import stat
 from typing import Any, Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.facts import CACHED, INFERRED, LIVE, Facts
+from tracer.facts import CACHED, INFERRED, LIVE, Facts
 from tracer.enrichment.node import NodeStatter
 from tracer.enrichment.parse_proc import mount_holding, parse_mountinfo
 from tracer.host import HostPaths

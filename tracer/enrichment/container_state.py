@@ -66,6 +66,23 @@ class RuntimeState:
     cgroup_paths: dict[str, str] = field(default_factory=dict)  # controller -> host dir
     cgroup_path: Optional[str] = None                           # as in config.json
     rootless: Optional[bool] = None
+    created: Optional[float] = None  # when the runtime created it (epoch seconds)
+
+
+def parse_created(value: Any) -> Optional[float]:
+    """runc/crun's RFC 3339 creation time, nanoseconds and all."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)",
+                         value.strip())
+    if match is None:
+        return None
+    import datetime as dt
+    try:
+        base = dt.datetime.fromisoformat(match[1] + (match[3] if match[3] != "Z" else "+00:00"))
+    except ValueError:
+        return None
+    return base.timestamp() + (float("0." + match[2]) if match[2] else 0.0)
 
 
 def read_runtime_state(host: HostPaths, runtime: str, state_root: str,
@@ -80,7 +97,8 @@ def read_runtime_state(host: HostPaths, runtime: str, state_root: str,
             return None
         state = RuntimeState("crun", cid, directory, pid=_int(data.get("pid")),
                              bundle=_text(data.get("bundle")), rootfs=_text(data.get("rootfs")),
-                             cgroup_path=_text(data.get("cgroup-path")))
+                             cgroup_path=_text(data.get("cgroup-path")),
+                             created=parse_created(data.get("created")))
         return state
     data = _json(os.path.join(directory, "state.json"), STATE_BYTES)
     if data is None:
@@ -96,7 +114,8 @@ def read_runtime_state(host: HostPaths, runtime: str, state_root: str,
         rootfs=_text(config.get("rootfs")),
         cgroup_paths={(k or "unified")[:64]: v[:MAX_TEXT] for k, v in list(paths.items())[:32]
                       if isinstance(k, str) and isinstance(v, str)},
-        rootless=data.get("rootless") if isinstance(data.get("rootless"), bool) else None)
+        rootless=data.get("rootless") if isinstance(data.get("rootless"), bool) else None,
+        created=parse_created(data.get("created")))
 
 
 def _device_rule(raw: Any) -> Optional[dict[str, Any]]:

@@ -16,13 +16,15 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from tracer.enrichment.facts import CACHED, Facts, Fact
+from tracer.facts import CACHED, Facts, Fact
 from tracer.event import Process
 
 DEFAULT_CAPACITY = 512
 DEFAULT_RETENTION_S = 600.0
 DEFAULT_MAX_BYTES = 32 << 20     # all snapshots together, measured as approx_bytes()
 MAX_FACTS_PER_SNAPSHOT = 64
+CREATED_SLACK_S = 0.05   # event and runtime clocks: both CLOCK_REALTIME, read apart
+DIED_SLACK_S = 0.05   # we see the state go after the container is gone: never early
 MAX_FACT_JSON_BYTES = 64 << 10   # a fact larger than this is dropped (counted)
 
 
@@ -66,9 +68,11 @@ class ContainerSnapshot:
                 out.append((kind, int(value)))
         return out
 
-    def alive_at(self, when: float, slack_s: float = 1.0) -> bool:
-        """Was the container running at `when` (event time; clocks may differ a bit)?"""
-        return self.created - slack_s <= when and (self.died is None or when <= self.died + slack_s)
+    def alive_at(self, when: float) -> bool:
+        """Was the container running at `when`?  `created` is the runtime's own
+        record; `died` is when we saw its state go, a little after the fact."""
+        return self.created - CREATED_SLACK_S <= when and \
+            (self.died is None or when <= self.died + DIED_SLACK_S)
 
     def to_facts(self, why: str) -> Facts:
         out = Facts()
@@ -96,7 +100,8 @@ class SnapshotStore:
         self.max_bytes = max_bytes
         self._bytes: dict[str, int] = {}
         self._items: OrderedDict[str, ContainerSnapshot] = OrderedDict()
-        self._index: dict[tuple[str, int], str] = {}
+        # namespace inodes are reused once freed: a key may name several containers
+        self._index: dict[tuple[str, int], list[str]] = {}
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
 
@@ -112,7 +117,7 @@ class SnapshotStore:
             self._items[snap.id] = snap
             self._bytes[snap.id] = snap.approx_bytes()
             for key in snap.keys():
-                self._index[key] = snap.id
+                self._index.setdefault(key, []).append(snap.id)
             self.counters["snapshots_taken"] += 1
             self.counters["snapshot_facts_dropped"] += snap.dropped_facts
             self._bound(time.time())
@@ -130,8 +135,11 @@ class SnapshotStore:
 
     def _unindex(self, snap: ContainerSnapshot) -> None:
         for key in snap.keys():
-            if self._index.get(key) == snap.id:
-                del self._index[key]
+            ids = self._index.get(key, [])
+            if snap.id in ids:
+                ids.remove(snap.id)
+            if not ids:
+                self._index.pop(key, None)
 
     def _drop(self, cid: str, why: str) -> None:
         snap = self._items.pop(cid)
@@ -169,9 +177,10 @@ class SnapshotStore:
             if "process.userns" not in absent and proc.userns.level > 0 and proc.userns.inum:
                 candidates.append(("userns", proc.userns.inum))
             for key in candidates:
-                cid = self._index.get(key)
-                snap = self._items.get(cid) if cid else None
-                if snap is not None and snap.alive_at(when):
+                alive = [s for s in (self._items.get(c) for c in self._index.get(key, []))
+                         if s is not None and s.alive_at(when)]
+                if alive:  # the latest created before the event: an inode reused later is not it
+                    snap = max(alive, key=lambda s: s.created)
                     self.counters["snapshot_hit_" + key[0]] += 1
                     return snap, f"{key[0]} {key[1]}"
             if not candidates:  # no kernel keys (audit): the container's init pid, in its lifetime

@@ -26,7 +26,7 @@ from tracer.enrichment.container_state import (RuntimeState, docker_identity, ho
                                                kubernetes_from_cgroup, podman_identity,
                                                read_oci_config, read_runtime_state)
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
-from tracer.enrichment.facts import Facts
+from tracer.facts import Facts
 from tracer.enrichment.host_facts import device_cgroup_facts
 from tracer.enrichment.node import read_in_root
 from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
@@ -88,7 +88,9 @@ def _own_cgroup(state: RuntimeState, config: Optional[dict[str, object]], v2_pat
 
 def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0) -> ContainerSnapshot:
     """Everything a verdict may need later, read now while the container lives."""
-    snap = ContainerSnapshot(id=state.id, runtime=state.runtime, created=time.time(),
+    now = time.time()
+    created = state.created if state.created is not None and state.created <= now + 1 else now
+    snap = ContainerSnapshot(id=state.id, runtime=state.runtime, created=created,
                              pid=state.pid)
     where = f"{state.runtime} state {state.state_dir}"
     snap.put("container.id", state.id, where)
@@ -127,6 +129,7 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
             snap.put(f"container.etc_{name}", table, f"{state.rootfs}/etc/{name}")
     if config is not None:
         _config_facts(host, snap, config, state, owner_uid)
+        _requested_device_rules(host, snap, config, live)
     if snap.cgroup_id is not None:
         snap.put("cgroup.id", snap.cgroup_id, "stat of the container's v2 cgroup")
     return snap
@@ -161,6 +164,39 @@ def _config_facts(host: HostPaths, snap: ContainerSnapshot, config: dict[str, ob
     keep = annotations.get("run.oci.keep_original_groups")
     if keep is not None:
         snap.put("container.keep_original_groups", keep == "1", origin)
+
+
+def oci_rules_as_devices_list(rules: list[dict[str, object]]) -> Optional[list[str]]:
+    """linux.resources.devices as the v1 allowlist the runtime writes from it:
+    only the usual shape (deny all, then allows); anything else stays unknown."""
+    if not rules or rules[0].get("allow") or rules[0].get("type") not in (None, "a"):
+        return None
+    out = []
+    for rule in rules[1:]:
+        if not rule.get("allow"):
+            return None
+        major, minor = rule.get("major"), rule.get("minor")
+        out.append(f"{rule.get('type') or 'a'} {'*' if major is None else major}:"
+                   f"{'*' if minor is None else minor} {rule.get('access') or 'rwm'}")
+    return out
+
+
+def _requested_device_rules(host: HostPaths, snap: ContainerSnapshot,
+                            config: dict[str, object], live: Facts) -> None:
+    """When the container's devices.list could not be read (its init had
+    already exited), the rules the runtime was asked to apply on this v1 host."""
+    from tracer.enrichment.host_facts import cgroup_mounts
+    if "device_cgroup.v1_rules" in snap.facts or "device_cgroup.version" in snap.facts:
+        return
+    if not any(m.fstype == "cgroup" and "devices" in m.super_options
+               for m in cgroup_mounts(host, live)):
+        return
+    raw = config.get("device_rules")
+    rules = oci_rules_as_devices_list(raw if isinstance(raw, list) else [])
+    if rules is not None:
+        origin = "OCI config.json linux.resources.devices (as the runtime applies it)"
+        snap.put("device_cgroup.version", 1, origin)
+        snap.put("device_cgroup.v1_rules", rules, origin)
 
 
 class ContainerTracker:

@@ -89,6 +89,8 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
         return
     facts.put("node.path", path, KERNEL, "event")
     if not live and container_node_facts(host, statter, path, facts):
+        if isinstance(facts.get("node.gid"), int):
+            _name_gid(int(facts.get("node.gid")), facts)
         facts.put("node.class", classify_node(path, facts.get("node.major"),
                                               facts.get("node.minor"), char_majors),
                   INFERRED, "major:minor, /proc/devices and path")
@@ -120,14 +122,18 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
 
 
 def _name_ids(found: NodeStat, facts: Facts) -> None:
+    _name_gid(found.gid, facts)
+
+
+def _name_gid(gid: int, facts: Facts) -> None:
     """The node's group as the host names it, and as the container sees it."""
     host_groups = facts.get("host.etc_group") or {}
-    host_name = next((n for n, g in host_groups.items() if g == found.gid), None)
+    host_name = next((n for n, g in host_groups.items() if g == gid), None)
     if host_name:
         facts.put("node.group_name", host_name, INFERRED, "host /etc/group")
     gid_map = facts.get("userns.gid_map")
     if gid_map is not None:
-        inside = IdMap.from_rows(gid_map).to_inside(found.gid)
+        inside = IdMap.from_rows(gid_map).to_inside(gid)
         facts.put("node.gid_in_container", OVERFLOW_GID if inside is None else inside,
                   INFERRED, "node gid through userns gid_map")
         facts.put("node.gid_mapped", inside is not None, INFERRED, "userns gid_map")

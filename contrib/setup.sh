@@ -35,7 +35,8 @@ need_pkgs python3 python3-venv python3-pip python3-bpfcc libbpf1 ca-certificates
 if [ "$mode" = test ] || [ "$mode" = bench ]; then
     # Real scenarios: users, ACLs, rootless/rootful podman with runc and crun, audit.
     need_pkgs bpfcc-tools gcc libc6-dev make acl attr passwd uidmap busybox-static \
-        podman runc crun catatonit auditd util-linux procps e2fsprogs prometheus systemd
+        podman runc crun catatonit auditd util-linux procps e2fsprogs prometheus systemd \
+        docker.io
 fi
 
 # Kernel headers only let BCC compile; struct offsets come from BTF at run time.

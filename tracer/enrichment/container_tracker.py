@@ -119,9 +119,9 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
             if table is not None:
                 live.put(f"container.etc_{name}", table, "live", f"/proc/{pid}/root/etc/{name}")
         paths = live.get("cgroup.paths") or {}
-        device_cgroup_facts(host, paths, live)
         if _own_cgroup(state, config, str(paths.get("unified", ""))):
             snap.cgroup_id = _cgroup_id(host, paths, live)
+        device_cgroup_facts(host, paths, live, snap.cgroup_id or 0)
         snap.add_facts(live, f"container init pid {pid} at start")
     if "container.etc_group" not in snap.facts and state.rootfs:
         for name in ("group", "passwd"):

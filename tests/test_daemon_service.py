@@ -37,7 +37,7 @@ def exact_total(events: list[Event], pid: int | None = None, since: float = 0.0)
     """Denials counted exactly (repeats included), of one pid or of aggregates that
     began at or after `since`."""
     return sum(a.in_window for a in aggregates(events, None)
-               if (pid is None or a.first.process.pid == pid) and a.first.time >= since)
+               if (pid is None or a.pid == pid) and a.first_time >= since)
 
 
 def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -159,7 +159,7 @@ def test_journal_stream_metrics_and_report_agree(service):
     by_labels = Counter()
     for agg in aggregates(journal_events(service), None):
         by_labels[tuple(sorted(zip(("node_class", "errno", "reason", "container_engine"),
-                                   denial_labels(agg.first))))] += agg.in_window
+                                   agg.labels)))] += agg.in_window
     assert dict(by_labels) == {k: v for k, v in samples.items()}
 
     metrics = daemon.scrape()

@@ -158,30 +158,49 @@ class JournalRead:
 
 
 def iter_lines(directory: str) -> Iterator[tuple[str, int, bytes, bool]]:
-    """(file, line number, raw line, complete) for every line, oldest first."""
+    """(file, line number, raw line, complete) for every line, oldest first, read one
+    line at a time (a journal of any size streams in bounded memory)."""
     for path in journal_files(directory):
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            handle = open(path, "rb")
         except FileNotFoundError:
             continue  # rotated away while we listed
-        lines = data.split(b"\n")
-        for number, raw in enumerate(lines, 1):
-            complete = number < len(lines)
-            if raw or not complete:
+        with handle:
+            for number, raw in enumerate(handle, 1):
+                complete = raw.endswith(b"\n")
+                raw = raw.rstrip(b"\n")
                 if raw:
                     yield path, number, raw, complete
 
 
+@dataclass
+class JournalStream:
+    """Events of a journal as they are read; `lost` and `read` fill in as it goes."""
+    directory: str
+    since: Optional[float] = None
+    lost: Counter[str] = field(default_factory=Counter)  # reason -> lines that did not read back
+    read: int = 0
+    files: int = 0
+
+    def __iter__(self) -> Iterator[Event]:
+        self.files = len(journal_files(self.directory))
+        for _path, _number, raw, complete in iter_lines(self.directory):
+            try:
+                event = Event.from_json(json.loads(raw))
+            except (ValueError, KeyError, TypeError, RecursionError):
+                self.lost["unterminated_line" if not complete else "unreadable_line"] += 1
+                continue
+            if self.since is None or event.time >= self.since:
+                self.read += 1
+                yield event
+
+    @property
+    def lost_total(self) -> int:
+        return sum(self.lost.values())
+
+
 def read_journal(directory: str, since: Optional[float] = None) -> JournalRead:
     """Every event that reads back (at or after `since`), and a count of what did not."""
-    out = JournalRead(files=len(journal_files(directory)))
-    for _path, _number, raw, complete in iter_lines(directory):
-        try:
-            event = Event.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError, RecursionError):
-            out.lost["unterminated_line" if not complete else "unreadable_line"] += 1
-            continue
-        if since is None or event.time >= since:
-            out.events.append(event)
-    return out
+    stream = JournalStream(directory, since)
+    events = list(stream)
+    return JournalRead(events=events, lost=stream.lost, files=stream.files)

@@ -23,7 +23,7 @@ from tests.test_systemd_unit import bounding_set
 from tracer.config import parse as parse_config
 from tracer.host import HostPaths
 from tracer.sinks.metrics import METRIC_NAMES, DaemonState, MetricsSink
-from tracer.sinks.report_host import containers_conf
+from tracer.enrichment.host_snapshot import containers_conf
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,7 +16,7 @@ from tracer.errors import BadInput
 from tracer.host import HostPaths
 from tracer.sinks.journal import CURRENT, JournalSink
 from tracer.sinks.report import ReportInputs, build_report, parse_duration, report_schema
-from tracer.sinks.report_host import recorded_versions
+from tracer.enrichment.host_snapshot import recorded_versions
 from tracer.sinks.report_markdown import redact, render_markdown, token
 
 HOST = os.path.join(REPO, "tests", "fixtures", "hosts", "report-gpubox")

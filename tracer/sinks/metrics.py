@@ -26,6 +26,7 @@ from tracer.counts import CountDeltas
 from tracer.discards import OTHER_REASONS, PIPELINE_DISCARDS, SENSOR_DISCARDS, by_reason
 from tracer.errors import EnvironmentProblem
 from tracer.event import Event
+from tracer.sensors.gpu_nodes import classify_node  # the one GPU-node model (no enrichment)
 
 METRIC_NAMES = (
     "gputrace_denials_total",
@@ -50,7 +51,6 @@ def node_class(event: Event) -> str:
     value = fact_value(event, "node.class")
     if isinstance(value, str) and value:
         return value
-    from tracer.enrichment.node import classify_node  # the enrichment's own classes
     path = event.node.path.decode("utf-8", "replace") if event.node.path else None
     return classify_node(path, event.node.major, event.node.minor, {})
 

@@ -23,7 +23,7 @@ from tracer.errors import BadInput
 from tracer.host import HostPaths
 from tracer.sinks.journal import JournalStream
 from tracer.sinks.report_causes import Aggregate, CauseBook, aggregates, iso
-from tracer.sinks.report_host import VersionProbe, host_snapshot, live_version
+from tracer.enrichment.host_snapshot import VersionProbe, host_snapshot, live_version
 
 SCHEMA_ID = "https://gputrace.dev/schema/report-v1.json"
 REPORT_VERSION = 1

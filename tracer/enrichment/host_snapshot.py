@@ -1,4 +1,5 @@
-"""The host snapshot in a report: kernel, distro, driver, GPU nodes, engines, configs.
+"""The host snapshot (enrichment of a report): kernel, distro, driver, GPU nodes,
+engines, configs.  The report sink only renders what this gathers.
 
 Everything is read through `HostPaths` and a `NodeStatter`, so a snapshot of a
 recorded host tree (tests/fixtures) comes out the same way as a live one.

@@ -35,8 +35,10 @@ def test_layout_sizes_match_the_c_struct():
 
 
 def test_decode_full_event():
-    ev = bpf_event.decode(raw_event(), clock_offset=100.0)
-    assert isinstance(ev, Event)
+    denial = bpf_event.decode(raw_event(), clock_offset=100.0)
+    assert isinstance(denial, bpf_event.Denial)
+    ev = denial.event
+    assert ev.key == denial.key.label()
     assert ev.time == pytest.approx(102.0)
     assert (ev.process.pid, ev.process.tid, ev.process.uid, ev.process.euid) == (10, 11, 1000, 1002)
     assert ev.process.groups == [27, 44] and ev.process.loginuid == 1000
@@ -45,12 +47,12 @@ def test_decode_full_event():
 
 
 def test_decode_relative_ioctl_and_update():
-    rel = bpf_event.decode(raw_event(path_flags=bpf_event.F_RELATIVE, given=b"nvidia0"), 0)
+    rel = bpf_event.decode(raw_event(path_flags=bpf_event.F_RELATIVE, given=b"nvidia0"), 0).event
     assert rel.node.path == b"/dev/nvidia0" and rel.node.path_as_given == b"nvidia0"
-    same = bpf_event.decode(raw_event(), 0)
+    same = bpf_event.decode(raw_event(), 0).event
     assert same.node.path_as_given is None  # spelt as normalised: nothing extra to keep
     io = bpf_event.decode(raw_event(sys=5, dev=(195 << 20) | 255, path_flags=bpf_event.F_DEV_VALID,
-                                    flags=0xC0104601), 0)
+                                    flags=0xC0104601), 0).event
     assert (io.node.major, io.node.minor, io.ioctl_cmd) == (195, 255, 0xC0104601)
     upd = bpf_event.decode(raw_event(kind=2)[:bpf_event.UPDATE_SIZE], 0)
     assert isinstance(upd, Update) and upd.key.target == 0xABC
@@ -68,7 +70,7 @@ def test_decode_rejects_malformed_records_with_a_reason(data, reason):
 
 
 def test_event_json_round_trip_is_lossless_for_invalid_utf8():
-    ev = bpf_event.decode(raw_event(comm=b"a\xffb", path=b"/dev/nvidia\xfe\x1b", path_len=14), 0)
+    ev = bpf_event.decode(raw_event(comm=b"a\xffb", path=b"/dev/nvidia\xfe\x1b", path_len=14), 0).event
     doc = json.loads(json.dumps(ev.to_json()))
     assert "comm_b64" in doc["process"] and "path_b64" in doc["node"]
     back = Event.from_json(doc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional
 
 from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import SENSOR
@@ -56,6 +55,14 @@ class Update:
     ts_ns: int
 
 
+@dataclass(frozen=True)
+class Denial:
+    """A full event and its aggregation key, typed (`event.key` is its label)."""
+
+    key: AggKey
+    event: Event
+
+
 def dev_major(dev: int) -> int:
     return dev >> 20
 
@@ -69,7 +76,7 @@ def _cstr(raw: bytes) -> bytes:
     return raw if end < 0 else raw[:end]
 
 
-def decode(data: bytes, clock_offset: float) -> "Event | Update":
+def decode(data: bytes, clock_offset: float) -> "Denial | Update":
     """`clock_offset` turns the kernel's CLOCK_MONOTONIC ns into epoch seconds."""
     if len(data) < UPDATE_SIZE:
         raise DecodeError("short_record")
@@ -119,12 +126,4 @@ def decode(data: bytes, clock_offset: float) -> "Event | Update":
     if flags & F_DIR_UNRESOLVED:
         event.facts.put("sensor.path_unresolved", True, SENSOR,
                         "BPF event flag: directory fd not resolved")
-    return event
-
-
-def key_of(event: Event) -> Optional[AggKey]:
-    try:
-        tgid, sys_id, err, target = event.key.split(":")
-        return AggKey(int(tgid), int(sys_id), int(err), int(target, 16))
-    except ValueError:
-        return None
+    return Denial(key, event)

@@ -207,15 +207,14 @@ class BpfSensor:
 
     def _ingest(self, raw: bytes) -> None:
         try:
-            record = bpf_event.decode(raw, self._clock_offset)
+            decoded = bpf_event.decode(raw, self._clock_offset)
         except DecodeError as exc:
             self._user_stats[f"decode_error_{exc.reason}"] += 1
             return
-        if isinstance(record, Update):
-            self._count(record.key, record.count)
+        if isinstance(decoded, Update):
+            self._count(decoded.key, decoded.count)
             return
-        key = bpf_event.key_of(record)
-        assert key is not None
+        key, record = decoded.key, decoded.event
         if key.candidate and key not in self._book and not self._keep_candidate(key, record):
             return
         agg = self._book.get(key)

@@ -140,7 +140,7 @@ BPF_PERCPU_ARRAY(stats, u64, GT_ST_COUNT);
 BPF_PERCPU_ARRAY(scratch_map, struct scratch, 1);
 BPF_LPM_TRIE(prefixes, struct prefix_key, u8, GT_MAX_PREFIXES);
 BPF_HASH(gpu_devs, u32, u8, GT_GPU_DEVS_MAX);
-BPF_TABLE("lru_hash", struct not_gpu_key, u8, not_gpu, GT_NOT_GPU_MAX);
+BPF_TABLE("lru_hash", struct not_gpu_key, u64, not_gpu, GT_NOT_GPU_MAX); /* value: valid until (ns) */
 BPF_PERCPU_ARRAY(cand_bucket, struct bucket, 1);
 
 static __always_inline u64 rd_u64(const void *base, u32 off)
@@ -570,7 +570,8 @@ static __always_inline int on_open(void *ctx, u32 sys, long ret, s32 dirfd,
 		stat_add(GT_ST_CANDIDATES);
 		struct not_gpu_key nk = { .mntns = current_mntns() };
 		nk.hash = path_hash(ev->path);
-		if (not_gpu.lookup(&nk)) {
+		u64 *until = not_gpu.lookup(&nk);
+		if (until && *until > bpf_ktime_get_ns()) { /* re-checked once it expires */
 			stat_add(GT_ST_CANDIDATES_KNOWN);
 			return 0;
 		}

@@ -53,7 +53,7 @@ class SensorConfig:
         "sent one by one (counted: aggregation_table_full).", minimum=64))
     ringbuf_pages: int = field(default=RINGBUF_PAGES, metadata=doc(
         "Kernel ring buffer size in 4 KiB pages (a power of two); 1024 = 4 MiB holds a burst of "
-        "about 7,000 distinct denials.", minimum=1, power_of_two=True))
+        "about 5,000 distinct denials.", minimum=1, power_of_two=True))
     aggregate_interval_s: float = field(default=1.0, metadata=doc(
         "Repeats of one (process, node, errno) are folded and reported at most this often.",
         minimum=0.01))

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--getppid-iterations", type=int, default=1_000_000)
     ap.add_argument("--open-iterations", type=int, default=200_000)
     ap.add_argument("--ioctl-iterations", type=int, default=500_000)
-    ap.add_argument("--macro-files", type=int, default=200, help="C files make -j2 compiles")
+    ap.add_argument("--macro-files", type=int, default=120, help="C files make -j2 compiles")
     ap.add_argument("--candidate-paths", type=int, default=10_000,
                     help="distinct refused non-GPU paths in the candidate storm")
     ap.add_argument("--storm-procs", default="1,4", help="K values, comma-separated")

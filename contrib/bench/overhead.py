@@ -129,9 +129,18 @@ def interleaved(host: BenchHost, exe: str, configs: list, workloads: list[Worklo
     return list(series.values())
 
 
+def paired_ratio(mine: Series, ref: Series) -> float:
+    """Median over rounds of mine/ref within the same round (neighbours in time:
+    the interleaving runs them back to back), robust to drift across the run."""
+    return statistics.median(a / b for a, b in zip(mine.ns_per_call, ref.ns_per_call))
+
+
 def rows(series: list[Series]) -> list[dict]:
-    """Per workload: median ns/call, ratio to no tracer, min-max ratio spread."""
+    """Per workload: median ns/call, ratio to no tracer, min-max ratio spread, and the
+    paired (same-round) ratios to no tracer and to the floor."""
     base = {s.workload: s.median for s in series if s.config == "none"}
+    none = {s.workload: s for s in series if s.config == "none"}
+    floor = {s.workload: s for s in series if s.config.startswith("floor")}
     wall_base = {s.workload: statistics.median(s.wall_ns_per_call) for s in series
                  if s.config == "none"}
     out = []
@@ -145,5 +154,8 @@ def rows(series: list[Series]) -> list[dict]:
                     "wall_median_ns": round(statistics.median(s.wall_ns_per_call), 1),
                     "wall_ratio": round(statistics.median(s.wall_ns_per_call)
                                         / wall_base[s.workload], 3),
-                    "wall_samples_ns": [round(v, 1) for v in s.wall_ns_per_call]})
+                    "wall_samples_ns": [round(v, 1) for v in s.wall_ns_per_call],
+                    "paired_vs_none": round(paired_ratio(s, none[s.workload]), 3),
+                    "paired_vs_floor": (round(paired_ratio(s, floor[s.workload]), 3)
+                                        if s.workload in floor else None)})
     return out

@@ -19,13 +19,15 @@ def overhead_table(rows: list[dict], notes: dict[str, str]) -> str:
         body = []
         for r in mine:
             vs_floor = f"{r['median_ns'] / floor['median_ns']:.3f}x" if floor else ""
+            paired = (f"{r['paired_vs_none']:.3f}x / {r['paired_vs_floor']:.3f}x"
+                      if r.get("paired_vs_floor") is not None else "")
             body.append([r["configuration"], f"{r['median_ns']:.0f}", f"{r['ratio']:.3f}x",
-                         f"{r['min_ratio']:.2f}-{r['max_ratio']:.2f}x", vs_floor,
+                         f"{r['min_ratio']:.2f}-{r['max_ratio']:.2f}x", vs_floor, paired,
                          f"{r['wall_ratio']:.3f}x", notes.get(r["configuration"], "")])
         unit = "CPU ns/file" if workload.startswith("make") else "CPU ns/call"
         out.append(f"**{workload}** ({len(mine[0]['samples_ns'])} interleaved rounds)\n\n"
                    + markdown(["configuration", unit, "vs none", "min-max", "vs floor",
-                               "wall vs none", "note"], body))
+                               "same-round vs none / floor", "wall vs none", "note"], body))
     return "\n\n".join(out)
 
 

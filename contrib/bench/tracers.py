@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Optional
 
 from contrib.bench.machine import AuditControl
@@ -22,6 +23,22 @@ TRACE = "trace-bpfcc"
 
 class Unavailable(RuntimeError):
     """This configuration cannot run on this machine; the message says why."""
+
+
+def settle(pid: int, quiet_s: float = 0.5, timeout_s: float = 10.0) -> float:
+    """Wait until the tracer process is idle (no CPU time used for `quiet_s`), so
+    loops measure its steady state, not its start-up work; returns the wait."""
+    from contrib.bench.machine import cpu_seconds
+
+    t0 = time.monotonic()
+    last = cpu_seconds(pid)
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(quiet_s)
+        now = cpu_seconds(pid)
+        if now - last < 0.02:
+            break
+        last = now
+    return time.monotonic() - t0
 
 
 class NoTracer:
@@ -118,6 +135,7 @@ class GputraceTracer(NoTracer):
         self.gputrace.start()
         assert self.gputrace.process is not None
         self.ready_s.append(self.gputrace.process.ready_s)
+        settle(self.gputrace.pid)
         self.note = ("gputrace watch --sensor audit, own process" if self.gputrace.kind == "watch-audit"
                      else "own process, default configuration")
 
@@ -185,6 +203,7 @@ class PeerTool(NoTracer):
     def attach(self) -> None:
         self.process = self.make_process(os.path.join(self.workdir, "peer.out"))
         self.process.start()
+        settle(self.process.pid)
 
     def detach(self) -> None:
         if self.process:

@@ -30,9 +30,10 @@ MAX_GROUPS = 32         # supplementary groups copied per event
 MAX_PREFIXES = 32       # GPU path prefixes (LPM trie entries)
 PREFIX_CAP = 32         # bytes of one prefix
 NORM_DEPTH = 32         # path segments `..` can climb back over
-RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~7,000 distinct denials
+RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~5,000 distinct denials (824 B each)
 GPU_DEVS_MAX = 256      # device numbers / majors in the `gpu_devs` map
 NOT_GPU_MAX = 8192      # (mount ns, path hash) pairs known not to be GPU nodes
+NOT_GPU_TTL_S = 10      # ...for this long: a path may become a GPU node (symlink, mount) later
 CANDIDATE_RATE = 2000   # new candidates per second per CPU the kernel may send
 CANDIDATE_BURST = 4000  # ...and its token bucket depth
 

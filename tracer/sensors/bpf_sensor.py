@@ -30,8 +30,8 @@ from tracer.facts import SENSOR, Facts
 from tracer.host import HostPaths
 from tracer.sensors import bpf_constants, bpf_event, compiler_memory, gpu_nodes, kernel_headers
 from tracer.sensors import preflight
-from tracer.sensors.bpf_constants import (HASH_MASK, MAX_PREFIXES, PREFIX_CAP, RINGBUF_PAGES,
-                                          STAT_NAMES, SYSCALL_NAMES)
+from tracer.sensors.bpf_constants import (HASH_MASK, MAX_PREFIXES, NOT_GPU_TTL_S, PREFIX_CAP,
+                                          RINGBUF_PAGES, STAT_NAMES, SYSCALL_NAMES)
 from tracer.sensors.bpf_event import AggKey, DecodeError, Update
 from tracer.sensors.bpf_layout import current_arch, offset_flags
 from tracer.sensors.btf import KIND_FUNC, KernelBtf
@@ -60,6 +60,7 @@ class BpfConfig:
     transport: str = "auto"     # auto | ringbuf | perf
     ringbuf_pages: int = RINGBUF_PAGES
     match_by_device: bool = True  # refused opens outside the prefixes: match by device number
+    not_gpu_ttl_s: float = NOT_GPU_TTL_S  # how long "this path is not a GPU node" is trusted
     aggregate_interval_s: float = 1.0
     aggregate_max: int = 16384
     book_max: int = 16384  # aggregates remembered in userspace (oldest forgotten first)
@@ -185,7 +186,7 @@ class BpfSensor:
         devs = self.bpf[b"gpu_devs"]
         for key in self.nodes.kernel_dev_keys():
             devs[ctypes.c_uint32(key)] = ctypes.c_uint8(1)
-        self.resolver = DeviceResolver(self.nodes, self.host.proc)
+        self.resolver = DeviceResolver(self.nodes, self.host.proc, ttl_s=self.config.not_gpu_ttl_s)
 
     def _open_buffer(self) -> None:
         if self.transport == "ringbuf":
@@ -235,13 +236,13 @@ class BpfSensor:
             self._count(key, pending)
 
     def _keep_candidate(self, key: AggKey, record: Event) -> bool:
-        """Is this refused open outside the GPU prefixes a GPU node after all?"""
-        if key in self._ignored:
-            return False
+        """Is this refused open outside the GPU prefixes a GPU node after all?  Asked
+        again whenever the kernel sends the path in full (its "not a GPU node" expired)."""
         assert self.resolver is not None
         found = self.resolver.resolve(record.process.pid, record.process.mntns,
                                       record.node.path or b"")
         if found.outcome == "gpu":
+            self._ignored.pop(key, None)
             record.node.major, record.node.minor = found.major, found.minor
             record.facts.put("sensor.matched_by_device", True, SENSOR,
                              "path outside the GPU prefixes; fstat in the process's root")
@@ -255,7 +256,7 @@ class BpfSensor:
             table = self.bpf[b"not_gpu"]
             nk = table.Key()
             nk.mntns, nk.hash = record.process.mntns, key.target & HASH_MASK
-            table[nk] = ctypes.c_uint8(1)
+            table[nk] = ctypes.c_uint64(time.monotonic_ns() + int(self.config.not_gpu_ttl_s * 1e9))
             self._forget_kernel_aggregate(key)
         return False
 

@@ -12,7 +12,8 @@ The process is often gone by then.  Its root is taken from the process itself
 when it still lives in the same mount namespace, else from any live process
 in that mount namespace; a mount namespace with no live process left cannot be
 resolved, and that is counted, never guessed.  Answers are cached per
-(mount namespace, path), bounded.
+(mount namespace, path), bounded and for NOT_GPU_TTL_S only: a path can become
+a GPU node later (a symlink or bind mount made after the first look).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from typing import Callable, Optional
 
 from tracer.enrichment.node import open_in_root
+from tracer.sensors.bpf_constants import NOT_GPU_TTL_S
 from tracer.sensors.gpu_nodes import GpuNodeSet
 
 CACHE_MAX = 4096
@@ -44,11 +46,14 @@ UNRESOLVED = Resolution("unresolved")
 
 class DeviceResolver:
     def __init__(self, nodes: GpuNodeSet, proc: str = "/proc", cache_max: int = CACHE_MAX,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 ttl_s: float = NOT_GPU_TTL_S) -> None:
         self.nodes = nodes
         self.proc = proc
         self.cache_max = cache_max
-        self._cache: "collections.OrderedDict[tuple[int, bytes], Resolution]" = \
+        self.ttl_s = ttl_s
+        # (mntns, path) -> (answer, monotonic time it expires)
+        self._cache: "collections.OrderedDict[tuple[int, bytes], tuple[Resolution, float]]" = \
             collections.OrderedDict()
         self._ns_pid: dict[int, int] = {}  # mount ns inode -> a pid last seen in it
         self._clock = clock
@@ -88,17 +93,18 @@ class DeviceResolver:
     def resolve(self, pid: int, mntns: int, path: bytes) -> Resolution:
         key = (mntns, path)
         hit = self._cache.get(key)
-        if hit is not None:
+        if hit is not None and hit[1] > self._clock():
             self._cache.move_to_end(key)
             self.counts["cache_hit"] += 1
-            return hit
+            return hit[0]
         live = self._pid_in(mntns, pid)
         if live is None:
             self.counts["unresolved"] += 1
             return UNRESOLVED  # not cached: a process may appear in the namespace later
         result = self._stat(f"{self.proc}/{live}/root", path)
         self.counts[result.outcome] += 1
-        self._cache[key] = result
+        self._cache[key] = (result, self._clock() + self.ttl_s)
+        self._cache.move_to_end(key)
         while len(self._cache) > self.cache_max:
             self._cache.popitem(last=False)
             self.counts["cache_evicted"] += 1

@@ -15,8 +15,15 @@ the kernel's own order (fs/namei.c, security/device_cgroup.c):
    ``CAP_DAC_OVERRIDE`` grants read and write.  A capability counts only when it
    is in the effective set and the node's uid and gid are both mapped in the
    caller's user namespace (``capable_wrt_inode_uidgid``).
-4. ``devcgroup_inode_permission()``: the cgroup v1 device controller gives EPERM.
-5. LSMs (SELinux, AppArmor, Landlock) come last and are not modelled.
+4. ``devcgroup_inode_permission()`` -> ``devcgroup_check_permission()``: the
+   cgroup v2 device programs first, then the v1 list; either gives EPERM.  Both
+   answer through the one `DevicePolicy` model (enrichment/device_rules.py).
+5. LSMs (SELinux, AppArmor, Landlock) come last and are not modelled here; the
+   catalog names one only when every modelled layer allows.
+
+Every layer is evaluated, also after a refusal (`AccessDecision.ladder`): the
+first refusal is what the process saw, the later ones are what it would meet
+after fixing the first.
 
 All ids are kernel ids (as the initial user namespace sees them).  Nothing here
 reads the host; enrichment builds these facts.

@@ -109,3 +109,14 @@ def test_http_endpoint_and_port_in_use():
         free = probe.getsockname()[1]
     with pytest.raises(EnvironmentProblem, match="not usable"):
         MetricsSink(DaemonState()).serve("203.0.113.7", free)  # TEST-NET: not ours
+
+
+def test_container_snapshot_store_counters_are_exported():
+    stats = {"snapshots_held": 3, "snapshot_bytes": 9000, "snapshots_evicted": 7,
+             "containers_missed": 1}
+    sink = MetricsSink(DaemonState(containers=lambda: stats))
+    got = samples(sink)
+    assert got[("gputrace_container_snapshots", ())] == 3
+    assert got[("gputrace_container_snapshot_bytes", ())] == 9000
+    assert got[("gputrace_container_tracker_total", (("counter", "snapshots_evicted"),))] == 7
+    assert got[("gputrace_container_tracker_total", (("counter", "containers_missed"),))] == 1

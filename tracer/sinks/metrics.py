@@ -37,6 +37,9 @@ METRIC_NAMES = (
     "gputrace_subscribers",
     "gputrace_journal_lines_written_total",
     "gputrace_build_info",
+    "gputrace_container_snapshots",
+    "gputrace_container_snapshot_bytes",
+    "gputrace_container_tracker_total",
 )
 DENIAL_LABELS = ("node_class", "errno", "reason", "container_engine")
 MAX_TRACKED_KEYS = 65536
@@ -80,6 +83,8 @@ class DaemonState:
     pipeline_discards: Callable[[], dict[str, int]] = dict
     subscribers: Callable[[], int] = lambda: 0
     journal_lines: Callable[[], int] = lambda: 0
+    # the container snapshot store's counters (snapshots_held, snapshot_bytes are levels)
+    containers: Callable[[], dict[str, int]] = dict
 
     def discard(self, reason: str, count: int = 1) -> None:
         if reason not in USER_DISCARDS:
@@ -122,6 +127,21 @@ class StateCollector:
             probes.add_metric([probe.sensor, probe.hook or "none", probe.transport or "none"],
                               1 if probe.attached else 0)
         yield probes
+        containers = {"snapshots_taken": 0, "snapshots_evicted": 0, "snapshots_expired": 0,
+                      "containers_missed": 0, **self.state.containers()}
+        levels = {"snapshots_held": "gputrace_container_snapshots",
+                  "snapshot_bytes": "gputrace_container_snapshot_bytes"}
+        for stat, metric in levels.items():
+            yield GaugeMetricFamily(metric, f"Container snapshot store: {stat.replace('_', ' ')} "
+                                    "(bounded by its capacity and byte limit).",
+                                    value=containers.get(stat, 0))
+        tracked = CounterMetricFamily("gputrace_container_tracker", "Containers learnt at "
+                                      "start: snapshots taken, evicted, expired, missed, "
+                                      "look-ups.", labels=["counter"])
+        for name, value in sorted(containers.items()):
+            if name not in levels:
+                tracked.add_metric([name], value)
+        yield tracked
         yield GaugeMetricFamily("gputrace_subscribers", "Clients attached to the event socket.",
                                 value=self.state.subscribers())
         yield CounterMetricFamily("gputrace_journal_lines_written", "Lines written to the "

@@ -64,7 +64,9 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
 stamp="$venv/.installed-$(sha1sum "$here/pyproject.toml" | cut -c1-12)-$mode"
-if [ ! -e "$stamp" ]; then
+# an install with the test extras (test, bench) covers a plain install
+covered=$(ls "${stamp%-*}"-* 2>/dev/null | head -1 || true)
+if [ ! -e "$stamp" ] && { [ "$mode" != install ] && [ "$mode" != watch ] || [ -z "$covered" ]; }; then
     extras=""
     [ "$mode" = test ] || [ "$mode" = bench ] && extras="[test]"
     say "installing gputrace$extras into $venv"

@@ -149,3 +149,28 @@ def test_explain_cli_keeps_audit_facts(tmp_path) -> None:  # type: ignore[no-unt
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert lines and all(line["verdict"] for line in lines)
     assert all(line["facts"]["audit.exe"]["value"] == "/usr/bin/python3.11" for line in lines)
+
+
+def test_a_path_that_is_not_utf8_is_a_lossless_fact():
+    """os.fsdecode'd paths carry surrogates that no sink can encode: the fact keeps the
+    text with U+FFFD and the exact bytes in `<name>_b64`; nested values and origins too."""
+    import base64
+    import json
+    import os
+
+    from tracer.facts import SENSOR, Facts
+
+    raw = b"/dev/nvidia-\xfe\xff"
+    facts = Facts()
+    facts.put("node.path", os.fsdecode(raw), SENSOR, "/proc/1/root" + os.fsdecode(raw))
+    facts.put_bytes("audit.exe", b"/bin/\xff", SENSOR, "audit SYSCALL record")
+    facts.put_bytes("audit.cwd", b"/tmp", SENSOR)
+    facts.put("node.mount", {"mount_point": os.fsdecode(b"/m\xfe")}, SENSOR)
+    wire = json.dumps(Facts.from_json(facts.to_json()).to_json(), ensure_ascii=False)
+    wire.encode("utf-8")  # strict: no surrogate survives
+    assert facts.get("node.path") == "/dev/nvidia-\ufffd\ufffd"
+    assert base64.b64decode(facts.get("node.path_b64")) == raw
+    assert base64.b64decode(facts.get("audit.exe_b64")) == b"/bin/\xff"
+    assert "audit.cwd_b64" not in facts and facts.get("audit.cwd") == "/tmp"
+    assert facts.get("node.mount") == {"mount_point": "/m\ufffd"}
+    assert facts.fact("node.path").origin == "/proc/1/root/dev/nvidia-\ufffd\ufffd"

@@ -104,3 +104,53 @@ def test_watch_json_carries_node_events():
     mine = [json.loads(l) for l in out.split("\n") if l and path in l]
     assert [e["facts"]["node.change"]["value"] for e in mine][:1] == ["created"]
     assert mine[-1]["facts"]["node.change"]["value"] == "removed" and mine[-1]["kind"] == "node"
+
+
+def test_watch_survives_a_node_name_that_is_not_utf8():
+    """A GPU-looking node whose name is not UTF-8 (b'\\xfe\\xff'), created, re-permissioned,
+    refused to another user and removed under a running watch: watch keeps running, every
+    line is strict UTF-8 JSON, and the exact bytes come back from `*_b64` (event and facts)."""
+    from tests.test_watch_cli import start_watch, stop_watch
+    import base64
+    import json
+    import stat
+
+    proc = start_watch("--json")
+    path = b"/dev/nvidia-" + unique().encode() + b"-\xfe\xff"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(195, 98))
+        time.sleep(0.5)
+        os.chmod(path, 0o640)
+        time.sleep(0.5)
+        opener = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+             "-c", "import os, sys\ntry: os.open(bytes.fromhex(sys.argv[1]), os.O_RDWR)\n"
+                   "except OSError as e: print(e.errno)", path.hex()],
+            capture_output=True, text=True, check=True)
+        assert opener.stdout.strip() == "13"  # EACCES from the kernel
+        time.sleep(1.0)
+    finally:
+        if os.path.lexists(path):
+            os.unlink(path)
+        time.sleep(1.0)
+        proc.send_signal(2)
+        raw_out, raw_err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, raw_err.decode(errors="replace")
+    assert b"internal error" not in raw_err
+    lines = [json.loads(line) for line in raw_out.decode("utf-8").splitlines() if line]  # strict
+
+    def exact(obj: dict, key: str) -> bytes:
+        return base64.b64decode(obj[key + "_b64"]) if key + "_b64" in obj else obj[key].encode()
+
+    mine = [e for e in lines if e["node"].get("path_b64")
+            and base64.b64decode(e["node"]["path_b64"]) == path]
+    changes_seen = [e["facts"]["node.change"]["value"] for e in mine if e["kind"] == "node"]
+    assert changes_seen[:2] == ["created", "mode_changed"] and changes_seen[-1] == "removed"
+    assert "\ufffd" in mine[0]["node"]["path"]
+    denial = [e for e in mine if e["kind"] == "denial"]
+    assert len(denial) == 1 and denial[0]["errno"] == "EACCES"
+    facts = denial[0]["facts"]
+    assert exact({k: v["value"] for k, v in facts.items() if k.startswith("node.path")},
+                 "node.path") == path
+    assert denial[0]["verdict"]["reason"] == "mode_restrictive"
+    assert "\udcfe" not in raw_out.decode("utf-8") and "\\udcfe" not in raw_out.decode("utf-8")

@@ -11,6 +11,8 @@ overwrite another stage's: `Facts.update` keeps what is already there.
 
 from __future__ import annotations
 
+import base64
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -27,6 +29,48 @@ OLD_AUDIT_ORIGIN = "audit records"
 OLD_BARE_NAMES = frozenset({"sensor.unaggregated", "sensor.path_unresolved",
                             "sensor.first_event_lost",
                             "node.change", "node.mode", "node.uid", "node.gid"})  # node events
+
+
+def lossy_text(raw: "bytes | str") -> str:
+    """Untrusted bytes (a path, a name) as text that every sink can encode: the
+    UTF-8 reading, U+FFFD for bytes that are not UTF-8.  A str that came from
+    os.fsdecode (surrogateescape) is turned back into its bytes first."""
+    if isinstance(raw, str):
+        raw = os.fsencode(raw)
+    return raw.decode("utf-8", "replace")
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _clean(value: Any) -> bool:
+    if isinstance(value, str):
+        return _encodable(value)
+    if isinstance(value, list):
+        return all(_clean(v) for v in value)
+    if isinstance(value, dict):
+        return all(_clean(k) and _clean(v) for k, v in value.items())
+    return True
+
+
+def _lossy_nested(value: Any) -> Any:
+    """`value` itself when every str in it encodes (the common case: no copy)."""
+    if _clean(value):
+        return value
+    if isinstance(value, str):
+        return value if _encodable(value) else lossy_text(value)
+    if isinstance(value, list):
+        return [_lossy_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {_lossy_nested(k): _lossy_nested(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -83,9 +127,33 @@ class Facts:
         return f"Facts({self.to_json()!r})"
 
     def put(self, name: str, value: Any, source: str, origin: str = "") -> None:
+        """A str that carries os.fsdecode's surrogates (a path that is not UTF-8)
+        is stored as put_bytes stores it; nested ones and origins become U+FFFD:
+        no fact can make a sink fail to encode it."""
         if value is None:
             return
+        if not _encodable(origin):
+            origin = lossy_text(origin)
+        if isinstance(value, str) and not _encodable(value):
+            self.put_bytes(name, value, source, origin)
+            return
+        if isinstance(value, (list, dict)):
+            value = _lossy_nested(value)
         self._facts[name] = Fact(value, source, origin)
+
+    def put_bytes(self, name: str, raw: "bytes | str | None", source: str,
+                  origin: str = "") -> None:
+        """Untrusted bytes as a fact, losslessly, by the convention of Event JSON:
+        the text when it is UTF-8, else U+FFFD for the bad bytes and a sibling
+        `<name>_b64` fact with the exact bytes."""
+        if raw is None:
+            return
+        if isinstance(raw, str):
+            raw = os.fsencode(raw)
+        text = lossy_text(raw)
+        self.put(name, text, source, origin)
+        if text.encode("utf-8") != raw:
+            self.put(name + "_b64", base64.b64encode(raw).decode("ascii"), source, origin)
 
     def put_fact(self, name: str, fact: Fact) -> None:
         self._facts[name] = fact

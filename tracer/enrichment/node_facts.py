@@ -87,7 +87,7 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
         facts.put("node.minor", event.node.minor, KERNEL, "event")
     if path is None:
         return
-    facts.put("node.path", path, KERNEL, "event")
+    facts.put_bytes("node.path", event.node.path, KERNEL, "event")
     if not live and container_node_facts(host, statter, path, facts):
         if isinstance(facts.get("node.gid"), int):
             _name_gid(int(facts.get("node.gid")), facts)

@@ -209,8 +209,11 @@ def audit_facts(raw: dict[str, object]) -> Facts:
                 value = int(value, 8 if key in OCTAL_FIELDS else 10)
             except ValueError:
                 pass
-        facts.put(f"audit.{key}", value, SENSOR,
-                  AUDIT_FACT_ORIGINS.get(key, "audit SYSCALL record"))
+        origin = AUDIT_FACT_ORIGINS.get(key, "audit SYSCALL record")
+        if isinstance(value, bytes):  # a path: text when UTF-8, else U+FFFD + audit.<key>_b64
+            facts.put_bytes(f"audit.{key}", value, SENSOR, origin)
+        else:
+            facts.put(f"audit.{key}", value, SENSOR, origin)
     return facts
 
 
@@ -226,10 +229,10 @@ def task_facts(sc: AuditRecord, group: AuditEventRecords) -> dict[str, object]:
             facts[key] = raw.decode("ascii", "replace")
     exe = sc.get("exe")
     if exe is not None:
-        facts["exe"] = exe.decode("utf-8", "replace")
+        facts["exe"] = exe  # bytes: audit_facts keeps them losslessly
     cwds = group.of_type(AUDIT_CWD)
     if cwds and cwds[0].get("cwd") is not None:
-        facts["cwd"] = (cwds[0].get("cwd") or b"").decode("utf-8", "replace")
+        facts["cwd"] = cwds[0].get("cwd") or b""
     titles = group.of_type(AUDIT_PROCTITLE)
     if titles and titles[0].get("proctitle") is not None:
         argv = (titles[0].get("proctitle") or b"").split(b"\0")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from tracer.event import Event, Node, Process
-from tracer.facts import SENSOR, Facts
+from tracer.facts import SENSOR, Facts, lossy_text
 from tracer.host import HostPaths
 from tracer.sensors import gpu_nodes
 
@@ -43,24 +43,27 @@ class NodeState:
     label: Optional[bytes] = None
 
 
-def _xattr(path: str, name: str) -> Optional[bytes]:
+def _xattr(path: bytes, name: str) -> Optional[bytes]:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError:
         return None
 
 
-def node_event(action: str, path: str, state: Optional[NodeState], source: str,
+def node_event(action: str, path: bytes, state: Optional[NodeState], source: str,
                major: Optional[int] = None, minor: Optional[int] = None) -> Event:
+    """`path` is the node's name as the kernel spelled it: bytes, never decoded here
+    (a name need not be UTF-8; Event.to_json keeps it losslessly)."""
     facts = Facts()
     facts.put("node.change", action, SENSOR, source)
     if state is not None:
+        origin = lossy_text(path)
         major, minor = os.major(state.rdev), os.minor(state.rdev)
-        facts.put("node.mode", f"{stat.S_IMODE(state.mode):04o}", SENSOR, path)
-        facts.put("node.uid", state.uid, SENSOR, path)
-        facts.put("node.gid", state.gid, SENSOR, path)
+        facts.put("node.mode", f"{stat.S_IMODE(state.mode):04o}", SENSOR, origin)
+        facts.put("node.uid", state.uid, SENSOR, origin)
+        facts.put("node.gid", state.gid, SENSOR, origin)
     return Event(time=time.time(), sensor=source, syscall="", errno=0, kind="node", count=0,
-                 process=Process(pid=0, tid=0), node=Node(path=path.encode(), major=major,
+                 process=Process(pid=0, tid=0), node=Node(path=path, major=major,
                                                            minor=minor), facts=facts)
 
 
@@ -70,16 +73,16 @@ class _Inotify:
         self.fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.dirs: dict[int, str] = {}
+        self.dirs: dict[int, bytes] = {}
 
-    def watch(self, directory: str) -> bool:
-        wd = self._libc.inotify_add_watch(self.fd, directory.encode(), _WATCH_MASK)
+    def watch(self, directory: bytes) -> bool:
+        wd = self._libc.inotify_add_watch(self.fd, directory, _WATCH_MASK)
         if wd < 0:
             return False
         self.dirs[wd] = directory
         return True
 
-    def read(self) -> Iterator[tuple[str, int, str]]:
+    def read(self) -> Iterator[tuple[bytes, int, bytes]]:
         """(directory, mask, name) for every pending event."""
         try:
             data = os.read(self.fd, 65536)
@@ -90,7 +93,7 @@ class _Inotify:
             wd, mask, _cookie, length = _EVENT_HEAD.unpack_from(data, offset)
             raw = data[offset + _EVENT_HEAD.size: offset + _EVENT_HEAD.size + length]
             offset += _EVENT_HEAD.size + length
-            yield self.dirs.get(wd, ""), mask, raw.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            yield self.dirs.get(wd, b""), mask, raw.rstrip(b"\0")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -109,15 +112,17 @@ class NodeWatcher:
     def __post_init__(self) -> None:
         self.nodes = gpu_nodes.discover(self.host.proc, self.host.dev, self.extra_prefixes,
                                         tuple((m, None) for m in self.extra_majors))
-        self.known: "OrderedDict[str, NodeState]" = OrderedDict()
+        self.known: "OrderedDict[bytes, NodeState]" = OrderedDict()  # by path bytes
         self.counters = {"node_events": 0, "inotify_overflow": 0, "uevents": 0}
         self._inotify: Optional[_Inotify] = None
         self._uevents: Any = None  # pyroute2 UeventSocket once started
+        self._prefixes = tuple(os.fsencode(p) for p in self.nodes.prefixes)
 
     def start(self) -> None:
         self._inotify = _Inotify()
-        dirs = {os.path.dirname(p.rstrip("/") + "/x") for p in self.nodes.prefixes}
-        dirs |= {os.path.join(self.host.dev, d) if d else self.host.dev for d in WATCHED_SUBDIRS}
+        dirs = {os.path.dirname(os.fsencode(p).rstrip(b"/") + b"/x") for p in self.nodes.prefixes}
+        dev = os.fsencode(self.host.dev)
+        dirs |= {os.path.join(dev, os.fsencode(d)) if d else dev for d in WATCHED_SUBDIRS}
         for directory in sorted(dirs):
             if os.path.isdir(directory):
                 self._inotify.watch(directory)
@@ -129,10 +134,10 @@ class NodeWatcher:
             self._uevents = UeventSocket()
             self._uevents.bind()
 
-    def _matches(self, path: str) -> bool:
-        return any(path.startswith(p) for p in self.nodes.prefixes)
+    def _matches(self, path: bytes) -> bool:
+        return any(path.startswith(p) for p in self._prefixes)
 
-    def _state(self, path: str) -> Optional[NodeState]:
+    def _state(self, path: bytes) -> Optional[NodeState]:
         try:
             st = os.lstat(path)
         except OSError:
@@ -142,7 +147,7 @@ class NodeWatcher:
         return NodeState(st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
                          _xattr(path, "system.posix_acl_access"), _xattr(path, "security.selinux"))
 
-    def _remember(self, path: str) -> Optional[NodeState]:
+    def _remember(self, path: bytes) -> Optional[NodeState]:
         state = self._state(path) if self._matches(path) else None
         if state is not None:
             self.known[path] = state
@@ -197,7 +202,7 @@ class NodeWatcher:
             if major not in self.nodes.majors and \
                     gpu_nodes.mkdev(major, minor) not in self.nodes.exact:
                 continue
-            path = os.path.join("/dev", msg.get("DEVNAME") or "?")
+            path = os.path.join(b"/dev", os.fsencode(msg.get("DEVNAME") or "?"))
             action = {"add": "device_added", "remove": "device_removed"}.get(
                 msg.get("ACTION"), f"device_{msg.get('ACTION')}")
             out.append(node_event(action, path, None, "uevent", major, minor))

@@ -112,6 +112,23 @@ def test_node_missing_enoent() -> None:
     assert "234" not in evidence["host.gpu_char_majors"]  # nvidia-uvm not loaded
 
 
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM])
+def test_node_removed_after_a_refusal_is_never_node_missing(err: int) -> None:
+    """EACCES/EPERM prove the kernel found the node; gone at enrichment means removed
+    since: unknown, with the node's missing metadata listed, never node_missing."""
+    event = denial(730, "/dev/nvidia-uvm", err, uid=1000, gid=1000, mntns=4026531841)
+    verdict = explain(event, fixture_enricher("cgroup-v1-host"))
+    assert event.facts.get("node.exists") is False
+    assert verdict.reason == R.UNKNOWN and verdict.confidence == "low"
+    assert "existed when it was checked" in verdict.notes[0]
+    assert "nvidia-modprobe -u -c=0" not in _commands(verdict)
+    if err == errno.EACCES:
+        assert "node.mode" in verdict.notes[1] and "node.acl" in verdict.notes[1]
+        assert "removed after the refusal" in verdict.summary
+    else:
+        assert "seccomp" in verdict.summary
+
+
 def test_unknown_keeps_every_fact() -> None:
     event = denial(9999, None)  # no path, process gone
     verdict = explain(event, fixture_enricher("cgroup-v1-host"))

@@ -79,10 +79,12 @@ def _root_in_namespace(creds: Credentials) -> bool:
 
 def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     ctx = _base_context(facts, run)
-    if errno == errno_mod.ENOENT or facts.get("node.exists") is False:
-        return Classification(R.NODE_MISSING, "high" if errno == errno_mod.ENOENT else "medium",
+    if errno == errno_mod.ENOENT:
+        return Classification(R.NODE_MISSING, "high",
                               ["node.exists", "node.path", "node.class", "host.gpu_char_majors"],
                               ctx)
+    if facts.get("node.exists") is False:
+        return _node_gone_since(errno, facts, run, ctx)
     decision = run.decision
     if errno == errno_mod.EPERM:
         return _eperm(facts, run, ctx)
@@ -128,6 +130,28 @@ def seccomp_filtered(facts: Facts) -> Optional[bool]:
     """Seccomp: 2 (filter mode) in /proc/PID/status; None when not known."""
     mode = facts.get("process.seccomp")
     return None if mode is None else str(mode).strip() == "2"
+
+
+def _node_gone_since(errno: int, facts: Facts, run: ModelRun,
+                     ctx: dict[str, Any]) -> Classification:
+    """Any errno but ENOENT proves the kernel found the node (it checked its mode, its
+    device cgroup or its driver): gone now means removed after the refusal, never
+    node_missing.  What only the node could show is listed as missing."""
+    gone = (f"The kernel returned {errno_mod.errorcode.get(errno, errno)} for "
+            f"{ctx['path']}, so the node existed when it was checked; it was removed "
+            "before gputrace examined it.")
+    if errno == errno_mod.EPERM:
+        # seccomp and the device cgroup do not need the node's inode; its mode/owner/ACL do not matter
+        found = _eperm(facts, run, ctx)
+        found.notes.insert(0, gone)
+        return found
+    missing = ["the node's mode, owner, ACL and mount (node.mode, node.uid, node.gid, "
+               "node.acl, node.mount_nodev)"]
+    missing += [m for m in run.missing if m != "node stat"]
+    ctx["unknown_why"] = " (the node was removed after the refusal; its permissions are unknown)"
+    return Classification(R.UNKNOWN, "low", ["node.exists", "node.path", "node.major",
+                                             "node.minor"], ctx,
+                          [gone, f"Missing: {', '.join(missing)}."])
 
 
 def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:

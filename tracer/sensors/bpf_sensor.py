@@ -216,9 +216,11 @@ class BpfSensor:
             self._count(decoded.key, decoded.count)
             return
         key, record = decoded.key, decoded.event
-        if key.candidate and key not in self._book and not self._keep_candidate(key, record):
-            return
-        agg = self._book.get(key)
+        known = self._book.get(key)
+        if key.candidate and (known is None or known.first is None) \
+                and not self._keep_candidate(key, record):
+            return  # not a GPU node (also when its counts arrived before it)
+        agg = known
         if agg is not None and agg.first is not None:
             if record.facts.get("sensor.unaggregated"):
                 # the kernel table was full: each repeat arrives alone, count 1

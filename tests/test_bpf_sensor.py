@@ -471,3 +471,19 @@ def test_a_path_that_becomes_a_gpu_node_is_caught_once_not_gpu_expires(tmp_path)
         assert ev.node.path == later.encode() and (ev.node.major, ev.node.minor) == (195, 86)
     finally:
         harness.close()
+
+
+@pytest.mark.podman
+def test_node_renamed_inside_a_container_is_matched_by_device(bpf_sensor):
+    """`-v /dev/nvidia-X:/dev/gpu0`: the container opens /dev/gpu0, a name no GPU
+    prefix matches; the device cgroup refuses it (EPERM).  Resolved in the
+    container's own root while it lives: the event names /dev/gpu0 and 195:minor."""
+    from tests.support import scenarios
+
+    with scenarios.rootful_podman(via="bind", container_path="/dev/gpu0") as attempt:
+        assert attempt.errno == errno.EPERM
+        ev = only_denial(bpf_sensor.wait_for(
+            lambda e: e.process.pid == attempt.host_pid and e.kind == "denial", timeout=15))
+        assert ev.node.path == b"/dev/gpu0"
+        assert (ev.node.major, ev.node.minor) == (attempt.node.major, attempt.node.minor)
+        assert ev.process.mntns != os.stat("/proc/self/ns/mnt").st_ino

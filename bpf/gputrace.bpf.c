@@ -89,6 +89,8 @@ struct gpu_event {
 	u32 ns_pid;
 	u32 loginuid;
 	u32 sessionid;
+	u32 seccomp_mode;    /* task->seccomp.mode (0 off, 1 strict, 2 filter); GT_F_SECCOMP_KNOWN */
+	u32 seccomp_filters; /* task->seccomp.filter_count: filters attached */
 	s32 dirfd;
 	u32 path_len;
 	u32 groups[MAX_GROUPS];
@@ -317,6 +319,15 @@ static __always_inline void fill_task(struct gpu_event *ev)
 #else
 	ev->loginuid = (u32)-1;
 	ev->sessionid = (u32)-1;
+#endif
+#ifdef HAVE_SECCOMP
+	/* read now: an EPERM process usually exits before userspace could look at /proc */
+	ev->seccomp_mode = rd_u32(task, OFF_TASK_SECCOMP_MODE);
+	ev->seccomp_filters = rd_u32(task, OFF_TASK_SECCOMP_FILTER_COUNT);
+	ev->path_flags |= GT_F_SECCOMP_KNOWN;
+#else
+	ev->seccomp_mode = 0;
+	ev->seccomp_filters = 0;
 #endif
 	ev->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));

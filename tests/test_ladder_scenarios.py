@@ -129,10 +129,15 @@ def _restricted(mode: str, node: str, hold: bool) -> tuple[subprocess.Popen[str]
 
 def _exited_after(mode: str, expected: int, bpf_sensor: Any, node: str) -> Verdict:
     """Open `node` under the restriction, exit at once, then explain."""
+    return _exited_event_after(mode, expected, bpf_sensor, node)[1]
+
+
+def _exited_event_after(mode: str, expected: int, bpf_sensor: Any,
+                        node: str) -> tuple[Event, Verdict]:
     proc, pid, err = _restricted(mode, node, hold=False)
     proc.wait(timeout=10)
     assert err == expected
-    return explained(bpf_sensor, pid)[1]
+    return explained(bpf_sensor, pid)
 
 
 def test_seccomp_eperm_is_not_device_cgroup(bpf_sensor: Any, nvidia_node: Any) -> None:
@@ -149,12 +154,37 @@ def test_seccomp_eperm_is_not_device_cgroup(bpf_sensor: Any, nvidia_node: Any) -
     assert layer(verdict, "device_cgroup_v2")["refuses"] is False
 
 
-def test_seccomp_eperm_of_an_exited_process_is_not_device_cgroup(bpf_sensor: Any,
-                                                                 nvidia_node: Any) -> None:
-    verdict = _exited_after("seccomp", errno.EPERM, bpf_sensor, nvidia_node(0o666))
-    assert verdict.reason == R.UNKNOWN, verdict.to_json()  # nothing shows which layer refused
-    assert "seccomp" in verdict.summary  # named as a candidate, not as the cause
-    assert any("seccomp state (it had exited)" in n for n in verdict.notes)
+def test_seccomp_eperm_of_an_exited_process_is_seccomp_denied(bpf_sensor: Any,
+                                                              nvidia_node: Any) -> None:
+    """The sensor captures task->seccomp (mode, filter count) with the event, so the
+    filter is known although /proc/PID/status is gone."""
+    event, verdict = _exited_event_after("seccomp", errno.EPERM, bpf_sensor, nvidia_node(0o666))
+    assert event.facts.get("process.live") is False
+    assert event.process.seccomp_mode == 2 and (event.process.seccomp_filters or 0) >= 1
+    assert verdict.reason == R.SECCOMP_DENIED and verdict.confidence == "high", verdict.to_json()
+    assert "seccomp" in verdict.summary
+    facts = {e.fact: e for e in verdict.evidence}
+    assert facts["process.seccomp"].value == 2 and facts["process.seccomp"].source == "kernel"
+    assert layer(verdict, "device_cgroup_v2")["refuses"] is False
+
+
+def test_v1_device_cgroup_eperm_without_a_filter_stays_device_cgroup(bpf_sensor: Any,
+                                                                     nvidia_node: Any) -> None:
+    """No seccomp filter (mode 0 captured by the kernel): the refusing v1 list is the cause.
+    v1 is read through /proc/PID/cgroup, so this process is held until explained."""
+    node = nvidia_node(0o666)
+    rules = [("devices.deny", "a"), ("devices.allow", "c 1:* rwm")]
+    with device_cgroup(rules) as cgroup:
+        held = actor.start({"hold": True, "cgroup_procs": [os.path.join(cgroup, "cgroup.procs")],
+                            "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]})
+        try:
+            assert held.wait().check().errnos() == [errno.EPERM]
+            event, verdict = explained(bpf_sensor, held.pid)
+        finally:
+            held.release()
+    assert event.process.seccomp_mode == 0 and event.process.seccomp_filters == 0
+    assert verdict.reason == R.DEVICE_CGROUP and verdict.confidence == "high", verdict.to_json()
+    assert layer(verdict, "device_cgroup_v1")["refuses"] is True
 
 
 @pytest.fixture

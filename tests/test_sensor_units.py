@@ -20,18 +20,31 @@ def raw_event(**over) -> bytes:
     f = dict(kind=1, sys=3, err=13, tgid=10, tid=11, ppid=1, ts=2_000_000_000, count=1,
              ktgid=10, ksys=3, kerr=13, target=0xABC, cgroup=77, flags=2, cap=0, dev=0,
              path_flags=0, ids=(1000, 1001, 1002, 1003, 1004, 1005), ngroups=2, uns=(4026531837, 0, 0),
-             ns=(1, 2, 3, 10), audit=(1000, 5), dirfd=-100, path_len=12,
+             ns=(1, 2, 3, 10), audit=(1000, 5), seccomp=(0, 0), dirfd=-100, path_len=12,
              groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0", given=b"/dev/nvidia0")
     f.update(over)
     return bpf_event.FULL.pack(
         f["kind"], f["sys"], f["err"], f["tgid"], f["tid"], f["ppid"], f["ts"], f["count"],
         f["ktgid"], f["ksys"], f["kerr"], f["target"], f["cgroup"], f["flags"], f["cap"],
         f["dev"], f["path_flags"], *f["ids"], f["ngroups"], *f["uns"], *f["ns"], *f["audit"],
-        f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"], f["given"])
+        *f["seccomp"], f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"], f["given"])
 
 
 def test_layout_sizes_match_the_c_struct():
-    assert bpf_event.EVENT_SIZE == 816 and bpf_event.UPDATE_SIZE == 56
+    assert bpf_event.EVENT_SIZE == 824 and bpf_event.UPDATE_SIZE == 56
+
+
+def test_decode_seccomp_state_only_when_the_kernel_captured_it():
+    known = bpf_event.decode(raw_event(seccomp=(2, 3), path_flags=bpf_event.F_SECCOMP_KNOWN),
+                             clock_offset=0.0)
+    assert isinstance(known, bpf_event.Denial)
+    assert (known.event.process.seccomp_mode, known.event.process.seccomp_filters) == (2, 3)
+    wire = known.event.to_json()["process"]
+    assert (wire["seccomp_mode"], wire["seccomp_filters"]) == (2, 3)
+    unknown = bpf_event.decode(raw_event(seccomp=(2, 3)), clock_offset=0.0)
+    assert isinstance(unknown, bpf_event.Denial)
+    assert unknown.event.process.seccomp_mode is None  # flag unset: not captured, never 0
+    assert "seccomp_mode" not in unknown.event.to_json()["process"]
 
 
 def test_decode_full_event():

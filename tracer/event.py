@@ -143,6 +143,9 @@ class Process:
     ns_pid: int = 0  # pid as seen inside its own pid namespace
     loginuid: Optional[int] = None
     sessionid: Optional[int] = None
+    # task->seccomp at the denial (BPF sensor): 0 off, 1 strict, 2 filter; None: not captured
+    seccomp_mode: Optional[int] = None
+    seccomp_filters: Optional[int] = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -160,6 +163,9 @@ class Process:
             "cgroup_id": self.cgroup_id, "ns_pid": self.ns_pid,
             "loginuid": self.loginuid, "sessionid": self.sessionid,
         })
+        if self.seccomp_mode is not None:  # additive: absent when the sensor did not capture it
+            out["seccomp_mode"] = self.seccomp_mode
+            out["seccomp_filters"] = self.seccomp_filters
         return out
 
     @classmethod
@@ -188,6 +194,8 @@ class Process:
             cgroup_id=num("cgroup_id"), ns_pid=num("ns_pid"),
             loginuid=_opt_int(d.get("loginuid"), "process.loginuid"),
             sessionid=_opt_int(d.get("sessionid"), "process.sessionid"),
+            seccomp_mode=_opt_int(d.get("seccomp_mode"), "process.seccomp_mode"),
+            seccomp_filters=_opt_int(d.get("seccomp_filters"), "process.seccomp_filters"),
         )
 
 

@@ -48,6 +48,10 @@ def kernel_facts(proc: Process, facts: Facts, missing: Iterable[str] = (),
     put("userns.inum", proc.userns.inum)
     put("userns.level", proc.userns.level)
     put("userns.owner_uid", proc.userns.owner_uid)
+    # seccomp state at the denial (None: not captured, put() skips it); its field name
+    # is the one /proc/PID/status gives, so the verdict reads one fact either way
+    put("process.seccomp", proc.seccomp_mode)
+    put("process.seccomp_filters", proc.seccomp_filters)
 
 
 def process_is_live(host: HostPaths, proc: Process) -> bool:
@@ -76,6 +80,8 @@ def live_status_facts(host: HostPaths, pid: int, facts: Facts) -> None:
     groups = status_ints(status, "Groups", facts.skips)
     if groups is not None:
         facts.put("process.groups_in_ns", groups, LIVE, path)
+    if "process.seccomp" in facts:
+        return  # the kernel's capture at the denial wins over /proc now
     if "Seccomp" in status:
         facts.put("process.seccomp", status["Seccomp"], LIVE, path)
     filters = status_ints(status, "Seccomp_filters", facts.skips)

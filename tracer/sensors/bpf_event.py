@@ -9,14 +9,15 @@ from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import SENSOR
 from tracer.sensors.bpf_constants import (
     EV_DENIAL, EV_UPDATE, F_CANDIDATE, F_DEV_VALID, F_DIR_UNRESOLVED, F_REEMITTED, F_RELATIVE,
-    F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
+    F_SECCOMP_KNOWN, F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
 
 __all__ = ["EV_DENIAL", "EV_UPDATE", "F_CANDIDATE", "F_DEV_VALID", "F_DIR_UNRESOLVED",
-           "F_REEMITTED", "F_RELATIVE", "F_TRUNCATED", "F_UNAGGREGATED", "MAX_GROUPS"]
+           "F_REEMITTED", "F_RELATIVE", "F_SECCOMP_KNOWN", "F_TRUNCATED", "F_UNAGGREGATED",
+           "MAX_GROUPS"]
 
 # Mirrors struct gpu_event; the C side asserts sizeof() == EVENT_SIZE.
 _HEADER = "IIiIIIQQIHHQ"
-_BODY = ("QQQII" "IIIIII" "I" "III" "IIII" "II" "iI" f"{MAX_GROUPS}I" "16s"
+_BODY = ("QQQII" "IIIIII" "I" "III" "IIII" "II" "II" "iI" f"{MAX_GROUPS}I" "16s"
          f"{PATH_CAP}s" f"{PATH_CAP}s")
 HEADER = struct.Struct("<" + _HEADER)
 FULL = struct.Struct("<" + _HEADER + _BODY)
@@ -94,11 +95,11 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
     f = FULL.unpack_from(data)
     (cgroup_id, flags_or_cmd, cap_eff, dev, path_flags, uid, gid, euid, egid, fsuid, fsgid,
      ngroups, uns_inum, uns_level, uns_owner, mntns, pidns, cgroupns, ns_pid, loginuid,
-     sessionid, _dirfd, path_len) = f[12:35]
-    groups = list(f[35:35 + MAX_GROUPS])[:min(ngroups, MAX_GROUPS)]
-    comm = _cstr(f[35 + MAX_GROUPS])
-    raw_path = _cstr(f[36 + MAX_GROUPS])[:path_len] if path_len else _cstr(f[36 + MAX_GROUPS])
-    given = _cstr(f[37 + MAX_GROUPS])
+     sessionid, seccomp_mode, seccomp_filters, _dirfd, path_len) = f[12:37]
+    groups = list(f[37:37 + MAX_GROUPS])[:min(ngroups, MAX_GROUPS)]
+    comm = _cstr(f[37 + MAX_GROUPS])
+    raw_path = _cstr(f[38 + MAX_GROUPS])[:path_len] if path_len else _cstr(f[38 + MAX_GROUPS])
+    given = _cstr(f[39 + MAX_GROUPS])
     flags = path_flags
     syscall = SYSCALL_NAMES[sys_id]
 
@@ -114,6 +115,8 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
         mntns=mntns, pidns=pidns, cgroupns=cgroupns, cgroup_id=cgroup_id, ns_pid=ns_pid,
         loginuid=None if loginuid == 0xFFFFFFFF else loginuid,
         sessionid=None if sessionid == 0xFFFFFFFF else sessionid,
+        seccomp_mode=seccomp_mode if flags & F_SECCOMP_KNOWN else None,
+        seccomp_filters=seccomp_filters if flags & F_SECCOMP_KNOWN else None,
     )
     event = Event(
         time=clock_offset + ts_ns / 1e9, sensor="bpf", syscall=syscall, errno=err,

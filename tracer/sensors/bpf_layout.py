@@ -64,10 +64,13 @@ OFFSETS: dict[str, str] = {
     "OFF_MOUNT_MOUNTPOINT": "mount.mnt_mountpoint",
 }
 
-# Present only with CONFIG_AUDIT; the program reads them when they exist.
+# Present only with CONFIG_AUDIT / CONFIG_SECCOMP (filter_count since 5.9); the
+# program reads them when they exist.
 OPTIONAL_OFFSETS: dict[str, str] = {
     "OFF_TASK_LOGINUID": "task_struct.loginuid",
     "OFF_TASK_SESSIONID": "task_struct.sessionid",
+    "OFF_TASK_SECCOMP_MODE": "task_struct.seccomp.mode",
+    "OFF_TASK_SECCOMP_FILTER_COUNT": "task_struct.seccomp.filter_count",
 }
 
 
@@ -91,4 +94,6 @@ def offset_flags(btf: KernelBtf, arch: Arch) -> dict[str, int]:
             flags[macro] = btf.member(dotted).offset
     if "OFF_TASK_LOGINUID" in flags and "OFF_TASK_SESSIONID" in flags:
         flags["HAVE_AUDIT_IDS"] = 1
+    if "OFF_TASK_SECCOMP_MODE" in flags and "OFF_TASK_SECCOMP_FILTER_COUNT" in flags:
+        flags["HAVE_SECCOMP"] = 1
     return flags

@@ -174,7 +174,7 @@ def test_timeline_shows_a_node_created_after_the_first_denial(tmp_path):
 
     sink = JournalSink(str(tmp_path))
     first = denial(100, path="/dev/nvidia-uvm", at=T0)
-    created = node_event("created", "/dev/nvidia-uvm", NodeState(0o20666, 0, 0, os.makedev(511, 0)),
+    created = node_event("created", b"/dev/nvidia-uvm", NodeState(0o20666, 0, 0, os.makedev(511, 0)),
                          "inotify")
     created.time = T0 + 5
     for event in (first, created):

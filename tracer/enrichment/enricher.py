@@ -19,6 +19,7 @@ from tracer.enrichment.container import (ContainerClues, detect_container, gathe
                                          podman_storage_has, read_containerenv)
 from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
+from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.container_store import SnapshotStore
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.host_facts import (device_cgroup_facts, device_programs_by_cgroup_id, host_group_table,
@@ -199,6 +200,28 @@ class Enricher:
         if snap.pid:
             facts.put("container.init_pid", snap.pid, CACHED, snap.runtime + " state")
         facts.put("container.snapshot_key", key, INFERRED, "container snapshot store")
+        if key.startswith("pid ") and "process.groups" in event.missing:
+            self._init_groups_from_config(facts)
+
+    @staticmethod
+    def _init_groups_from_config(facts: Facts) -> None:
+        """The event's process was the container's init (same pid, in its lifetime):
+        the runtime gave it the OCI config's additionalGids as its supplementary
+        groups, mapped to kernel ids through the container's gid_map."""
+        oci = facts.get("container.oci")
+        user = oci.get("user") if isinstance(oci, dict) else None
+        if not isinstance(user, dict) or not isinstance(user.get("additional_gids"), list):
+            return
+        rows = facts.get("userns.gid_map")
+        id_map = IdMap.from_rows(rows) if rows else None
+        groups = []
+        for gid in user["additional_gids"]:
+            kernel = id_map.to_outside(int(gid)) if id_map is not None else int(gid)
+            if kernel is None:
+                return  # an unmapped group: the runtime could not have given it as listed
+            groups.append(kernel)
+        facts.put("process.groups", sorted(set(groups)), INFERRED,
+                  "OCI process.user.additionalGids of the container's init (this process)")
 
     def _add_cached(self, proc: Process, facts: Facts) -> None:
         """What `prime` read from this very process while it lived."""

@@ -121,3 +121,58 @@ def test_forced_kernel_loss_is_counted_in_metrics_and_summary(tmp_path, exclusiv
     finally:
         daemon.kill()
         os.unlink(node)
+
+
+def test_socket_overflow_is_counted(exclusive_audit) -> None:
+    """A reader that falls behind with a small socket buffer: the kernel cannot queue
+    the multicast copies, the socket reports ENOBUFS, `socket_overflows` counts it
+    (pyroute2 alone would swallow it) and the sensor keeps reading: a denial after
+    the overflow still arrives (it used to end the sensor with "ENOBUFS")."""
+    import threading
+
+    from tracer.sensors.audit_pipeline import AuditConfig
+    from tracer.sensors.audit_sensor import AuditSensor
+
+    node = f"/dev/nvidia-{unique()}"
+    make_node(node, NodeSpec(major=195, minor=80, mode=0o600))
+    sensor = AuditSensor(AuditConfig(read_mode="multicast", rcvbuf_bytes=4096))
+    stop = threading.Event()
+    reading = threading.Event()
+    slow = threading.Event()
+    events = []
+
+    def read() -> None:
+        for event in sensor.events(stop):
+            events.append(event)
+            reading.set()
+            slow.wait()  # stop reading until the burst is over: the socket fills up
+
+    try:
+        sensor.start()
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)
+        burst(node, processes=1, opens=1)
+        assert reading.wait(10), "the first denial never arrived"
+        burst(node, processes=4, opens=200)
+        slow.set()
+        time.sleep(1.0)
+        seen = len(events)
+        after = subprocess.Popen(["setpriv", f"--reuid={DENIED_UID}", f"--regid={DENIED_UID}",
+                                  "--clear-groups", sys.executable, "-c", OPENER, node, "1"])
+        after.wait(30)
+        deadline = time.monotonic() + 10
+        while not any(e.process.pid == after.pid for e in events[seen:]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(e.process.pid == after.pid for e in events), "the sensor stopped reading"
+        stop.set()
+        reader.join(20)
+        stats = sensor.stats()
+    finally:
+        stop.set()
+        slow.set()
+        sensor.close()
+        os.unlink(node)
+    print(f"multicast reader with a 4 KiB buffer, 800 denied opens: {stats}")
+    assert stats["socket_overflows"] >= 1

@@ -149,8 +149,8 @@ class AuditSocket(NetlinkSocket):
     """NETLINK_AUDIT socket.  pyroute2 keeps one kernel socket per thread, so an
     instance must be used by the thread that created it."""
 
-    def __init__(self) -> None:
-        super().__init__(NETLINK_AUDIT, rcvbuf=4 << 20)
+    def __init__(self, rcvbuf: int = 4 << 20) -> None:
+        super().__init__(NETLINK_AUDIT, rcvbuf=rcvbuf)
         self.set_marshal(MarshalAudit())
 
     def get_status(self) -> dict[str, int]:

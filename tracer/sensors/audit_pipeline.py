@@ -27,6 +27,7 @@ class AuditConfig:
     eoe_timeout_s: float = 2.0
     poll_interval_s: float = 0.2
     lost_refresh_s: float = 5.0
+    rcvbuf_bytes: int = 4 << 20  # the reading socket's buffer; overflow is counted (ENOBUFS)
 
 
 class AuditPipeline:

@@ -138,16 +138,26 @@ class AuditSensor:
         """Yield events until `stop` is set; the socket lives in the calling thread."""
         if not self._started:
             raise EnvironmentProblem("audit sensor used before start()")
-        reader = AuditSocket()
-        reader.marshal.raw_tap = self.raw_tap
+        reader = self._open_reader()
+        overflows_before = 0  # counted by readers replaced after an overflow
         try:
-            self._attach(reader)
             refreshed = time.monotonic()
             while not stop.is_set():
-                for msg in reader.receive(self.config.poll_interval_s):
+                try:
+                    received = reader.receive(self.config.poll_interval_s)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    # pyroute2 keeps the error and raises it on every later call:
+                    # count it, then carry on with a fresh socket
+                    overflows_before += max(reader.marshal.overflows, 1)
+                    self._close_quietly(reader)
+                    reader = self._open_reader()
+                    continue
+                for msg in received:
                     yield from self.pipeline.feed(msg, time.monotonic())
                 yield from self.pipeline.expire(time.monotonic())
-                self._overflows = reader.marshal.overflows
+                self._overflows = overflows_before + reader.marshal.overflows
                 if time.monotonic() - refreshed > self.config.lost_refresh_s:
                     self._read_lost(reader)
                     refreshed = time.monotonic()
@@ -155,9 +165,26 @@ class AuditSensor:
         except (NetlinkError, OSError) as exc:
             raise netlink_failure(exc, "read audit records") from None
         finally:
-            self._overflows = reader.marshal.overflows
+            self._overflows = overflows_before + reader.marshal.overflows
             self._release_consumer()
+            self._close_quietly(reader)
+
+    def _open_reader(self) -> AuditSocket:
+        reader = AuditSocket(self.config.rcvbuf_bytes)
+        reader.marshal.raw_tap = self.raw_tap
+        try:
+            self._attach(reader)
+        except BaseException:
+            self._close_quietly(reader)
+            raise
+        return reader
+
+    @staticmethod
+    def _close_quietly(reader: AuditSocket) -> None:
+        try:
             reader.close()
+        except OSError:
+            pass  # the error pyroute2 kept (ENOBUFS) surfaces again on close
 
     def _attach(self, reader: AuditSocket) -> None:
         if self.read_mode == "consumer":

@@ -21,7 +21,7 @@ from tracer.event import Process
 
 DEFAULT_CAPACITY = 512
 DEFAULT_RETENTION_S = 600.0
-DEFAULT_MAX_BYTES = 32 << 20     # all snapshots together, measured as approx_bytes()
+DEFAULT_MAX_BYTES = 8 << 20      # all snapshots together, as approx_bytes() (heap is ~1.9x: ~15 MiB)
 MAX_FACTS_PER_SNAPSHOT = 64
 CREATED_SLACK_S = 0.05   # event and runtime clocks: both CLOCK_REALTIME, read apart
 DIED_SLACK_S = 0.05   # we see the state go after the container is gone: never early

@@ -137,3 +137,46 @@ def test_gpu_majors_include_dynamic_nvidia_drivers() -> None:
 def test_gpu_node_filter(path: bytes, major: "int | None", kept: bool) -> None:
     gpu = GpuNodeFilter.discover(HostPaths.under("/nonexistent"))
     assert gpu.matches(Node(path=path, major=major, minor=0)) is kept
+
+
+# One real Landlock refusal as Linux 6.18 wrote it (records of one serial, then the
+# domain's deallocation under its own serial): captured by this project's audit sensor.
+LANDLOCK_RECORDS = [
+    (1423, b'audit(1796195309.843:372331): domain=1d5a5f984 blockers=fs.write_file,fs.read_file '
+           b'path="/dev/nvidia-gtll28178" dev="devtmpfs" ino=17233'),
+    (1424, b'audit(1796195309.843:372331): domain=1d5a5f984 status=allocated mode=enforcing '
+           b'pid=28189 uid=0 exe="/usr/bin/python3.11" comm="python"'),
+    (1300, b'audit(1796195309.843:372331): arch=c000003e syscall=257 success=no exit=-13 '
+           b'a0=ffffff9c a1=7f84cbb67950 a2=80902 a3=0 items=1 ppid=28178 pid=28189 '
+           b'auid=4294967295 uid=0 gid=0 euid=0 suid=0 fsuid=0 egid=0 sgid=0 fsgid=0 tty=(none) '
+           b'ses=4294967295 comm="python" exe="/usr/bin/python3.11" key="gputrace"'),
+    (1307, b'audit(1796195309.843:372331): cwd="/work/wt/truth"'),
+    (1302, b'audit(1796195309.843:372331): item=0 name="/dev/nvidia-gtll28178" inode=17233 '
+           b'dev=00:06 mode=020666 ouid=0 ogid=0 rdev=c3:c9 nametype=NORMAL cap_fp=0 cap_fi=0 '
+           b'cap_fe=0 cap_fver=0 cap_frootid=0'),
+    (1320, b'audit(1796195309.843:372331): '),
+    (1424, b'audit(1796195309.887:372332): domain=1d5a5f984 status=deallocated denials=1'),
+]
+
+
+def test_landlock_records_join_the_syscall_and_a_freed_domain_is_no_error() -> None:
+    import os
+
+    from tracer.host import HostPaths
+    from tracer.sensors.audit_events import EventMapper, GpuNodeFilter
+    from tracer.sensors.audit_records import RecordAssembler
+
+    host = HostPaths.under(os.path.join(os.path.dirname(__file__), "fixtures/audit/host"))
+    assembler = RecordAssembler(timeout=2.0)
+    mapper = EventMapper(host, GpuNodeFilter.discover(host))
+    groups = [g for kind, text in LANDLOCK_RECORDS for g in assembler.add(kind, text, 0.0)]
+    groups += assembler.drain()
+    events = [e for e in (mapper.map(g) for g in groups) if e is not None]
+    assert not assembler.errors and mapper.dropped == {"landlock_without_syscall": 1}
+    [event] = events
+    assert event.errno == 13 and event.node.path == b"/dev/nvidia-gtll28178"
+    assert event.facts.get("audit.landlock_blockers") == ["fs.write_file", "fs.read_file"]
+    assert event.facts.get("audit.landlock_domain") == "1d5a5f984"
+    assert event.facts.get("audit.landlock_mode") == "enforcing"
+    assert event.facts.get("audit.landlock_path") == "/dev/nvidia-gtll28178"
+    assert event.facts.fact("audit.landlock_blockers").origin == "audit LANDLOCK_ACCESS record"

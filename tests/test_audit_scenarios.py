@@ -58,3 +58,32 @@ def test_device_cgroup_through_audit(audit_sensor):
         event, verdict = explained(audit_sensor, attempt)
     assert event.errno == errno.EPERM
     assert verdict.reason == "device_cgroup" and verdict.confidence == "high", verdict.to_json()
+
+
+def test_landlock_refusal_is_shown_by_its_audit_record(audit_sensor):
+    """A real Landlock sandbox (no file rights) refuses an open and exits at once; the
+    kernel's LANDLOCK_ACCESS record in the same serial names the domain and the blocked
+    rights, so Landlock is shown (high), not inferred by elimination (medium)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.nodes import NodeSpec, make_node, unique
+
+    path = make_node(f"/dev/nvidia-{unique()}", NodeSpec(195, 202, 0o666))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        child = subprocess.run([sys.executable, "-m", "tests.support.restricted_open", "landlock",
+                                path], cwd=root, capture_output=True, text=True, check=True)
+        pid, err = (int(x) for x in child.stdout.split())
+        assert err == errno.EACCES
+        event = audit_sensor.wait_for(lambda e: e.process.pid == pid, timeout=15)[0]
+        verdict = explain(event, Enricher(HostPaths()))
+    finally:
+        os.unlink(path)
+    assert set(event.facts.get("audit.landlock_blockers")) >= {"fs.read_file", "fs.write_file"}
+    assert event.facts.get("audit.landlock_path") == path
+    assert event.facts.get("process.live") is False
+    assert verdict.reason == "lsm_denied" and verdict.confidence == "high", verdict.to_json()
+    assert "Landlock" in verdict.summary
+    assert any("Landlock audit record" in n and "fs.read_file" in n for n in verdict.notes)

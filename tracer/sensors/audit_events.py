@@ -16,8 +16,10 @@ from typing import Iterable, Optional
 from tracer.event import Event, Node, Process
 from tracer.facts import SENSOR, Facts
 from tracer.host import HostPaths
-from tracer.sensors.audit_marshal import AUDIT_CWD, AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SYSCALL
-from tracer.sensors.audit_records import AuditEventRecords, AuditRecord, RecordError
+from tracer.sensors.audit_marshal import (AUDIT_CWD, AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN,
+                                          AUDIT_PATH, AUDIT_PROCTITLE, AUDIT_SYSCALL)
+from tracer.sensors.audit_records import (LANDLOCK_RECORD_TYPES, AuditEventRecords, AuditRecord,
+                                          RecordError)
 from tracer.sensors.audit_rules import ARCHES
 from tracer.sensors.gpu_nodes import GpuNodeSet, discover, mkdev
 
@@ -69,6 +71,9 @@ class EventMapper:
 
     def map(self, group: AuditEventRecords) -> Optional[Event]:
         syscalls = group.of_type(AUDIT_SYSCALL)
+        if not syscalls and all(r.type in LANDLOCK_RECORD_TYPES for r in group.records):
+            # a Landlock domain freed, or a denial in a syscall no rule of ours audits
+            return self._drop("landlock_without_syscall")
         if not syscalls:
             raise RecordError("no_syscall_record", f"serial {group.serial}")
         sc = syscalls[0]
@@ -193,6 +198,9 @@ AUDIT_FACT_ORIGINS = {
     **{key: "audit PATH record" for key in ("inode", "dev", "mode", "ouid", "ogid", "rdev",
                                             "nametype")},
     "cwd": "audit CWD record", "proctitle": "audit PROCTITLE record",
+    **{key: "audit LANDLOCK_ACCESS record" for key in ("landlock_domain", "landlock_blockers",
+                                                       "landlock_path")},
+    "landlock_mode": "audit LANDLOCK_DOMAIN record",
     "fd": "/proc/PID/fd of the live process", "path_from": "/proc/PID/fd of the live process",
 }
 OCTAL_FIELDS = ("mode",)
@@ -237,4 +245,26 @@ def task_facts(sc: AuditRecord, group: AuditEventRecords) -> dict[str, object]:
     if titles and titles[0].get("proctitle") is not None:
         argv = (titles[0].get("proctitle") or b"").split(b"\0")
         facts["proctitle"] = [arg.decode("utf-8", "replace") for arg in argv]
+    facts.update(landlock_facts(group))
     return facts
+
+
+def landlock_facts(group: AuditEventRecords) -> dict[str, object]:
+    """Landlock's own word on this syscall (Linux 6.15+, audit on): the domain that
+    refused and the access rights it blocked (`fs.read_file`, `fs.write_file`, ...)."""
+    denials = group.of_type(AUDIT_LANDLOCK_ACCESS)
+    if not denials:
+        return {}
+    denial = denials[0]
+    out: dict[str, object] = {}
+    domain, blockers = denial.get("domain"), denial.get("blockers")
+    if domain is not None:
+        out["landlock_domain"] = domain.decode("ascii", "replace")
+    out["landlock_blockers"] = [b.decode("ascii", "replace")
+                                for b in (blockers or b"").split(b",") if b]
+    if denial.get("path") is not None:
+        out["landlock_path"] = denial.get("path")  # bytes: kept losslessly
+    for record in group.of_type(AUDIT_LANDLOCK_DOMAIN):
+        if record.get("domain") == domain and record.get("mode") is not None:
+            out["landlock_mode"] = (record.get("mode") or b"").decode("ascii", "replace")
+    return out

@@ -38,6 +38,8 @@ AUDIT_CWD = 1307
 AUDIT_EOE = 1320
 AUDIT_PROCTITLE = 1327
 AUDIT_REPLACE = 1329
+AUDIT_LANDLOCK_ACCESS = 1423  # Linux 6.15+: a Landlock denial, in the syscall's serial
+AUDIT_LANDLOCK_DOMAIN = 1424  # ...and its domain (allocated with the first denial, freed later)
 
 # struct audit_status.mask bits.
 AUDIT_STATUS_ENABLED = 0x0001

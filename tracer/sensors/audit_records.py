@@ -16,12 +16,16 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tracer.sensors.audit_marshal import (AUDIT_CWD, AUDIT_EOE, AUDIT_PATH, AUDIT_PROCTITLE,
+from tracer.sensors.audit_marshal import (AUDIT_CWD, AUDIT_EOE, AUDIT_LANDLOCK_ACCESS,
+                                          AUDIT_LANDLOCK_DOMAIN, AUDIT_PATH, AUDIT_PROCTITLE,
                                           AUDIT_SYSCALL)
 
-EVENT_RECORD_TYPES = frozenset({AUDIT_SYSCALL, AUDIT_PATH, AUDIT_CWD, AUDIT_PROCTITLE})
+EVENT_RECORD_TYPES = frozenset({AUDIT_SYSCALL, AUDIT_PATH, AUDIT_CWD, AUDIT_PROCTITLE,
+                                AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN})
+LANDLOCK_RECORD_TYPES = frozenset({AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN})
 # Fields the kernel writes with audit_log_untrustedstring(): quoted or hex.
-UNTRUSTED_FIELDS = frozenset({b"comm", b"exe", b"name", b"cwd", b"key", b"proctitle"})
+UNTRUSTED_FIELDS = frozenset({b"comm", b"exe", b"name", b"cwd", b"key", b"proctitle",
+                              b"path"})  # path: Landlock's LANDLOCK_ACCESS
 HEADER = re.compile(rb"audit\((\d{1,12})\.(\d{3}):(\d{1,20})\): ?")  # bounded: int() limits
 MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
 PARSE_ERROR_REASONS = ("bad_header", "bad_token", "bad_hex", "unterminated_quote",

@@ -83,6 +83,9 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
         return Classification(R.NODE_MISSING, "high",
                               ["node.exists", "node.path", "node.class", "host.gpu_char_majors"],
                               ctx)
+    blockers = facts.get("audit.landlock_blockers")
+    if isinstance(blockers, list) and blockers:
+        return _landlock_recorded(facts, ctx, blockers)
     if facts.get("node.exists") is False:
         return _node_gone_since(errno, facts, run, ctx)
     decision = run.decision
@@ -130,6 +133,19 @@ def seccomp_filtered(facts: Facts) -> Optional[bool]:
     """Seccomp: 2 (filter mode) in /proc/PID/status; None when not known."""
     mode = facts.get("process.seccomp")
     return None if mode is None else str(mode).strip() == "2"
+
+
+def _landlock_recorded(facts: Facts, ctx: dict[str, Any], blockers: list[Any]) -> Classification:
+    """The kernel's LANDLOCK_ACCESS record for this very syscall: Landlock refused,
+    shown, not inferred (its hook runs after DAC, so DAC had allowed)."""
+    ctx["lsm"] = "Landlock"
+    domain = facts.get("audit.landlock_domain")
+    mode = facts.get("audit.landlock_mode")
+    notes = [f"The kernel's Landlock audit record for this open: domain {domain or '?'}"
+             f"{f' ({mode})' if mode else ''} blocked {', '.join(str(b) for b in blockers)}."]
+    return Classification(R.LSM_DENIED, "high",
+                          ["audit.landlock_blockers", "audit.landlock_domain",
+                           "audit.landlock_mode", "audit.landlock_path", "lsm.active"], ctx, notes)
 
 
 def _node_gone_since(errno: int, facts: Facts, run: ModelRun,

@@ -238,3 +238,34 @@ def test_rootful_crun_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) 
     assert v2["refuses"] is True and v2["program"]["id"] > 0 and len(v2["program"]["tag"]) == 16
     assert f"program id {v2['program']['id']}" in " ".join(verdict.notes)
     assert any("--device" in f.command for f in verdict.fixes)
+
+
+def test_node_removed_after_a_refusal_is_not_node_missing(bpf_sensor: Any,
+                                                          nvidia_node: Any) -> None:
+    """EACCES proves the node existed when the kernel checked it; removed before the
+    explanation, it is unknown with the node's metadata listed as missing."""
+    node = nvidia_node(0o600)
+    result = actor.spawn({"uid": 41001, "gid": 41001, "groups": [],
+                          "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]}).check()
+    assert result.errnos() == [errno.EACCES]
+    os.unlink(node)
+    event, verdict = explained(bpf_sensor, result.pid)
+    assert event.facts.get("node.exists") is False
+    assert verdict.reason == R.UNKNOWN, verdict.to_json()
+    assert "existed when it was checked" in verdict.notes[0]
+    assert any("node.mode" in n for n in verdict.notes)
+
+
+def test_seccomp_eperm_on_a_node_removed_since_is_still_seccomp_denied(bpf_sensor: Any,
+                                                                        nvidia_node: Any) -> None:
+    """Process exited and node removed: the seccomp state captured with the event still
+    shows the refusing layer (seccomp does not need the node's inode)."""
+    node = nvidia_node(0o666)
+    proc, pid, err = _restricted("seccomp", node, hold=False)
+    proc.wait(timeout=10)
+    assert err == errno.EPERM
+    os.unlink(node)
+    event, verdict = explained(bpf_sensor, pid)
+    assert event.facts.get("node.exists") is False and event.facts.get("process.live") is False
+    assert verdict.reason == R.SECCOMP_DENIED, verdict.to_json()
+    assert "existed when it was checked" in verdict.notes[0]

@@ -269,3 +269,44 @@ def test_seccomp_eperm_on_a_node_removed_since_is_still_seccomp_denied(bpf_senso
     assert event.facts.get("node.exists") is False and event.facts.get("process.live") is False
     assert verdict.reason == R.SECCOMP_DENIED, verdict.to_json()
     assert "existed when it was checked" in verdict.notes[0]
+
+
+def test_node_removed_after_a_refusal_named_from_the_node_watchers_reading(
+        bpf_sensor: Any, nvidia_node: Any) -> None:
+    """With the GPU node watcher running (as in `watch`), the mode and owner it read
+    before the refusal still name the cause after the node is gone (confidence lowered,
+    facts marked cached, origin the watcher); once it stops, nothing vouches for them."""
+    import time
+
+    from tracer.sensors.node_watch import NodeWatcher
+
+    watcher = NodeWatcher(use_uevents=False)
+    watcher.start()
+    try:
+        node = nvidia_node(0o600)
+
+        def drain_until(change: str) -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if any(e.node.path == node.encode() and e.facts.get("node.change") == change
+                       for e in watcher.poll(0.1)):
+                    return
+            raise AssertionError(f"node watcher did not see {change}")
+        drain_until("created")
+        result = actor.spawn({"uid": 41001, "gid": 41001, "groups": [],
+                              "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]}).check()
+        assert result.errnos() == [errno.EACCES]
+        os.unlink(node)
+        drain_until("removed")
+        event, verdict = explained(bpf_sensor, result.pid)
+    finally:
+        watcher.close()
+    assert event.facts.get("node.exists") is False
+    assert verdict.reason == R.MODE_RESTRICTIVE and verdict.confidence == "medium", verdict.to_json()
+    mode = event.facts.fact("node.mode")
+    assert mode is not None and mode.value == "0600" and mode.source == "cached"
+    assert "GPU node watcher" in mode.origin
+    assert any("node watcher read before the refusal" in n for n in verdict.notes)
+    # stopped: the same reading no longer vouches
+    again = Enricher(HostPaths())
+    assert explain(event, again).reason == R.UNKNOWN

@@ -3,15 +3,17 @@ else the host's node (by path, or by major:minor through /sys/dev/char)."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import stat
 from typing import Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.container_node import container_node_facts
-from tracer.enrichment.facts import INFERRED, KERNEL, LIVE, Facts
+from tracer.enrichment.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
 from tracer.sensors.gpu_nodes import classify_node, is_gpu_driver
+from tracer.sensors.node_watch import node_history
 from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.parse_proc import mount_holding, parse_mountinfo, parse_proc_devices
 from tracer.event import Event
@@ -42,6 +44,22 @@ def _stat_node(host: HostPaths, statter: NodeStatter, event: Event, path: str,
             dev_path = "/dev/" + name
             return statter(root, dev_path), "host", os.path.join(host.dev, name)
     return None, "host", os.path.join(root, path.lstrip("/"))
+
+
+def _watched_before_removal(host: HostPaths, event: Event,
+                            path: str) -> tuple[Optional[NodeStat], str]:
+    """The node as the GPU node watcher last read it, when it vouches that this was
+    still its state at the refusal (see NodeHistory.held_at)."""
+    host_path = os.fsencode(os.path.join(host_root(host), path.lstrip("/")))
+    record = node_history(host.dev).held_at(host_path, event.time)
+    if record is None:
+        return None, ""
+    st = record.state
+    label = st.label.rstrip(b"\0").decode("utf-8", "replace") if st.label else None
+    when = _dt.datetime.fromtimestamp(record.seen_at, _dt.timezone.utc).strftime("%H:%M:%S.%f")
+    return (NodeStat(st.mode, st.uid, st.gid, os.major(st.rdev), os.minor(st.rdev),
+                     st.acl, label, os.fsdecode(host_path)),
+            f"GPU node watcher (inotify), read at {when[:-3]} UTC before the refusal")
 
 
 def _mount_facts(host: HostPaths, event: Event, path: str, live: bool, facts: Facts) -> None:
@@ -99,22 +117,30 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
     facts.put("node.seen_from", seen_from, INFERRED, "process alive" if live else "process gone")
     facts.put("node.exists", found is not None, LIVE, origin)
     major, minor = event.node.major, event.node.minor
+    source = LIVE
+    if found is None and seen_from == "host":
+        found, origin = _watched_before_removal(host, event, path)
+        if found is not None:
+            source = CACHED
+            facts.put("node.seen_from", "node-watcher", INFERRED,
+                      "process gone, node removed since; the GPU node watcher's last reading")
     if found is not None:
         kind = ("char" if stat.S_ISCHR(found.mode) else "block" if stat.S_ISBLK(found.mode)
                 else "other")
-        facts.put("node.type", kind, LIVE, origin)
-        facts.put("node.mode", f"{stat.S_IMODE(found.mode):04o}", LIVE, origin)
-        facts.put("node.uid", found.uid, LIVE, origin)
-        facts.put("node.gid", found.gid, LIVE, origin)
+        facts.put("node.type", kind, source, origin)
+        facts.put("node.mode", f"{stat.S_IMODE(found.mode):04o}", source, origin)
+        facts.put("node.uid", found.uid, source, origin)
+        facts.put("node.gid", found.gid, source, origin)
         if major is None and found.major is not None:
             major, minor = found.major, found.minor
-            facts.put("node.major", major, LIVE, origin)
-            facts.put("node.minor", minor, LIVE, origin)
+            facts.put("node.major", major, source, origin)
+            facts.put("node.minor", minor, source, origin)
         acl = found.acl(facts.skips)
         if acl is not None:
-            facts.put("node.acl", [e.to_json() for e in acl], LIVE, origin + " system.posix_acl_access")
+            facts.put("node.acl", [e.to_json() for e in acl], source,
+                      origin + " system.posix_acl_access")
         if found.selinux:
-            facts.put("node.selinux", found.selinux, LIVE, origin + " security.selinux")
+            facts.put("node.selinux", found.selinux, source, origin + " security.selinux")
         _name_ids(found, facts)
     facts.put("node.class", classify_node(path, major, minor, char_majors), INFERRED,
               "major:minor, /proc/devices and path")

@@ -43,6 +43,71 @@ class NodeState:
     label: Optional[bytes] = None
 
 
+@dataclass(frozen=True)
+class NodeRecord:
+    state: NodeState
+    seen_at: float   # epoch seconds when the watcher read this state
+    overflows: int   # inotify overflows counted by then
+
+
+class NodeHistory:
+    """The last state the watcher read of each GPU node, kept after the node is
+    removed (bounded, oldest forgotten first): the mode and owner of a node that
+    was removed after a refusal.  One per host /dev tree per process (`node_history`),
+    so enrichment finds it without plumbing; empty when no watcher runs."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self.overflows = 0
+        self.watchers = 0  # running watchers; none: nothing vouches for any record
+        self._last: "OrderedDict[bytes, NodeRecord]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, path: bytes, state: NodeState) -> None:
+        with self._lock:
+            old = self._last.get(path)
+            if old is not None and old.state == state:
+                return  # a repeated IN_ATTRIB: the state read earlier still holds
+            self._last[path] = NodeRecord(state, time.time(), self.overflows)
+            self._last.move_to_end(path)
+            while len(self._last) > self.max_entries:
+                self._last.popitem(last=False)
+
+    def attach(self) -> None:
+        with self._lock:
+            self.watchers += 1
+
+    def detach(self) -> None:
+        """A stopped watcher no longer sees changes: its readings go stale at once."""
+        with self._lock:
+            self.watchers = max(0, self.watchers - 1)
+            if not self.watchers:
+                self._last.clear()
+
+    def overflowed(self) -> None:
+        with self._lock:
+            self.overflows += 1
+
+    def held_at(self, path: bytes, when: float) -> Optional[NodeRecord]:
+        """The state `path` had at `when`, if the watcher can vouch for it: read before
+        `when`, with no change read since and no inotify overflow since (a change
+        made before `when` but read after it rejects the record)."""
+        with self._lock:
+            found = self._last.get(path) if self.watchers else None
+            if found is None or found.seen_at > when or found.overflows != self.overflows:
+                return None
+            return found
+
+
+_HISTORIES: dict[str, NodeHistory] = {}
+_HISTORIES_LOCK = threading.Lock()
+
+
+def node_history(dev: str) -> NodeHistory:
+    with _HISTORIES_LOCK:
+        return _HISTORIES.setdefault(os.path.normpath(dev), NodeHistory())
+
+
 def _xattr(path: bytes, name: str) -> Optional[bytes]:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
@@ -117,9 +182,11 @@ class NodeWatcher:
         self._inotify: Optional[_Inotify] = None
         self._uevents: Any = None  # pyroute2 UeventSocket once started
         self._prefixes = tuple(os.fsencode(p) for p in self.nodes.prefixes)
+        self.history = node_history(self.host.dev)
 
     def start(self) -> None:
         self._inotify = _Inotify()
+        self.history.attach()
         dirs = {os.path.dirname(os.fsencode(p).rstrip(b"/") + b"/x") for p in self.nodes.prefixes}
         dev = os.fsencode(self.host.dev)
         dirs |= {os.path.join(dev, os.fsencode(d)) if d else dev for d in WATCHED_SUBDIRS}
@@ -150,6 +217,7 @@ class NodeWatcher:
     def _remember(self, path: bytes) -> Optional[NodeState]:
         state = self._state(path) if self._matches(path) else None
         if state is not None:
+            self.history.record(path, state)
             self.known[path] = state
             self.known.move_to_end(path)
             while len(self.known) > self.max_known:
@@ -162,6 +230,7 @@ class NodeWatcher:
         for directory, mask, name in self._inotify.read():
             if mask & IN_Q_OVERFLOW:
                 self.counters["inotify_overflow"] += 1
+                self.history.overflowed()
                 continue
             path = os.path.join(directory, name)
             if not name or not self._matches(path):
@@ -234,6 +303,7 @@ class NodeWatcher:
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
+            self.history.detach()
         if self._uevents is not None:
             self._uevents.close()
             self._uevents = None

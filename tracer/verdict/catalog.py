@@ -86,7 +86,12 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     blockers = facts.get("audit.landlock_blockers")
     if isinstance(blockers, list) and blockers:
         return _landlock_recorded(facts, ctx, blockers)
-    if facts.get("node.exists") is False:
+    # a node removed since: named from the node watcher's reading only when it shows
+    # a DAC refusal; anything else (EPERM, every layer allowing) goes the careful way
+    watched = facts.get("node.seen_from") == "node-watcher"
+    if facts.get("node.exists") is False and not (
+            watched and errno == errno_mod.EACCES and run.decision is not None
+            and not run.decision.allowed):
         return _node_gone_since(errno, facts, run, ctx)
     decision = run.decision
     if errno == errno_mod.EPERM:
@@ -109,6 +114,11 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
             found.confidence = _lower(found.confidence)
         return found
     classification = _dac_cause(facts, run, ctx)
+    if watched:
+        classification.confidence = _lower(classification.confidence)
+        classification.notes.append(
+            "The node was removed after the refusal; its mode, owner and ACL are those the GPU "
+            "node watcher read before the refusal, with no change seen since.")
     if seen_from_host:
         classification.confidence = _lower(classification.confidence)
         classification.notes.append("The process had exited; the node was examined on the host.")

@@ -43,7 +43,17 @@ class SystemdContainer:
         self.scratch = tempfile.mkdtemp(prefix="gttest-systemd-")
         self.started = False
 
+    @staticmethod
+    def remove_stale() -> None:
+        """Containers a killed earlier run left (the test runs under the exclusive lock)."""
+        listed = subprocess.run(["podman", "ps", "-a", "-q", "--filter", "name=^gttest-systemd-"],
+                                capture_output=True, text=True, timeout=60).stdout.split()
+        if listed:
+            subprocess.run(["podman", "rm", "-f", "-t", "5", *listed], capture_output=True,
+                           timeout=120)
+
     def start(self, timeout: float = 120) -> "SystemdContainer":
+        self.remove_stale()
         target = os.path.join(self.scratch, "gttest.target")
         with open(target, "w", encoding="utf-8") as handle:
             handle.write(BOOT_TARGET)

@@ -41,7 +41,7 @@ def lossy_text(raw: "bytes | str") -> str:
 
 
 def _encodable(text: str) -> bool:
-    if text.isascii():
+    if not isinstance(text, str) or text.isascii():  # a caller's odd origin is not ours to judge
         return True
     try:
         text.encode("utf-8")

@@ -227,11 +227,28 @@ class Enricher:
         """What `prime` read from this very process while it lived."""
         key = self._userns_key(proc)
         by_userns = self.by_userns.get(key) if key is not None else None
+        if key is not None and by_userns is None and "userns.uid_map" not in facts:
+            by_userns = self._userns_maps_from_member(key)
         by_cgroup = self.by_cgroup.get(proc.cgroup_id) if self._cgroup_key(proc) else None
         for shared in (by_userns, by_cgroup):
             if shared is not None:
                 facts.update(shared, CACHED)
         self.counters["cache_hit" if (by_userns or by_cgroup) else "cache_miss"] += 1
+
+    def _userns_maps_from_member(self, userns: int) -> Optional[Facts]:
+        """A user namespace's own facts (uid_map, gid_map, setgroups) are the same for
+        every member: read them from a live one.  Nothing of that process itself
+        (groups, cgroup, root, label) is taken."""
+        member = procfs.process_in_namespace(self.host.proc, "user", userns)
+        if member is None:
+            return None
+        shared = Facts()
+        userns_facts(self.host, member, shared)
+        if "userns.uid_map" not in shared:
+            return None
+        self.by_userns.put(userns, shared)
+        self.counters["userns_maps_from_member"] += 1
+        return shared
 
     @staticmethod
     def _add_rootless_inference(proc: Process, facts: Facts) -> None:

@@ -43,18 +43,25 @@ def ns_inum(link_target: Optional[str]) -> Optional[int]:
     return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
 
 
-def process_in_mount_namespace(proc_root: str, inum: int, prefer: tuple[int, ...] = (1,),
-                               limit: int = 100000) -> Optional[int]:
-    """A live pid whose mount namespace has inode `inum`: its mount table is the
-    exited process's (a mount namespace's table is the same for all its members)."""
-    want = f"mnt:[{inum}]"
+def process_in_namespace(proc_root: str, kind: str, inum: int, prefer: tuple[int, ...] = (),
+                         limit: int = 100000) -> Optional[int]:
+    """A live pid in the namespace of `kind` ("mnt", "user") with inode `inum`.
+    What belongs to the namespace itself (a mount table, a user namespace's id
+    maps) is the same for all its members, so a gone member's can be read there."""
+    want = f"{kind}:[{inum}]"
     for pid in prefer:
-        if read_link(os.path.join(proc_root, str(pid), "ns", "mnt")) == want:
+        if read_link(os.path.join(proc_root, str(pid), "ns", kind)) == want:
             return pid
     for name in list_dir(proc_root)[:limit]:
-        if name.isdigit() and read_link(os.path.join(proc_root, name, "ns", "mnt")) == want:
+        if name.isdigit() and read_link(os.path.join(proc_root, name, "ns", kind)) == want:
             return int(name)
     return None
+
+
+def process_in_mount_namespace(proc_root: str, inum: int, prefer: tuple[int, ...] = (1,),
+                               limit: int = 100000) -> Optional[int]:
+    """A live pid whose mount namespace has inode `inum` (its mount table)."""
+    return process_in_namespace(proc_root, "mnt", inum, prefer, limit)
 
 
 def host_mount_namespace(proc_root: str) -> Optional[int]:

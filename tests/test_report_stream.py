@@ -17,7 +17,7 @@ from tracer.sinks.report_causes import (MAX_NODES_PER_CAUSE, MAX_PROCESSES_PER_C
 T0 = 1_800_000_000.0
 # the CLI in a fresh interpreter that prints its own peak RSS (KiB) when done
 MEASURED = """
-import json, resource, sys
+import json, sys
 from tracer.cli import main
 sys.argv = json.loads(sys.argv[1])
 try:
@@ -25,7 +25,9 @@ try:
 except SystemExit as exc:
     if exc.code:
         raise
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child forked
+# from a large pytest process would report the parent's peak, not its own
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 

@@ -103,11 +103,11 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     if decision.check in ("nodev_mount", "nodev_superblock"):
         ctx["mount"] = _field(facts, "node.mount", "mount_point", "?")
         return Classification(R.NODEV_MOUNT, "high", ["node.mount_nodev", "node.mount"], ctx)
-    if decision.allowed and run.missing:
-        # the model allowed only because facts it needed were absent: conclude nothing
-        return Classification(R.UNKNOWN, "low", ["node.mount_nodev", "process.groups"], ctx,
-                              [f"Missing facts: {', '.join(run.missing)}; without them the "
-                               "layers that may have refused cannot be checked."])
+    if decision.allowed and "mount flags" in run.missing:
+        # allowed only because the mount (nodev) could not be checked: conclude nothing
+        return Classification(R.UNKNOWN, "low", ["node.mount_nodev", "node.mount"], ctx,
+                              [f"Missing facts: {', '.join(run.missing)}; without the mount "
+                               "the nodev layer, which may have refused, cannot be checked."])
     if decision.allowed:
         found = _lsm_or_seccomp(facts, ctx)
         if seen_from_host:

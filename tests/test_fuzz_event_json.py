@@ -166,9 +166,14 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def jsonl_files(max_lines: int) -> st.SearchStrategy[bytes]:
+    """File contents: up to `max_lines` lines, each a mutated event or raw bytes."""
+    return st.lists(st.one_of(mutated_event().map(lambda d: json.dumps(d).encode()),
+                              st.binary(max_size=60)), max_size=max_lines).map(b"\n".join)
+
+
 @fuzz(500)
-@given(st.lists(st.one_of(mutated_event().map(lambda d: json.dumps(d).encode()),
-                          st.binary(max_size=60)), max_size=4).map(b"\n".join))
+@given(jsonl_files(4))
 def test_explain_cli_on_any_file(scratch_dir: str, content: bytes) -> None:
     """`gputrace explain FILE`: exit 0 or 5, errors on one line, no traceback."""
     ran("gputrace explain FILE (in process)")
@@ -186,8 +191,7 @@ def test_explain_cli_on_any_file(scratch_dir: str, content: bytes) -> None:
 
 
 @fuzz(400)
-@given(st.lists(st.one_of(mutated_event().map(lambda d: json.dumps(d).encode()),
-                          st.binary(max_size=60)), max_size=5).map(b"\n".join))
+@given(jsonl_files(5))
 def test_journal_reader_on_any_file(scratch_dir: str, content: bytes) -> None:
     ran("journal.read_journal")
     directory = os.path.join(scratch_dir, "journal")

@@ -7,7 +7,7 @@ counted with a bounded reason, never raised.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from tracer.enrichment.facts import SkipCounter
 from tracer.enrichment.parse_proc import decimal
@@ -20,20 +20,26 @@ class GroupEntry:
     members: tuple[str, ...]
 
 
-def parse_group_file(text: str, skips: SkipCounter) -> list[GroupEntry]:
-    """/etc/group: `name:password:gid:member,member`."""
-    out = []
+def colon_records(text: str, fields: int, numeric: tuple[int, ...], skips: SkipCounter,
+                  reason: str) -> Iterator[tuple[list[str], list[int]]]:
+    """The lines of a colon-separated /etc file as (fields, the `numeric` fields as
+    ints); blank and comment lines pass, a line with another field count, an empty
+    name or a bad number is skipped and counted as `reason`."""
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split(":")
-        gid = decimal(parts[2]) if len(parts) == 4 else None
-        if gid is None or not parts[0]:
-            skips.skip("group:bad_line")
+        numbers = [decimal(parts[i]) for i in numeric] if len(parts) == fields else [None]
+        if not parts[0] or None in numbers:
+            skips.skip(reason)
             continue
-        members = tuple(m for m in parts[3].split(",") if m)
-        out.append(GroupEntry(parts[0], gid, members))
-    return out
+        yield parts, [n for n in numbers if n is not None]
+
+
+def parse_group_file(text: str, skips: SkipCounter) -> list[GroupEntry]:
+    """/etc/group: `name:password:gid:member,member`."""
+    return [GroupEntry(parts[0], gid, tuple(m for m in parts[3].split(",") if m))
+            for parts, (gid,) in colon_records(text, 4, (2,), skips, "group:bad_line")]
 
 
 @dataclass(frozen=True)
@@ -46,17 +52,8 @@ class PasswdEntry:
 
 def parse_passwd_file(text: str, skips: SkipCounter) -> list[PasswdEntry]:
     """/etc/passwd: `name:password:uid:gid:gecos:home:shell`."""
-    out = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        parts = line.split(":")
-        uid, gid = (decimal(parts[2]), decimal(parts[3])) if len(parts) == 7 else (None, None)
-        if uid is None or gid is None or not parts[0]:
-            skips.skip("passwd:bad_line")
-            continue
-        out.append(PasswdEntry(parts[0], uid, gid, parts[5]))
-    return out
+    return [PasswdEntry(parts[0], uid, gid, parts[5])
+            for parts, (uid, gid) in colon_records(text, 7, (2, 3), skips, "passwd:bad_line")]
 
 
 def group_name(groups: list[GroupEntry], gid: int) -> Optional[str]:

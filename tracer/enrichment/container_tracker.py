@@ -11,11 +11,8 @@ more may be given (a docker with its own --exec-root).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import select
-import struct
 import threading
 import time
 from typing import Callable, Optional
@@ -33,11 +30,9 @@ from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
 from tracer.enrichment.process import cgroup_facts, lsm_facts, userns_facts
 from tracer.enrichment.backfill import userns_level_and_owner
 from tracer.host import HostPaths
+from tracer.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_IGNORED, IN_MASK_ADD,
+                            IN_MOVED_TO, IN_Q_OVERFLOW, Inotify)
 
-IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
-IN_DELETE, IN_DELETE_SELF, IN_ISDIR, IN_IGNORED, IN_Q_OVERFLOW = 0x200, 0x400, 0x40000000, 0x8000, 0x4000
-IN_NONBLOCK, IN_CLOEXEC, IN_MASK_ADD = 0o4000, 0o2000000, 0x20000000
-_EVENT = struct.Struct("iIII")
 MAX_WATCHES = 4096
 MAX_ETC_ENTRIES = 256
 
@@ -209,21 +204,20 @@ class ContainerTracker:
         self.store = store
         self.extra_roots = extra_roots  # (absolute host dir, runtime)
         self.on_snapshot = on_snapshot
-        self._fd = -1
+        self._inotify: Optional[Inotify] = None
         # wd -> what that directory is watched for: [(dir, rest of the pattern, runtime)]
         self._watches: dict[int, list[tuple[str, tuple[str, ...], str]]] = {}
         self._pending: set[str] = set()  # container dirs seen whose state was not read yet
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
-        libc_name = ctypes.util.find_library("c") or "libc.so.6"
-        self._libc = ctypes.CDLL(libc_name, use_errno=True)
 
     # --- watches ----------------------------------------------------------------------
     def _watch(self, directory: str, rest: tuple[str, ...], runtime: str, mask: int) -> None:
         if len(self._watches) >= MAX_WATCHES:
             self.store.counters["tracker_watch_limit"] += 1
             return
-        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), mask | IN_MASK_ADD)
+        assert self._inotify is not None
+        wd = self._inotify.add_watch(os.fsencode(directory), mask | IN_MASK_ADD)
         if wd < 0:
             return
         uses = self._watches.setdefault(wd, [])
@@ -256,9 +250,7 @@ class ContainerTracker:
             self._watch(path, rest[1:], runtime, mask)
 
     def start(self) -> "ContainerTracker":
-        self._fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self._inotify = Inotify()
         for parts, runtime in STATE_ROOTS:
             self._watch(self.host.run, parts, runtime, IN_CREATE | IN_MOVED_TO)
         for directory, runtime in self.extra_roots:
@@ -272,33 +264,27 @@ class ContainerTracker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._inotify is not None:
+            self._inotify.close()
 
     # --- events -----------------------------------------------------------------------
     def _run(self) -> None:
+        assert self._inotify is not None
         poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
+        poller.register(self._inotify.fd, select.POLLIN)
         while not self._stop.is_set():
             if not poller.poll(200):
                 self.store.expire()
                 continue
             try:
-                data = os.read(self._fd, 64 << 10)
-            except BlockingIOError:
-                continue
+                events = self._inotify.events()
             except OSError:
                 break
-            self._dispatch(data)
+            self._dispatch(events)
 
-    def _dispatch(self, data: bytes) -> None:
-        offset = 0
-        while offset + _EVENT.size <= len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            raw = data[offset + _EVENT.size:offset + _EVENT.size + length]
-            offset += _EVENT.size + length
-            name = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    def _dispatch(self, events: list[tuple[int, int, bytes]]) -> None:
+        for wd, mask, raw in events:
+            name = raw.decode("utf-8", "replace")
             if mask & IN_Q_OVERFLOW:
                 self.store.counters["tracker_queue_overflow"] += 1
                 continue

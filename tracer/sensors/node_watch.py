@@ -9,11 +9,9 @@ container started" (CAUSES.md #8) becomes a line on the timeline.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import stat
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -23,13 +21,11 @@ from typing import Any, Iterator, Optional
 from tracer.event import Event, Node, Process
 from tracer.facts import SENSOR, Facts, lossy_text
 from tracer.host import HostPaths
+from tracer.inotify import (IN_ATTRIB, IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVED_FROM,
+                            IN_MOVED_TO, IN_Q_OVERFLOW, Inotify)
 from tracer.sensors import gpu_nodes
 
-IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x40, 0x80
-IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_Q_OVERFLOW = 0x100, 0x200, 0x400, 0x4000
-IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 _WATCH_MASK = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
-_EVENT_HEAD = struct.Struct("iIII")
 WATCHED_SUBDIRS = ("", "dri", "nvidia-caps", "nvgpu", "char")
 
 
@@ -132,16 +128,15 @@ def node_event(action: str, path: bytes, state: Optional[NodeState], source: str
                                                            minor=minor), facts=facts)
 
 
-class _Inotify:
+class _Inotify(Inotify):
+    """The shared inotify reader, remembering which directory each watch is."""
+
     def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
+        super().__init__()
         self.dirs: dict[int, bytes] = {}
 
     def watch(self, directory: bytes) -> bool:
-        wd = self._libc.inotify_add_watch(self.fd, directory, _WATCH_MASK)
+        wd = self.add_watch(directory, _WATCH_MASK)
         if wd < 0:
             return False
         self.dirs[wd] = directory
@@ -149,19 +144,8 @@ class _Inotify:
 
     def read(self) -> Iterator[tuple[bytes, int, bytes]]:
         """(directory, mask, name) for every pending event."""
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        offset = 0
-        while offset + _EVENT_HEAD.size <= len(data):
-            wd, mask, _cookie, length = _EVENT_HEAD.unpack_from(data, offset)
-            raw = data[offset + _EVENT_HEAD.size: offset + _EVENT_HEAD.size + length]
-            offset += _EVENT_HEAD.size + length
-            yield self.dirs.get(wd, b""), mask, raw.rstrip(b"\0")
-
-    def close(self) -> None:
-        os.close(self.fd)
+        for wd, mask, name in self.events():
+            yield self.dirs.get(wd, b""), mask, name
 
 
 @dataclass

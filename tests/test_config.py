@@ -35,6 +35,7 @@ BAD = {
     "port too high": ("metrics:\n  port: 99999\n", "x.yaml:2: 'metrics.port' must be at most 65535"),
     "duplicate": ("metrics:\n  port: 1\n  port: 2\n", "x.yaml:3: duplicate key 'metrics.port'"),
     "bad yaml": ("metrics:\n  port: [1\n", "x.yaml:3: not valid YAML"),
+    "huge yaml version": ("%YAML 1." + "9" * 5000 + "\n", "x.yaml: not valid YAML"),
     "tab indent": ("metrics:\n\tport: 1\n", "x.yaml:2: not valid YAML"),
     "top list": ("- a\n", "x.yaml:1: the configuration must be a mapping"),
 }

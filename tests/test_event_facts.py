@@ -131,6 +131,9 @@ def test_old_journal_shapes_still_explain() -> None:
     assert not audit.facts.enriched() and not bpf.facts.enriched()
     with pytest.raises(ValueError):  # only names old sensors wrote may be bare values
         Facts.from_json({"cgroup.paths": [None]})
+    for bad in ({"node.mode": -1}, {"node.uid": "0"}, {"sensor.unaggregated": 1}):
+        with pytest.raises(ValueError):  # ... with the type those sensors wrote
+            Facts.from_json(bad)
     results = list(explain_records(lines))
     assert [r.error for r in results] == [None, None, None]
     explained = results[0].event

@@ -292,6 +292,8 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise BadInput(f"{path}{line}: not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise BadInput(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a %YAML version of 5,000 digits
+        raise BadInput(f"{path}: not valid YAML: {type(exc).__name__}") from None
     if root is None:
         return Config()
     config: Config = _Reader(path).section(Config, root, "")

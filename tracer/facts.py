@@ -73,6 +73,21 @@ def _lossy_nested(value: Any) -> Any:
     return value
 
 
+def _old_bare_value(name: str, raw: Any) -> Any:
+    """An old sensor's bare value, checked for the type that sensor wrote."""
+    if name.startswith("sensor."):
+        ok = isinstance(raw, bool)
+    elif name == "node.mode":
+        ok = isinstance(raw, str) and 3 <= len(raw) <= 4 and all(c in "01234567" for c in raw)
+    elif name in ("node.uid", "node.gid"):
+        ok = isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 1 << 32
+    else:
+        ok = isinstance(raw, str)
+    if not ok:
+        raise ValueError(f"fact {name!r} has a value of the wrong type")
+    return raw
+
+
 @dataclass(frozen=True)
 class Fact:
     value: Any
@@ -212,7 +227,7 @@ class Facts:
                 for key, value in raw.items():
                     out._facts[f"audit.{key}"] = Fact(value, SENSOR, OLD_AUDIT_ORIGIN)
             elif name in OLD_BARE_NAMES:
-                out._facts[name] = Fact(raw, SENSOR)
+                out._facts[name] = Fact(_old_bare_value(name, raw), SENSOR)
             else:
                 raise ValueError(f"fact {name[:60]!r} must be an object with a value")
         return out

@@ -30,7 +30,7 @@ from tracer.enrichment import device_program
 from tracer.enrichment.device_cgroup_v2 import open_v2_cgroup, read_device_programs
 from tracer.enrichment.device_rules import V2DevicePrograms
 from tracer.enrichment.parse_proc import parse_proc_devices
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 
 pytestmark = pytest.mark.kernel
 

@@ -8,7 +8,7 @@ import os
 from typing import Optional
 
 from tracer.enrichment.enricher import Enricher
-from tracer.enrichment.facts import CACHED, KERNEL, LIVE, Facts
+from tracer.facts import CACHED, KERNEL, LIVE, Facts
 from tracer.enrichment.node import FixtureNodeStats
 from tracer.event import Event, Node, Process, UserNs
 from tracer.host import HostPaths

@@ -7,7 +7,7 @@ import struct
 from hypothesis import given, settings, strategies as st
 
 from tracer.enrichment.container import ContainerClues, detect_container
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.node import classify_node
 from tracer.enrichment.posix_acl import AclEntry, build_posix_acl, parse_posix_acl
 from tracer.enrichment.parse_files import (parse_group_file,

@@ -30,7 +30,7 @@ from tests.support.sensor_harness import SensorHarness
 from tracer.enrichment.container_store import SnapshotStore
 from tracer.enrichment.container_tracker import ContainerTracker
 from tracer.enrichment.enricher import Enricher
-from tracer.enrichment.facts import Facts
+from tracer.facts import Facts
 from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.sensors.audit_pipeline import AuditConfig

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz.example_counts import fuzz, print_example_counts, ran  # noqa: F401
 from tracer.enrichment import device_rules, parse_files, parse_proc, procfs
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.posix_acl import (ACL_TAGS, ACL_UNDEFINED_ID, AclEntry, build_posix_acl,
                                          parse_posix_acl)

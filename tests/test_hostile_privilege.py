@@ -16,7 +16,7 @@ import pytest
 
 from tracer.enrichment import node as node_mod
 from tracer.enrichment import process as process_mod
-from tracer.enrichment.facts import Facts
+from tracer.facts import Facts
 from tracer.enrichment.node import resolve_in_root
 from tracer.host import HostPaths
 

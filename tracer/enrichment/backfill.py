@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.parse_proc import parse_status, status_hex, status_ints
 from tracer.event import Event
 from tracer.host import HostPaths

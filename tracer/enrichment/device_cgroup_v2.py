@@ -15,7 +15,7 @@ from typing import Optional
 
 from tracer.enrichment import bpf_syscall as bpf
 from tracer.enrichment.device_rules import DeviceProgram, V2DevicePrograms
-from tracer.enrichment.facts import LIVE, Facts
+from tracer.facts import LIVE, Facts
 
 MAX_EFFECTIVE = 64
 MAX_RECORDED_INSN_BYTES = 64 << 10  # 8192 instructions; runtimes emit a few hundred

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from tracer.enrichment import device_program as prog
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.parse_proc import decimal
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 from tracer.enrichment import bpf_syscall as bpf
 from tracer.enrichment import procfs
-from tracer.enrichment.facts import LIVE, Facts
+from tracer.facts import LIVE, Facts
 from tracer.enrichment.parse_files import (parse_group_file, parse_logind_session,
                                            parse_nvidia_params, parse_passwd_file, user_gids)
 from tracer.enrichment.device_cgroup_v2 import device_program_facts

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.node import NodeStatter, classify_node, stat_in_root
 from tracer.enrichment.parse_files import (GroupEntry, PasswdEntry, parse_group_file,
                                            parse_nvidia_params, parse_passwd_file, user_gids)

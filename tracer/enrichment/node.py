@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.posix_acl import AclEntry, build_posix_acl, parse_posix_acl
 from tracer.sensors.gpu_nodes import classify_node  # the one GPU-node model
 

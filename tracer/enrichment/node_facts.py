@@ -10,7 +10,7 @@ from typing import Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.container_node import container_node_facts
-from tracer.enrichment.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
+from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
 from tracer.sensors.gpu_nodes import classify_node, is_gpu_driver
 from tracer.sensors.node_watch import node_history

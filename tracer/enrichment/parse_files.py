@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.enrichment.parse_proc import decimal
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.sensors.gpu_nodes import parse_proc_devices  # the one /proc/devices parser
 
 MAX_DECIMAL_DIGITS = 20  # a u64; also far below int()'s 4300-digit limit

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 
 # Linux <linux/posix_acl_xattr.h>: a 4-byte version, then 8-byte entries.
 ACL_XATTR_VERSION = 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.facts import KERNEL, LIVE, Facts, SkipCounter
+from tracer.facts import KERNEL, LIVE, Facts, SkipCounter
 from tracer.enrichment.node import read_in_root
 from tracer.enrichment.parse_files import parse_group_file
 from tracer.enrichment.id_map import IdMap

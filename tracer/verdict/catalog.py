@@ -12,7 +12,7 @@ import errno as errno_mod
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from tracer.enrichment.facts import Facts
+from tracer.facts import Facts
 from tracer.enrichment.id_map import IdMap
 from tracer.verdict import reasons as R
 from tracer.verdict.access_model import Credentials, NodeFacts

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.facts import INFERRED, Facts
+from tracer.facts import INFERRED, Facts
 from tracer.enrichment.host_facts import logind_session_facts, nvidia_params_facts
 from tracer.enrichment.node import NodeStatter, classify_node, stat_in_root
 from tracer.enrichment.node_facts import host_root

@@ -10,9 +10,9 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from tracer.enrichment.facts import Facts
+from tracer.facts import Facts
 from tracer.enrichment.device_rules import DevicePolicy, policies_from_facts
-from tracer.enrichment.facts import SkipCounter
+from tracer.facts import SkipCounter
 from tracer.verdict.access_model import (MAY_READ, MAY_WRITE, AccessDecision, Credentials,
                                          IdMap, NodeFacts,
                                          PosixAcl, UserNamespace, UserNamespaceLevel,

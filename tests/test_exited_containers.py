@@ -227,18 +227,28 @@ def test_rootful_podman_gid_mismatch(bpf_sensor, audit_sensor, store):
         no_stranger(facts, verdict)
 
 
+def docker_case(sensors: tuple, store, docker, kind: str, node_gid: int, options: list[str],
+                errno_text: str, label: str) -> tuple[str, list]:
+    """A `docker run --rm` whose only process opens the node as /dev/nvidia0 and exits;
+    both sensors' events of it, explained after the container is gone."""
+    bpf_sensor, audit_sensor = sensors
+    with Scenario(f"exited-docker-{kind}") as scenario:
+        node = scenario.nvidia_node(0o660 if node_gid else 0o666, node_gid)
+        name = f"gttest-docker-{kind}-{scenario.token}"
+        started = time.time()
+        done = docker.run_to_exit(name, [*options, f"{node.path}:/dev/nvidia0"],
+                                  ["/gtprobe", "/dev/nvidia0", "0", scenario.token])
+        assert errno_text in done.stdout, done.stdout + done.stderr
+        return name, both_sensors(bpf_sensor, audit_sensor, node, started, "/dev/nvidia0",
+                                  store, label)
+
+
 def test_docker_user_with_device_is_not_in_group(bpf_sensor, audit_sensor, store, docker,
                                                  docker_image):
-    with Scenario("exited-docker-u") as scenario:
-        video = grp.getgrnam("video")
-        node = scenario.nvidia_node(0o660, video.gr_gid)
-        name = f"gttest-docker-u-{scenario.token}"
-        started = time.time()
-        done = docker.run_to_exit(name, ["-u", "1000:1000", "--device", f"{node.path}:/dev/nvidia0"],
-                                  ["/gtprobe", "/dev/nvidia0", "0", scenario.token])
-        assert "errno=13" in done.stdout, done.stdout + done.stderr
-        seen = both_sensors(bpf_sensor, audit_sensor, node, started, "/dev/nvidia0", store,
-                            "docker -u 1000:1000 --device")
+    video = grp.getgrnam("video")
+    name, seen = docker_case((bpf_sensor, audit_sensor), store, docker, "u", video.gr_gid,
+                             ["-u", "1000:1000", "--device"], "errno=13",
+                             "docker -u 1000:1000 --device")
     for label, facts, verdict in seen:
         assert verdict.reason == "not_in_group", (label, verdict.to_json())
         assert facts.get("container.engine") == "docker" and facts.get("container.name") == name
@@ -249,15 +259,8 @@ def test_docker_user_with_device_is_not_in_group(bpf_sensor, audit_sensor, store
 
 def test_docker_bind_mount_is_device_cgroup_with_high_confidence(bpf_sensor, audit_sensor, store,
                                                                  docker, docker_image):
-    with Scenario("exited-docker-v") as scenario:
-        node = scenario.nvidia_node(0o666, 0)
-        name = f"gttest-docker-v-{scenario.token}"
-        started = time.time()
-        done = docker.run_to_exit(name, ["-v", f"{node.path}:/dev/nvidia0"],
-                                  ["/gtprobe", "/dev/nvidia0", "0", scenario.token])
-        assert "errno=1 " in done.stdout, done.stdout + done.stderr
-        seen = both_sensors(bpf_sensor, audit_sensor, node, started, "/dev/nvidia0", store,
-                            "docker -v bind mount")
+    name, seen = docker_case((bpf_sensor, audit_sensor), store, docker, "v", 0, ["-v"],
+                             "errno=1 ", "docker -v bind mount")
     for label, facts, verdict in seen:
         assert verdict.reason == "device_cgroup", (label, verdict.to_json())
         assert verdict.confidence == "high", verdict.to_json()  # rules from the snapshot

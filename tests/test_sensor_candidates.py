@@ -132,3 +132,57 @@ def test_resolution_never_leaves_the_process_root(tmp_path):
     assert resolver._stat(str(root), b"/dev/gpu0").outcome == "not_gpu"
     assert resolver._stat("/", str(tmp_path / "host-gpu").encode()).outcome == "gpu"
 
+
+
+def _gone_container(store: Any, oci: dict[str, Any], created: float, died: float) -> None:
+    from tracer.enrichment.container_store import ContainerSnapshot
+
+    snap = ContainerSnapshot(id="c0ffee", runtime="runc", created=created, mntns=4026599999)
+    snap.put("container.oci", oci, "/run/bundle/config.json")
+    snap.put("container.name", "gone-one", "conmon -n")
+    store.add(snap)
+    store.mark_died("c0ffee", died)
+
+
+def test_a_gone_container_alias_is_resolved_through_its_snapshot(tmp_path):
+    """No live process in the namespace: the container snapshot's OCI config says
+    what the path was, a linux.devices entry or a bind mount of a host node; only
+    within the container's lifetime, and only a GPU char device."""
+    from tracer.enrichment.container_store import SnapshotStore
+    from tracer.event import Process
+
+    store = SnapshotStore()
+    os.mknod(tmp_path / "host-gpu", stat.S_IFCHR | 0o600, os.makedev(195, 7))
+    (tmp_path / "plain").write_bytes(b"")
+    _gone_container(store, {
+        "linux": {}, "devices": [
+            {"path": "/dev/gpu0", "type": "c", "major": 195, "minor": 3},
+            {"path": "/dev/rnd", "type": "c", "major": 1, "minor": 8}],
+        "mounts": [{"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                   {"destination": "/dev/gpu1", "type": "bind", "source": str(tmp_path / "host-gpu")},
+                   {"destination": "/mnt", "type": "bind", "source": str(tmp_path)}]},
+        created=1000.0, died=1010.0)
+    resolver = DeviceResolver(GpuNodeSet(majors={195: "nvidia"}), snapshots=store)
+    proc = Process(pid=2**22 + 12345, tid=2**22 + 12345, mntns=4026599999)
+
+    def at(path: bytes, when: float = 1005.0) -> Any:
+        return resolver.resolve(proc.pid, proc.mntns, path, proc, when)
+
+    dev = at(b"/dev/gpu0")
+    assert (dev.outcome, dev.major, dev.minor) == ("gpu", 195, 3)
+    assert dev.via is not None and dev.via["how"] == "linux.devices"
+    assert dev.via["container"] == "c0ffee" and dev.via["name"] == "gone-one"
+    bind = at(b"/dev/gpu1")
+    assert (bind.outcome, bind.major, bind.minor) == ("gpu", 195, 7)
+    assert bind.via is not None and bind.via["how"] == f"bind mount of host {tmp_path}/host-gpu"
+    below = at(b"/mnt/host-gpu")  # a bind mount of a parent directory
+    assert (below.outcome, below.minor) == ("gpu", 7)
+    assert at(b"/mnt/plain").outcome == "not_gpu"
+    assert at(b"/dev/rnd").outcome == "not_gpu"
+    assert at(b"/dev/other").outcome == "unresolved"  # the config does not say
+    assert at(b"/dev/gpu0", when=1100.0).outcome == "unresolved"  # inode reused later
+    assert resolver.counts["gpu_via_snapshot"] == 3 and resolver.counts["not_gpu_via_snapshot"] == 2
+    assert resolver.counts["unresolved"] == 2
+    assert len(resolver) == 0  # snapshot answers are not cached
+    none = DeviceResolver(GpuNodeSet(majors={195: "nvidia"}))
+    assert none.resolve(proc.pid, proc.mntns, b"/dev/gpu0", proc, 1005.0).outcome == "unresolved"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from tracer.config import Config
+from tracer.enrichment.container_tracker import shared_tracker
 from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.pipeline import Pipeline, Sensor, Sink, Stage
@@ -54,7 +55,9 @@ class Sources:
 
 def start_sources(cfg: Config, host: HostPaths, say: Callable[[str], None]) -> Sources:
     config = bpf_config(cfg)
-    sensor, how = start_sensor(cfg.sensor.kind, config, say)
+    # the one container snapshot store of this host tree: the enrichment reads it
+    # (explain_stages) and the sensor resolves a gone container's aliases with it
+    sensor, how = start_sensor(cfg.sensor.kind, config, say, shared_tracker(host).store)
     sources = Sources(sensor, how)
     if cfg.sensor.watch_nodes:
         from tracer.sensors.node_watch import NodeWatcher

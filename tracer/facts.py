@@ -233,5 +233,7 @@ class Facts:
         return out
 
     def from_sensor(self) -> "Facts":
-        """Only the facts the sensor reported with the event."""
-        return Facts({name: fact for name, fact in self._facts.items() if fact.source == SENSOR})
+        """Only the facts the sensor reported with the event (a `sensor.*` fact may
+        be cached: a node identity the sensor took from a container snapshot)."""
+        return Facts({name: fact for name, fact in self._facts.items()
+                      if fact.source == SENSOR or name.startswith("sensor.")})

@@ -31,6 +31,24 @@ def _holding(path: str, mounts: list[dict[str, Any]]) -> Optional[dict[str, Any]
     return best
 
 
+def oci_path_origin(oci: Any, path: str
+                    ) -> tuple[Optional[dict[str, Any]], Optional[str], Optional[dict[str, Any]]]:
+    """What the OCI config says `path` inside the container was: (the OCI mount
+    holding it, the host source when that mount is a bind mount, else the
+    `linux.devices` entry with that path).  One reading for the enrichment and
+    for the sensor's match by device."""
+    if not isinstance(oci, dict):
+        return None, None, None
+    mounts = [m for m in oci.get("mounts") or [] if isinstance(m, dict)]
+    holder = _holding(path, mounts)
+    if holder is not None and holder.get("type") == "bind" and holder.get("source"):
+        dest = str(holder["destination"]).rstrip("/")
+        return holder, str(holder["source"]) + path[len(dest):], None
+    device = next((d for d in oci.get("devices") or []
+                   if isinstance(d, dict) and d.get("path") == path), None)
+    return holder, None, device
+
+
 def _host_mount_options(host: HostPaths, source: str, facts: Facts) -> Optional[list[str]]:
     """Per-mount options of the host mount holding `source` (the tracer's mount ns)."""
     text = procfs.read_text(os.path.join(host.proc, "self/mountinfo"))
@@ -47,15 +65,10 @@ def container_node_facts(host: HostPaths, statter: NodeStatter, path: str,
     oci = facts.get("container.oci")
     if not isinstance(oci, dict):
         return False
-    mounts = [m for m in oci.get("mounts") or [] if isinstance(m, dict)]
-    holder = _holding(path, mounts)
-    device = next((d for d in oci.get("devices") or []
-                   if isinstance(d, dict) and d.get("path") == path), None)
+    holder, source, device = oci_path_origin(oci, path)
     origin = "container snapshot: OCI config.json"
     done = False
-    if holder is not None and holder.get("type") == "bind" and holder.get("source"):
-        dest = str(holder["destination"]).rstrip("/")
-        source = str(holder["source"]) + path[len(dest):]
+    if holder is not None and source is not None:
         root = os.path.dirname(host.dev.rstrip("/")) or "/"
         found = statter(root, source)
         facts.put("node.seen_from", "host-bind-source", INFERRED,

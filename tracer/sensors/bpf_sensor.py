@@ -22,11 +22,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Deque, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, Optional
 
 from tracer.errors import EnvironmentProblem
 from tracer.event import Event, Node, Process
-from tracer.facts import SENSOR, Facts
+from tracer.facts import CACHED, SENSOR, Facts
 from tracer.host import HostPaths
 from tracer.sensors import bpf_constants, bpf_event, compiler_memory, gpu_nodes, kernel_headers
 from tracer.sensors import preflight
@@ -36,6 +36,9 @@ from tracer.sensors.bpf_event import AggKey, DecodeError, Update
 from tracer.sensors.bpf_layout import current_arch, offset_flags
 from tracer.sensors.btf import KIND_FUNC, KernelBtf
 from tracer.sensors.candidates import DeviceResolver
+
+if TYPE_CHECKING:
+    from tracer.enrichment.container_store import SnapshotStore
 
 __all__ = ["BpfConfig", "BpfSensor", "STAT_NAMES"]
 
@@ -82,6 +85,9 @@ class BpfSensor:
     config: BpfConfig = field(default_factory=BpfConfig)
     host: HostPaths = field(default_factory=HostPaths)
     say: Callable[[str], None] = lambda msg: print(f"gputrace: {msg}", file=sys.stderr)
+    # the container tracker's store: a candidate whose mount namespace has no live
+    # process left is resolved through its container's OCI config (shared, see assembly)
+    snapshots: "Optional[SnapshotStore]" = None
 
     def __post_init__(self) -> None:
         self.bpf: Any = None  # bcc.BPF once started
@@ -186,7 +192,9 @@ class BpfSensor:
         devs = self.bpf[b"gpu_devs"]
         for key in self.nodes.kernel_dev_keys():
             devs[ctypes.c_uint32(key)] = ctypes.c_uint8(1)
-        self.resolver = DeviceResolver(self.nodes, self.host.proc, ttl_s=self.config.not_gpu_ttl_s)
+        self.resolver = DeviceResolver(self.nodes, self.host.proc, ttl_s=self.config.not_gpu_ttl_s,
+                                       snapshots=self.snapshots,
+                                       host_root=os.path.dirname(self.host.dev.rstrip("/")) or "/")
 
     def _open_buffer(self) -> None:
         if self.transport == "ringbuf":
@@ -242,15 +250,24 @@ class BpfSensor:
         again whenever the kernel sends the path in full (its "not a GPU node" expired)."""
         assert self.resolver is not None
         found = self.resolver.resolve(record.process.pid, record.process.mntns,
-                                      record.node.path or b"")
+                                      record.node.path or b"", record.process, record.time)
+        via = "_via_snapshot" if found.via is not None else ""
         if found.outcome == "gpu":
             self._ignored.pop(key, None)
             record.node.major, record.node.minor = found.major, found.minor
-            record.facts.put("sensor.matched_by_device", True, SENSOR,
-                             "path outside the GPU prefixes; fstat in the process's root")
-            self._user_stats["candidates_gpu"] += 1
+            if found.via is None:
+                record.facts.put("sensor.matched_by_device", True, SENSOR,
+                                 "path outside the GPU prefixes; fstat in the process's root")
+            else:  # the process and its container were gone: the snapshot's OCI config
+                cited = (f"path outside the GPU prefixes; no live process in its mount "
+                         f"namespace; {found.via['how']} in the OCI config of container "
+                         f"{found.via['name'] or found.via['container']} "
+                         f"(snapshot {found.via['snapshot_time']}, {found.via['config']})")
+                record.facts.put("sensor.matched_by_device", True, CACHED, cited)
+                record.facts.put("sensor.node_identity", dict(found.via), CACHED, cited)
+            self._user_stats[f"candidates_gpu{via}"] += 1
             return True
-        self._user_stats[f"candidates_{found.outcome}"] += 1
+        self._user_stats[f"candidates_{found.outcome}{via}"] += 1
         self._ignored[key] = None
         while len(self._ignored) > self.config.book_max:
             self._ignored.popitem(last=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno as errno_mod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from tracer.errors import EnvironmentProblem
 from tracer.pipeline import Sensor
@@ -11,12 +11,17 @@ from tracer.sensors.audit_pipeline import AuditConfig
 from tracer.sensors.audit_sensor import AuditSensor
 from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
 
+if TYPE_CHECKING:
+    from tracer.enrichment.container_store import SnapshotStore
 
-def start_sensor(name: str, bpf_config: BpfConfig,
-                 say: Callable[[str], None]) -> tuple[Sensor, str]:
-    """(started sensor, how it runs, for the user).  `say` gets one-line notices."""
+
+def start_sensor(name: str, bpf_config: BpfConfig, say: Callable[[str], None],
+                 snapshots: "Optional[SnapshotStore]" = None) -> tuple[Sensor, str]:
+    """(started sensor, how it runs, for the user).  `say` gets one-line notices;
+    `snapshots` is the container tracker's store (the BPF sensor resolves a gone
+    container's path aliases through it)."""
     if name in ("auto", "bpf"):
-        bpf = BpfSensor(bpf_config, say=say)
+        bpf = BpfSensor(bpf_config, say=say, snapshots=snapshots)
         try:
             bpf.start()
             return bpf, f"bpf {bpf.hook}, {bpf.transport}"

@@ -90,13 +90,15 @@ def run_gone(tracked, via: str, user: str) -> tuple[Event, SnapshotStore, dict[s
                                f"{node.path}:{INSIDE}", "--user", user], INSIDE)
         gone(engine, name)
         denials = drain_denials(sensor, started)
-        assert len(denials) == 1, [(e.node.path, e.node.major, e.node.minor) for e in denials]
-        event = denials[0]
-        assert event.node.path == INSIDE.encode()
-        assert (event.node.major, event.node.minor) == (node.major, node.minor)
         after = sensor.stats()
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after
                  if k.startswith("candidates")}
+        assert len(denials) == 1, ([(e.node.path, e.node.major, e.node.minor) for e in denials],
+                                   delta, store.stats(), started,
+                                   [(s.id[:8], s.created, s.died, s.keys(), s.pid) for s in store._items.values()])
+        event = denials[0]
+        assert event.node.path == INSIDE.encode()
+        assert (event.node.major, event.node.minor) == (node.major, node.minor)
         # explained while the node and its group still exist (container and process gone)
         facts, verdict = explained(event, store)
     return event, store, {**delta, "_reason": verdict.reason, "_conf": verdict.confidence,  # type: ignore[dict-item]

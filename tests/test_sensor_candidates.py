@@ -186,3 +186,21 @@ def test_a_gone_container_alias_is_resolved_through_its_snapshot(tmp_path):
     assert len(resolver) == 0  # snapshot answers are not cached
     none = DeviceResolver(GpuNodeSet(majors={195: "nvidia"}))
     assert none.resolve(proc.pid, proc.mntns, b"/dev/gpu0", proc, 1005.0).outcome == "unresolved"
+
+
+def test_a_snapshot_taken_after_its_init_exited_is_found_by_the_init_pid():
+    """Under load the tracker may read a container's state after its only process
+    exited: no namespace keys, but its init pid and lifetime.  An event with kernel
+    keys falls back to that pid; a snapshot whose keys were read and differ does not."""
+    from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
+    from tracer.event import Process
+
+    store = SnapshotStore()
+    store.add(ContainerSnapshot(id="keyless", runtime="runc", created=1000.0, pid=4242))
+    store.add(ContainerSnapshot(id="keyed", runtime="runc", created=1000.0, pid=4343,
+                                mntns=4026500001))
+    opener = Process(pid=4242, tid=4242, mntns=4026599999, pidns=4026599998)
+    hit = store.find(opener, 1000.5)
+    assert hit is not None and hit[0].id == "keyless" and hit[1].startswith("pid 4242")
+    assert store.find(Process(pid=4343, tid=4343, mntns=4026599999), 1000.5) is None
+    assert store.find(opener, 999.0) is None  # before it was created

@@ -183,12 +183,15 @@ class SnapshotStore:
                     snap = max(alive, key=lambda s: s.created)
                     self.counters["snapshot_hit_" + key[0]] += 1
                     return snap, f"{key[0]} {key[1]}"
-            if not candidates:  # no kernel keys (audit): the container's init pid, in its lifetime
-                for pid, how in ((proc.pid, "pid"), (proc.ppid, "parent pid")):
-                    for snap in reversed(self._items.values()):
-                        if pid and snap.pid == pid and snap.alive_at(when):
-                            self.counters["snapshot_hit_pid"] += 1
-                            return snap, f"{how} {pid} was the container's init then"
+            # no kernel keys (audit), or a snapshot taken after its init had already
+            # exited (no namespace keys left to read): the init's pid, in its lifetime
+            for pid, how in ((proc.pid, "pid"), (proc.ppid, "parent pid")):
+                for snap in reversed(self._items.values()):
+                    if candidates and snap.keys():
+                        continue  # its keys were read and did not match
+                    if pid and snap.pid == pid and snap.alive_at(when):
+                        self.counters["snapshot_hit_pid"] += 1
+                        return snap, f"{how} {pid} was the container's init then"
             self.counters["snapshot_miss"] += 1
             return None
 

@@ -73,7 +73,7 @@ def drain_denials(sensor: BpfSensor, started: float, seconds: float = 3.0) -> li
             and e.process.comm == b"gtprobe"]
 
 
-def run_gone(tracked, via: str, user: str) -> tuple[Event, SnapshotStore, dict[str, int], str]:
+def run_gone(tracked, via: str, user: str) -> tuple[Event, dict[str, object], str]:
     sensor, store = tracked
     with Scenario(f"gone-alias-{via}") as scenario:
         group = scenario.group("video")
@@ -101,14 +101,14 @@ def run_gone(tracked, via: str, user: str) -> tuple[Event, SnapshotStore, dict[s
         assert (event.node.major, event.node.minor) == (node.major, node.minor)
         # explained while the node and its group still exist (container and process gone)
         facts, verdict = explained(event, store)
-    return event, store, {**delta, "_reason": verdict.reason, "_conf": verdict.confidence,  # type: ignore[dict-item]
-                          "_facts_node_gid": facts.get("node.gid")}, name
+    return event, {**delta, "reason": verdict.reason, "confidence": verdict.confidence,
+                   "node.gid": facts.get("node.gid")}, name
 
 
 def test_device_alias_of_a_gone_container_resolved_from_its_oci_devices(tracked):
     """`--device NODE:/dev/gpu0 --user 1000:1000`: the runtime made /dev/gpu0 with
     the node's mode and group, which the container user is not in: EACCES."""
-    event, _store, seen, name = run_gone(tracked, "device", "1000:1000")
+    event, seen, name = run_gone(tracked, "device", "1000:1000")
     assert event.errno == errno.EACCES
     assert seen["candidates_gpu_via_snapshot"] == 1, seen
     assert seen.get("candidates_unresolved", 0) == 0, seen
@@ -116,15 +116,34 @@ def test_device_alias_of_a_gone_container_resolved_from_its_oci_devices(tracked)
     assert fact is not None and fact.source == "cached"
     assert fact.value["how"] == "linux.devices" and fact.value["name"] == name
     assert name in fact.origin and "snapshot" in fact.origin
-    assert seen["_reason"] == "not_in_group", seen
+    assert seen["reason"] == "not_in_group", seen
 
 
 def test_bind_alias_of_a_gone_container_resolved_from_its_host_source(tracked):
     """`-v NODE:/dev/gpu0` (no --device): the device cgroup refuses it: EPERM.  The
     OCI config says /dev/gpu0 was a bind mount of NODE: stat'ed on the host."""
-    event, _store, seen, name = run_gone(tracked, "bind", "0:0")
+    event, seen, name = run_gone(tracked, "bind", "0:0")
     assert event.errno == errno.EPERM
     assert seen["candidates_gpu_via_snapshot"] == 1, seen
     fact = event.facts.fact("sensor.node_identity")
     assert fact is not None and fact.value["how"].startswith("bind mount of host /dev/nvidia-gttest")
-    assert seen["_reason"] == "device_cgroup", seen
+    assert seen["reason"] == "device_cgroup", seen
+
+
+def test_assembly_gives_the_sensor_the_trackers_one_store():
+    """watch and the daemon build the pipeline through tracer/assembly.py: the BPF
+    sensor's resolver and the enrichment must read the same store the tracker fills."""
+    from tracer.assembly import start_sources
+    from tracer.config import Config
+    from tracer.enrichment.container_tracker import shared_tracker
+
+    cfg = Config()
+    cfg.sensor.kind, cfg.sensor.watch_nodes = "bpf", False
+    host = HostPaths()
+    sources = start_sources(cfg, host, lambda msg: None)
+    try:
+        sensor = sources.sensor
+        assert isinstance(sensor, BpfSensor) and sensor.resolver is not None
+        assert sensor.resolver.snapshots is shared_tracker(host).store
+    finally:
+        sources.close()

@@ -204,3 +204,14 @@ def test_a_snapshot_taken_after_its_init_exited_is_found_by_the_init_pid():
     assert hit is not None and hit[0].id == "keyless" and hit[1].startswith("pid 4242")
     assert store.find(Process(pid=4343, tid=4343, mntns=4026599999), 1000.5) is None
     assert store.find(opener, 999.0) is None  # before it was created
+
+
+def test_the_summary_line_counts_aliases_resolved_through_a_snapshot_and_unresolved():
+    from tracer.pipeline import Summary
+
+    summary = Summary()
+    assert "matched by device" not in summary.line()
+    summary.sensor_stats = {"candidates": 9, "candidates_gpu": 2, "candidates_gpu_via_snapshot": 3,
+                            "candidates_unresolved": 1, "candidates_not_gpu": 3}
+    assert ("other paths matched by device 5 (of which 3 through a gone container's snapshot), "
+            "unresolved 1") in summary.line()

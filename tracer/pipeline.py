@@ -60,7 +60,19 @@ class Summary:
         return (f"{head} (kernel buffer full {full}, of which {lost} reported "
                 f"later as counts only; {pipeline}; "
                 f"perf lost {s.get('dropped_perf_lost', 0)}; "
-                f"count updates {s.get('dropped_update', 0)})")
+                f"count updates {s.get('dropped_update', 0)})" + _aliases(s))
+
+
+def _aliases(s: dict[str, int]) -> str:
+    """Refused opens outside the GPU prefixes matched by device number: how many
+    were GPU nodes, how many of those only a gone container's snapshot could
+    resolve, and how many could not be resolved at all (no process, no snapshot)."""
+    if not s.get("candidates"):
+        return ""
+    via = s.get("candidates_gpu_via_snapshot", 0)
+    return (f"; other paths matched by device {s.get('candidates_gpu', 0) + via} "
+            f"(of which {via} through a gone container's snapshot), "
+            f"unresolved {s.get('candidates_unresolved', 0)}")
 
 
 @dataclass

@@ -62,6 +62,19 @@ def test_not_in_group_without_acl_names_group_and_gid() -> None:
     assert verdict.fixes[0].applies_to == "host"
 
 
+def test_a_node_of_the_root_group_is_never_fixed_by_joining_root() -> None:
+    """0660 root:root: the user is 'not in the group', but joining gid 0 would open
+    every root-group file; the fix gives the node a GPU group instead."""
+    event = denial(500, "/dev/dri/renderD128", uid=1001, gid=1001, groups=(1001,),
+                   mntns=4026531841)
+    verdict = explain(event, fixture_enricher("jetson-jp61", "node-stats-rootgroup.json"))
+    assert verdict.reason == R.NOT_IN_GROUP
+    commands = _commands(verdict)
+    assert not any("usermod -aG root" in c or "--group-add 0 " in c
+                   or "supplementalGroups: [0]" in c for c in commands), commands
+    assert commands[0] == 'KERNEL=="renderD128", GROUP="render", MODE="0660"'
+
+
 def test_gid_mismatch_in_container() -> None:
     event = denial(600, "/dev/dri/renderD128", uid=1000, gid=1000, groups=(995,),
                    mntns=4026532610)

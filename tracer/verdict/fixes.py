@@ -43,15 +43,30 @@ def _group_dropped(ctx: dict[str, Any]) -> list[Fix]:
     return fixes + _device_file_mode(ctx)
 
 
+ROOT_GID = 0  # never a group to join for a GPU: it opens every root-group file too
+
+
 def _usermod(ctx: dict[str, Any], summary: str) -> list[Fix]:
     """usermod only for a named host account: a host process's user or the owner of
     a rootless container's user namespace, never whoever has the same uid."""
     user = ctx.get("user_name")
-    return [Fix(summary, f"usermod -aG {ctx['group']} {user}", "host")] if user else []
+    if not user or ctx.get("gid") == ROOT_GID:
+        return []
+    return [Fix(summary, f"usermod -aG {ctx['group']} {user}", "host")]
+
+
+def _udev_group(ctx: dict[str, Any]) -> Fix:
+    name = ctx["group"] if ctx.get("gid") != ROOT_GID and ctx["group"] not in ("root", "0") \
+        else "render" if ctx.get("node_class") == "drm-render" else "video"
+    return Fix(f"Have udev give the node to group {name} with mode 0660.",
+               f'KERNEL=="{ctx["path"].rsplit("/", 1)[-1]}", GROUP="{name}", MODE="0660"',
+               "host", where="/etc/udev/rules.d/99-gpu-access.rules")
 
 
 def _add_group(ctx: dict[str, Any]) -> list[Fix]:
     g, name = ctx["gid"], ctx["group"]
+    if g == ROOT_GID:  # the node's group is root's: give the node a GPU group instead
+        return [_udev_group(ctx)]
     fixes = [Fix(f"Give the container the host group {name} by its number.",
                  f"podman run --group-add {g} ...", "podman-crun"),
              Fix(f"Give the container the host group {name} by its number.",
@@ -143,10 +158,7 @@ def _lsm(ctx: dict[str, Any]) -> list[Fix]:
 
 
 def _mode_restrictive(ctx: dict[str, Any]) -> list[Fix]:
-    name = ctx["group"] if ctx["group"] not in ("root", "0") else "video"
-    fixes = [Fix(f"Have udev give the node to group {name} with mode 0660.",
-                 f'KERNEL=="{ctx["path"].rsplit("/", 1)[-1]}", GROUP="{name}", MODE="0660"',
-                 "host", where="/etc/udev/rules.d/99-gpu-access.rules")]
+    fixes = [_udev_group(ctx)]
     if ctx["node_class"] in NVIDIA_CLASSES:
         fixes.append(Fix("Have the NVIDIA driver create its nodes for a group, then rebuild "
                          "the initramfs and reboot.",

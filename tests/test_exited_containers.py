@@ -77,11 +77,15 @@ def docker_image(docker: PrivateDocker) -> str:
 
 
 def denial_of(sensor: SensorHarness, node, started: float, opened: "str | None" = None,
-              timeout: float = 15) -> Event:
+              timeout: float = 15, err: "int | None" = None) -> Event:
     """The denial of this node since `started`: by its device number where the
-    sensor captured it (ours alone), else by the path the process opened."""
+    sensor captured it (ours alone), else by the path the process opened (and the
+    errno, where given: the previous case's container opened the same path within
+    the clock slack of `started`)."""
     def ours(e: Event) -> bool:
         if e.kind != "denial" or e.time < started - 0.05 or e.process.comm != b"gtprobe":
+            return False
+        if err is not None and e.errno != err:
             return False
         if e.node.major is not None:
             return (e.node.major, e.node.minor) == (node.major, node.minor)
@@ -188,11 +192,12 @@ def test_rootless_podman_runc_both_sensors(bpf_sensor, audit_sensor, store):
 
 
 def both_sensors(bpf_sensor, audit_sensor, node, started: float, opened: "str | None",
-                 store: SnapshotStore, case: str) -> list[tuple[str, Facts, Verdict]]:
+                 store: SnapshotStore, case: str, err: "int | None" = None
+                 ) -> list[tuple[str, Facts, Verdict]]:
     """The one denial as each sensor saw it, explained after the process is gone."""
     out = []
     for sensor, label in ((bpf_sensor, "bpf"), (audit_sensor, "audit")):
-        event = denial_of(sensor, node, started, opened)
+        event = denial_of(sensor, node, started, opened, err=err)
         facts, verdict = explained(event, store)
         record(case, label, facts, verdict)
         out.append((label, facts, verdict))
@@ -239,8 +244,9 @@ def docker_case(sensors: tuple, store, docker, kind: str, node_gid: int, options
         done = docker.run_to_exit(name, [*options, f"{node.path}:/dev/nvidia0"],
                                   ["/gtprobe", "/dev/nvidia0", "0", scenario.token])
         assert errno_text in done.stdout, done.stdout + done.stderr
+        err = int(errno_text.split("=")[1])
         return name, both_sensors(bpf_sensor, audit_sensor, node, started, "/dev/nvidia0",
-                                  store, label)
+                                  store, label, err=err)
 
 
 def test_docker_user_with_device_is_not_in_group(bpf_sensor, audit_sensor, store, docker,

@@ -20,6 +20,8 @@ import platform
 import struct
 from dataclasses import dataclass
 
+from tracer.sensors.syscall_table import ARCHES
+
 BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH = 5, 8, 9
 BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 13, 15, 16
@@ -34,8 +36,8 @@ PROG_INFO_SIZE = 88      # up to and including bpf_prog_info.name
 MAX_PROGS = 256          # the kernel allows 64 per cgroup; effective lists stack
 MAX_XLATED_BYTES = 1 << 20
 
-_SYSCALLS = {"x86_64": (321, 304), "aarch64": (280, 265)}  # bpf, open_by_handle_at
-_SYS_BPF, _SYS_OPEN_BY_HANDLE_AT = _SYSCALLS.get(platform.machine(), (321, 304))
+_OWN = ARCHES.get(platform.machine(), ARCHES["x86_64"]).own_calls  # unknown machine: as before
+_SYS_BPF, _SYS_OPEN_BY_HANDLE_AT = _OWN["bpf"], _OWN["open_by_handle_at"]
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 

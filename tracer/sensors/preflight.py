@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 import subprocess
 
 from tracer.errors import EnvironmentProblem, NoPrivilege
+from tracer.sensors.syscall_table import own_call
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -54,7 +54,6 @@ def require_tracefs(tracefs: str = "/sys/kernel/tracing") -> str:
 
 
 # --- does this kernel let BPF load fexit programs? (detect by loading) -------
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
 _BPF_PROG_LOAD, _BPF_RAW_TRACEPOINT_OPEN = 5, 17
 _PROG_TYPE_TRACING, _TRACE_FEXIT = 26, 25
 
@@ -62,7 +61,7 @@ _PROG_TYPE_TRACING, _TRACE_FEXIT = 26, 25
 def fexit_supported(attach_btf_id: int) -> tuple[bool, str]:
     """Load and attach a two-instruction fexit program to the function with that
     BTF id.  Returns (ok, reason).  Costs about a millisecond."""
-    nr = _BPF_SYSCALL.get(platform.machine())
+    nr = own_call("bpf")
     if nr is None or attach_btf_id <= 0:
         return False, "fexit target not found in BTF"
     libc = ctypes.CDLL(None, use_errno=True)

@@ -23,7 +23,7 @@ from tracer.enrichment.container_state import (RuntimeState, docker_identity, ho
                                                kubernetes_from_cgroup, podman_identity,
                                                read_oci_config, read_runtime_state)
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
-from tracer.facts import Facts
+from tracer.facts import LIVE, Facts
 from tracer.enrichment.host_facts import device_cgroup_facts
 from tracer.enrichment.node import read_in_root
 from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
@@ -81,6 +81,41 @@ def _own_cgroup(state: RuntimeState, config: Optional[dict[str, object]], v2_pat
                                                   or v2_path.endswith(wanted.split(":")[-1])))
 
 
+def runtime_v1_paths(host: HostPaths, state: RuntimeState, facts: Facts) -> dict[str, str]:
+    """The v1 cgroups the runtime put the container in (runc's state.json
+    `cgroup_paths`: controller -> host directory), as /proc/PID/cgroup spells them."""
+    from tracer.enrichment.host_facts import cgroup_mounts
+    out: dict[str, str] = {}
+    mounts = [m for m in cgroup_mounts(host, facts) if m.fstype == "cgroup"]
+    for controller, directory in state.cgroup_paths.items():
+        mount = next((m for m in mounts if controller in m.super_options), None)
+        if mount is None or controller == "unified":
+            continue
+        base = mount.mount_point.rstrip("/")
+        if directory == base or directory.startswith(base + "/"):
+            out[controller] = (mount.root.rstrip("/") + directory[len(base):]) or "/"
+    return out
+
+
+def _container_cgroup_paths(host: HostPaths, state: RuntimeState, pid: int, live: Facts) -> None:
+    """cgroup.paths of the container's init; the v1 ones /proc could not give (the
+    init had already exited) come from the runtime's own record of them."""
+    seen = Facts()
+    cgroup_facts(host, pid, seen)
+    live.skips.merge(seen.skips)
+    fact = seen.fact("cgroup.paths")
+    paths = dict(fact.value) if fact is not None else {}
+    from_state = {k: v for k, v in runtime_v1_paths(host, state, live).items()
+                  if not any(k in key.split(",") for key in paths)}
+    paths.update(from_state)
+    if not paths:
+        return
+    origin = fact.origin if fact is not None else host.proc_pid(pid, "cgroup")
+    if from_state:
+        origin += f"; v1 {', '.join(sorted(from_state))} from the runtime state in {state.state_dir}"
+    live.put("cgroup.paths", paths, LIVE, origin)
+
+
 def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0) -> ContainerSnapshot:
     """Everything a verdict may need later, read now while the container lives."""
     now = time.time()
@@ -107,7 +142,7 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
                 snap.userns = None  # the initial userns is everyone's: not a container key
         userns_facts(host, pid, live)
         lsm_facts(host, pid, live)
-        cgroup_facts(host, pid, live)
+        _container_cgroup_paths(host, state, pid, live)
         root = host.proc_pid(pid, "root")
         for name in ("group", "passwd"):
             table = _etc_table(root, name, live)

@@ -124,14 +124,31 @@ def lsm_facts(host: HostPaths, pid: int, facts: Facts) -> None:
             facts.put("process.lsm_label", label, LIVE, path)
 
 
+def task_exited(host: HostPaths, pid: int) -> bool:
+    """The task has exited (a zombie not yet reaped, or gone): `State:` in /proc/PID/status."""
+    text = procfs.read_text(host.proc_pid(pid, "status"), 4096)
+    if text is None:
+        return True
+    state = text.partition("\nState:")[2].split(None, 1)[:1]
+    return not state or state[0] in ("Z", "X", "x")
+
+
 def cgroup_facts(host: HostPaths, pid: int, facts: Facts) -> None:
+    """cgroup.paths from /proc/PID/cgroup.  An exited task not yet reaped shows `/`
+    for every v1 hierarchy (its v2 line stays right), so the v1 lines of a task
+    that had exited when they were read are left out: the root's devices.list is
+    not the container's (measured on this kernel)."""
     path = host.proc_pid(pid, "cgroup")
     text = procfs.read_text(path)
     if text is None:
         return
     lines = parse_proc_cgroup(text, facts.skips)
-    facts.put("cgroup.paths", {",".join(ln.controllers) or "unified": ln.path for ln in lines},
-              LIVE, path)
+    exited = task_exited(host, pid)  # read after: a task is a zombie for good
+    paths = {",".join(ln.controllers) or "unified": ln.path for ln in lines
+             if not (exited and ln.controllers)}
+    if paths:
+        facts.put("cgroup.paths", paths, LIVE,
+                  path + (" (task had exited: v1 lines not its own)" if exited else ""))
 
 
 def container_env(host: HostPaths, pid: int) -> Optional[str]:

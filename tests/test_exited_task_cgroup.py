@@ -1,0 +1,93 @@
+"""An exited task not yet reaped (a zombie) shows `/` for every v1 hierarchy in
+/proc/PID/cgroup, while its v2 line stays right (measured on this kernel).  A
+snapshot of a container whose init had already exited once read the root's
+devices.list (`a *:* rwm`) as the container's rules, and its verdict became
+`unknown` (flaky test_exited_containers runc case).  Real kernel: a v1 devices
+cgroup with a rule, a child moved into it that exits unreaped."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Iterator
+
+import pytest
+
+from tracer.enrichment.container_state import RuntimeState
+from tracer.enrichment.container_tracker import snapshot_container
+from tracer.enrichment.process import cgroup_facts, task_exited
+from tracer.facts import Facts
+from tracer.host import HostPaths
+
+pytestmark = pytest.mark.kernel
+V1_DEVICES = "/sys/fs/cgroup/devices"
+
+
+@pytest.fixture
+def zombie_in_devices_cgroup() -> Iterator[tuple[int, str, int]]:
+    """(pid, cgroup dir, release fd): a child in a fresh v1 devices cgroup allowing only c 195:0 r;
+    it exits when told (`os.write(release, ...)`), and is reaped after the test."""
+    if not os.path.isfile(os.path.join(V1_DEVICES, "devices.list")):
+        pytest.fail("the v1 devices controller is not mounted at /sys/fs/cgroup/devices")
+    cg = os.path.join(V1_DEVICES, f"gttest-zombie-{secrets.token_hex(3)}")
+    os.mkdir(cg)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    try:
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        with open(os.path.join(cg, "devices.deny"), "w") as f:
+            f.write("a")
+        with open(os.path.join(cg, "devices.allow"), "w") as f:
+            f.write("c 195:0 r")
+        yield pid, cg, write_end
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        os.rmdir(cg)
+
+
+def _exit_unreaped(pid: int, release: int) -> None:
+    os.write(release, b"x")
+    for _ in range(500):
+        if task_exited(HostPaths(), pid):
+            return
+        time.sleep(0.002)
+    raise AssertionError("the child did not exit")
+
+
+def test_zombie_v1_lines_are_left_out_and_its_v2_line_kept(zombie_in_devices_cgroup):
+    pid, cg, release = zombie_in_devices_cgroup
+    alive = Facts()
+    cgroup_facts(HostPaths(), pid, alive)
+    paths = alive.get("cgroup.paths")
+    assert paths["devices"] == "/" + os.path.basename(cg), paths
+    _exit_unreaped(pid, release)
+    with open(f"/proc/{pid}/cgroup", encoding="ascii") as f:  # the kernel's side of it
+        assert any(line.endswith(":devices:/") for line in f.read().splitlines())
+    gone = Facts()
+    cgroup_facts(HostPaths(), pid, gone)
+    paths = gone.get("cgroup.paths")
+    assert not any("devices" in key.split(",") for key in paths), paths
+    assert "unified" in paths and "exited" in gone.fact("cgroup.paths").origin
+
+
+def test_snapshot_of_an_exited_init_reads_the_rules_where_the_runtime_put_them(
+        zombie_in_devices_cgroup):
+    """runc's state.json names the container's v1 cgroups; the snapshot reads the
+    rules there, not in the root the zombie's /proc/PID/cgroup points at."""
+    pid, cg, release = zombie_in_devices_cgroup
+    _exit_unreaped(pid, release)
+    state = RuntimeState("runc", "gttest-zombie", "/run/runc/gttest-zombie", pid=pid,
+                         cgroup_paths={"devices": cg})
+    snap = snapshot_container(HostPaths(), state)
+    rules = snap.facts["device_cgroup.v1_rules"]
+    assert rules.value == ["c 195:0 r"], (rules, snap.facts.get("cgroup.paths"))
+    assert snap.facts["cgroup.paths"].value["devices"] == "/" + os.path.basename(cg)
+    assert "runtime state" in snap.facts["cgroup.paths"].origin

@@ -52,6 +52,7 @@ def _base_context(facts: Facts, run: ModelRun) -> dict[str, Any]:
     gid = facts.get("node.gid")
     return {
         "path": facts.get("node.path", "the device node"),
+        "node_path": facts.get("node.path"),  # for fix lines: None when unknown
         "node_class": facts.get("node.class", "unknown"),
         "mode": facts.get("node.mode"), "uid": facts.get("node.uid"), "gid": gid,
         "group": facts.get("node.group_name") or (str(gid) if gid is not None else "?"),

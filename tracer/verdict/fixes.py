@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from tracer.verdict import reasons as R
+from tracer.verdict.fix_lines import (apparmor_path, fix_line, modprobe_options, number,
+                                      shell_path, shell_word, systemd_device_path, udev_value)
 from tracer.verdict.reasons import Fix
 
 WORLD_WRITABLE_NOTE = ("Every local user and every container that can see the node may then "
@@ -18,11 +20,11 @@ NVIDIA_CLASSES = ("nvidia-gpu", "nvidiactl", "nvidia-modeset", "nvidia-uvm", "nv
 def _device_file_mode(ctx: dict[str, Any]) -> list[Fix]:
     if ctx["node_class"] not in NVIDIA_CLASSES:
         return []
-    return [Fix("Let the NVIDIA driver create its nodes world read/writable, then rebuild the "
-                "initramfs and reboot (update-initramfs -u on Debian/Ubuntu, dracut -f on "
-                "Fedora/Gentoo).",
-                "options nvidia NVreg_DeviceFileMode=0666", "host",
-                where="/etc/modprobe.d/nvidia.conf", security_note=WORLD_WRITABLE_NOTE)]
+    return [fix_line("Let the NVIDIA driver create its nodes world read/writable, then rebuild "
+                     "the initramfs and reboot (update-initramfs -u on Debian/Ubuntu, dracut -f "
+                     "on Fedora/Gentoo).", "host",
+                     lambda: modprobe_options("nvidia", {"NVreg_DeviceFileMode": "0666"}),
+                     where="/etc/modprobe.d/nvidia.conf", security_note=WORLD_WRITABLE_NOTE)]
 
 
 def _group_dropped(ctx: dict[str, Any]) -> list[Fix]:
@@ -52,28 +54,42 @@ def _usermod(ctx: dict[str, Any], summary: str) -> list[Fix]:
     user = ctx.get("user_name")
     if not user or ctx.get("gid") == ROOT_GID:
         return []
-    return [Fix(summary, f"usermod -aG {ctx['group']} {user}", "host")]
+    group = _known(ctx["group"])
+    return [fix_line(summary, "host", lambda: f"usermod -aG {shell_word(group, 'group')} "
+                     f"{shell_word(user, 'user')}")]
 
 
 def _udev_group(ctx: dict[str, Any]) -> Fix:
     name = ctx["group"] if ctx.get("gid") != ROOT_GID and ctx["group"] not in ("root", "0") \
         else "render" if ctx.get("node_class") == "drm-render" else "video"
-    return Fix(f"Have udev give the node to group {name} with mode 0660.",
-               f'KERNEL=="{ctx["path"].rsplit("/", 1)[-1]}", GROUP="{name}", MODE="0660"',
-               "host", where="/etc/udev/rules.d/99-gpu-access.rules")
+    return fix_line(f"Have udev give the node to group {name} with mode 0660.", "host",
+                    lambda: f'KERNEL=={udev_value(_node_name(ctx))}, '
+                    f'GROUP={udev_value(name, "group")}, MODE="0660"',
+                    where="/etc/udev/rules.d/99-gpu-access.rules")
+
+
+def _node_name(ctx: dict[str, Any]) -> Any:
+    """The node's last path component (udev matches the kernel name), None unknown."""
+    path = ctx.get("node_path")
+    return path.rsplit("/", 1)[-1] if isinstance(path, str) else path
 
 
 def _add_group(ctx: dict[str, Any]) -> list[Fix]:
     g, name = ctx["gid"], ctx["group"]
     if g == ROOT_GID:  # the node's group is root's: give the node a GPU group instead
         return [_udev_group(ctx)]
-    fixes = [Fix(f"Give the container the host group {name} by its number.",
-                 f"podman run --group-add {g} ...", "podman-crun"),
-             Fix(f"Give the container the host group {name} by its number.",
-                 f"docker run --group-add {g} ...", "docker"),
-             Fix(f"Add gid {g} to the pod's supplemental groups.",
-                 f"securityContext:\n  supplementalGroups: [{g}]", "kubernetes")]
+    fixes = _group_add(ctx, f"Give the container the host group {name} by its number.")
     return fixes + _usermod(ctx, f"Add the user to group {name}, then log in again.")
+
+
+def _group_add(ctx: dict[str, Any], summary: str) -> list[Fix]:
+    """--group-add for podman and docker, supplementalGroups for a pod: by number."""
+    gid = ctx.get("gid")
+    return [fix_line(summary, "podman-crun",
+                     lambda: f"podman run --group-add {number(gid, 'group')} ..."),
+            fix_line(summary, "docker", lambda: f"docker run --group-add {number(gid, 'group')} ..."),
+            fix_line(f"Add gid {gid} to the pod's supplemental groups.", "kubernetes",
+                     lambda: f"securityContext:\n  supplementalGroups: [{number(gid, 'group')}]")]
 
 
 def _not_in_group(ctx: dict[str, Any]) -> list[Fix]:
@@ -88,56 +104,63 @@ def _seat_acl_only(ctx: dict[str, Any]) -> list[Fix]:
 
 def _gid_mismatch(ctx: dict[str, Any]) -> list[Fix]:
     g, name, cg = ctx["gid"], ctx["group"], ctx.get("container_gid")
-    return [Fix(f"Add the host's gid {g} by number, not the image's {name} ({cg}).",
-                f"podman run --group-add {g} ...", "podman-crun"),
-            Fix(f"Add the host's gid {g} by number, not the image's {name} ({cg}).",
-                f"docker run --group-add {g} ...", "docker"),
-            Fix(f"Add gid {g} to the pod's supplemental groups.",
-                f"securityContext:\n  supplementalGroups: [{g}]", "kubernetes"),
-            Fix(f"Give the image's {name} group the host's gid.",
-                f"RUN groupmod -g {g} {name}", "any", where="Containerfile / Dockerfile")]
+    return _group_add(ctx, f"Add the host's gid {g} by number, not the image's {name} ({cg}).") + [
+        fix_line(f"Give the image's {name} group the host's gid.", "any",
+                 lambda: f"RUN groupmod -g {number(g, 'group')} {shell_word(name, 'group')}",
+                 where="Containerfile / Dockerfile")]
 
 
 def _device_cgroup(ctx: dict[str, Any]) -> list[Fix]:
-    path, major = ctx["path"], ctx.get("major")
-    rule = f"c {major if major is not None else '*'}:* rwm"
-    return [Fix("Pass the node with --device so the runtime allows it in the device cgroup.",
-                f"podman run --device {path} ...", "podman-crun"),
-            Fix("Pass the node with --device so the runtime allows it in the device cgroup.",
-                f"docker run --device {path} ...", "docker"),
+    return [*_pass_device(ctx, "Pass the node with --device so the runtime allows it in the "
+                          "device cgroup."),
             Fix("Create the /dev/char symlinks the systemd cgroup driver needs to keep "
                 "NVIDIA rules across daemon-reload.",
                 "nvidia-ctk system create-dev-char-symlinks --create-all", "kubernetes"),
-            _device_cgroup_host_fix(ctx, rule)]
+            _device_cgroup_host_fix(ctx)]
 
 
-def _device_cgroup_host_fix(ctx: dict[str, Any], rule: str) -> Fix:
+def _pass_device(ctx: dict[str, Any], summary: str) -> list[Fix]:
+    path = ctx.get("node_path")
+    return [fix_line(summary, "podman-crun", lambda: f"podman run --device {shell_path(path)} ..."),
+            fix_line(summary, "docker", lambda: f"docker run --device {shell_path(path)} ...")]
+
+
+def _device_cgroup_host_fix(ctx: dict[str, Any]) -> Fix:
     if ctx.get("device_layer") == "device_cgroup_v2":
-        return Fix("On cgroup v2 the policy is the BPF program the runtime or systemd attached; "
-                   "have it allow the node (for a systemd unit: DeviceAllow=).",
-                   f"DeviceAllow={ctx['path']} rw", "host", where="the unit's [Service] section")
-    return Fix("Allow the device in the cgroup now (lost when the container restarts).",
-               f"echo '{rule}' > /sys/fs/cgroup/devices/<cgroup>/devices.allow", "host")
+        return fix_line("On cgroup v2 the policy is the BPF program the runtime or systemd "
+                        "attached; have it allow the node (for a systemd unit: DeviceAllow=).",
+                        "host", lambda: f"DeviceAllow={systemd_device_path(ctx.get('node_path'))} rw",
+                        where="the unit's [Service] section")
+    major = ctx.get("major")
+    return fix_line("Allow the device in the cgroup now (lost when the container restarts).", "host",
+                    lambda: "echo " + shell_word(
+                        f"c {'*' if major is None else number(major, 'major')}:* rwm", "rule")
+                    # the placeholder is quoted: unquoted, <cgroup> is a redirection
+                    + " > '/sys/fs/cgroup/devices/<cgroup>/devices.allow'")
 
 
 def _nodev(ctx: dict[str, Any]) -> list[Fix]:
-    mp = ctx.get("mount", "?")
-    return [Fix("Pass the node with --device instead of a bind mount of a nodev filesystem.",
-                f"podman run --device {ctx['path']} ...", "podman-crun"),
-            Fix("Pass the node with --device instead of a bind mount of a nodev filesystem.",
-                f"docker run --device {ctx['path']} ...", "docker"),
-            Fix("Remount the filesystem holding the node without nodev.",
-                f"mount -o remount,dev {mp}", "host",
-                security_note="Device nodes on that filesystem become usable; only do this "
-                "where untrusted users cannot create nodes.")]
+    mount = ctx.get("mount")
+    return [*_pass_device(ctx, "Pass the node with --device instead of a bind mount of a nodev "
+                          "filesystem."),
+            fix_line("Remount the filesystem holding the node without nodev.", "host",
+                     lambda: f"mount -o remount,dev {shell_path(_known(mount), 'mount point')}",
+                     security_note="Device nodes on that filesystem become usable; only do "
+                     "this where untrusted users cannot create nodes.")]
+
+
+def _known(value: Any) -> Any:
+    """The catalog writes '?' for a fact it does not know: no line names it."""
+    return None if value == "?" else value
 
 
 def _lsm(ctx: dict[str, Any]) -> list[Fix]:
     if "Landlock" in str(ctx.get("lsm", "")):
-        return [Fix("Landlock is set by the program itself (landlock_restrict_self): add the "
-                    "node to the sandbox's allowed paths with read/write file access.",
-                    f"LANDLOCK_ACCESS_FS_READ_FILE|LANDLOCK_ACCESS_FS_WRITE_FILE on {ctx['path']}",
-                    "any", where="the sandboxing program's ruleset"),
+        return [fix_line("Landlock is set by the program itself (landlock_restrict_self): add "
+                         "the node to the sandbox's allowed paths with read/write file access.",
+                         "any", lambda: "LANDLOCK_ACCESS_FS_READ_FILE|LANDLOCK_ACCESS_FS_WRITE_FILE"
+                         f" on {shell_path(ctx.get('node_path'))}",
+                         where="the sandboxing program's ruleset"),
                 Fix("See Landlock's own record of the denial (kernel 6.15+ with audit).",
                     "ausearch -m 1423 -ts recent", "host")]
     fixes = [Fix("Find the security module's denial record.", "ausearch -m avc,apparmor -ts recent",
@@ -146,20 +169,23 @@ def _lsm(ctx: dict[str, Any]) -> list[Fix]:
     if ctx.get("node_label") or ":" in label:
         fixes += [Fix("Let SELinux-confined containers use devices.",
                       "setsebool -P container_use_devices true", "host"),
-                  Fix("Restore the node's default SELinux label.", f"restorecon -v {ctx['path']}",
-                      "host"),
+                  fix_line("Restore the node's default SELinux label.", "host",
+                           lambda: f"restorecon -v {shell_path(ctx.get('node_path'))}"),
                   Fix("Run the container without SELinux separation.",
                       "podman run --security-opt label=disable ...", "podman-crun",
                       security_note="The container is no longer confined by SELinux.")]
     else:
-        fixes.append(Fix("Allow the node in the AppArmor profile (include nvidia-uvm-tools).",
-                         f"{ctx['path']} rw,", "host", where="/etc/apparmor.d/local/<profile>"))
+        fixes.append(fix_line("Allow the node in the AppArmor profile (include "
+                              "nvidia-uvm-tools).", "host",
+                              lambda: f"{apparmor_path(ctx.get('node_path'))} rw,",
+                              where="/etc/apparmor.d/local/<profile>"))
     return fixes
 
 
 def _mode_restrictive(ctx: dict[str, Any]) -> list[Fix]:
     fixes = [_udev_group(ctx)]
     if ctx["node_class"] in NVIDIA_CLASSES:
+        # <gid> is left for the user to choose: a placeholder, not a value from the event
         fixes.append(Fix("Have the NVIDIA driver create its nodes for a group, then rebuild "
                          "the initramfs and reboot.",
                          "options nvidia NVreg_DeviceFileGID=<gid> NVreg_DeviceFileMode=0660",
@@ -172,9 +198,10 @@ def _capability(ctx: dict[str, Any]) -> list[Fix]:
         return [Fix("Root in a rootless container has no power over host-owned nodes; give "
                     "access through the node's group instead.",
                     "podman run --runtime crun --group-add keep-groups ...", "podman-crun"),
-                Fix("Run the container rootful so its root maps to host root.",
-                    "sudo podman run --device " + ctx["path"] + " ...", "podman-runc",
-                    security_note="A rootful container's root is host root.")]
+                fix_line("Run the container rootful so its root maps to host root.",
+                         "podman-runc",
+                         lambda: f"sudo podman run --device {shell_path(ctx.get('node_path'))} ...",
+                         security_note="A rootful container's root is host root.")]
     return [Fix("Keep CAP_DAC_OVERRIDE in the container.",
                 "podman run --cap-add DAC_OVERRIDE ...", "podman-crun",
                 security_note="Lets the container's root ignore file permissions."),
@@ -188,20 +215,16 @@ def _node_missing(ctx: dict[str, Any]) -> list[Fix]:
     if ctx["node_class"].startswith("nvidia"):
         fixes.append(Fix("Load the driver module and create the NVIDIA nodes as root.",
                          "nvidia-modprobe -u -c=0", "host"))
-    fixes.append(Fix("Pass the node into the container.", f"podman run --device {ctx['path']} ...",
-                     "podman-crun"))
-    fixes.append(Fix("Pass the node into the container.", f"docker run --device {ctx['path']} ...",
-                     "docker"))
-    return fixes
+    return fixes + _pass_device(ctx, "Pass the node into the container.")
 
 
 def _seccomp(ctx: dict[str, Any]) -> list[Fix]:
     return [Fix("Find the seccomp filter's refusal (SECCOMP records need audit).",
                 "ausearch -m seccomp -ts recent", "host"),
             Fix("Allow open/openat/ioctl in the container's seccomp profile.",
-                "docker run --security-opt seccomp=<profile.json> ...", "docker"),
+                "docker run --security-opt 'seccomp=<profile.json>' ...", "docker"),
             Fix("Allow open/openat/ioctl in the container's seccomp profile.",
-                "podman run --security-opt seccomp=<profile.json> ...", "podman-crun"),
+                "podman run --security-opt 'seccomp=<profile.json>' ...", "podman-crun"),
             Fix("Let the service's system call filter allow opening files.",
                 "SystemCallFilter=@file-system @io-event ioctl", "host",
                 where="the unit's [Service] section")]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.test_enrichment_fixtures import denial
 from tracer.enrichment.enricher import Enricher
-from tracer.enrichment.node import resolve_in_root
+from tracer.in_root import resolve_in_root
 from tracer.host import LIVE
 from tracer.verdict import reasons as R
 from tracer.verdict.explain import explain

@@ -20,7 +20,8 @@ from tests.fuzz.denial_storm import denied_dir, held_storm, storm
 from tests.support.sensor_harness import SensorHarness
 from tests.test_hostile_strings import assert_terminal_safe
 from tracer.enrichment.enricher import Enricher
-from tracer.enrichment.node import NodeStat, resolve_in_root, stat_in_root
+from tracer.enrichment.node import NodeStat, stat_in_root
+from tracer.in_root import resolve_in_root
 from tracer.event import Event, Node, Process, UserNs
 from tracer.host import HostPaths
 from tracer.sensors.bpf_sensor import BpfConfig

@@ -14,10 +14,9 @@ from typing import Iterator
 
 import pytest
 
-from tracer.enrichment import node as node_mod
 from tracer.enrichment import process as process_mod
 from tracer.facts import Facts
-from tracer.enrichment.node import resolve_in_root
+from tracer.in_root import resolve_in_root
 from tracer.host import HostPaths
 
 TRACER = Path(__file__).resolve().parent.parent / "tracer"
@@ -169,7 +168,7 @@ def test_a_symlink_inside_the_container_still_works(hostile_container) -> None:
     (root / "etc" / "group.real").write_text("video:x:44:alice\n")
     (root / "etc" / "group").symlink_to("/etc/group.real")  # absolute, inside the container
     assert container_group_fact(pid) == {"video": 44}
-    assert node_mod.resolve_in_root(f"/proc/{pid}/root", "/etc/../etc/group") == \
+    assert resolve_in_root(f"/proc/{pid}/root", "/etc/../etc/group") == \
         f"/proc/{pid}/root/etc/group.real"
 
 
@@ -179,7 +178,7 @@ def test_container_file_swapped_for_a_symlink_mid_read_never_leaks(tmp_path) -> 
     resolves the path inside the container root (openat2 RESOLVE_IN_ROOT)."""
     import threading
 
-    from tracer.enrichment.node import read_in_root
+    from tracer.in_root import read_in_root
 
     secret = tmp_path / "host-secret"
     secret.write_text("SECRET:x:0:\n")

@@ -11,6 +11,7 @@ path in Python, then stat by path) does leak: the test can fail.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import stat
 import struct
@@ -23,7 +24,8 @@ from typing import Callable, Iterator, Optional
 import pytest
 
 from tests.support.nodes import NodeSpec, make_node
-from tracer.enrichment.node import NodeStat, resolve_in_root, stat_in_root
+from tracer.enrichment.node import NodeStat, stat_in_root
+from tracer.in_root import resolve_in_root
 
 RENAME_EXCHANGE = 2
 INSIDE_MINOR, HOST_MINOR = 3, 77
@@ -110,6 +112,36 @@ def test_node_metadata_never_comes_from_a_host_file_swapped_in(swapping_containe
     print(f"stat_in_root under the swap: container node {inside}, host node {host}, none {none}")
     assert host == 0
     assert inside > 100 and none > 100  # both states of the swap were really met
+
+
+WITHOUT_OPENAT2 = r"""
+import ctypes, errno, json, os, sys
+from tests.support.restricted_open import seccomp_errno_for
+from tests.test_node_stat_race import observe
+from tracer import in_root
+from tracer.enrichment.node import stat_in_root
+seccomp_errno_for(437, errno.ENOSYS)  # openat2, as an old container profile answers it
+root_fd = os.open(sys.argv[1], os.O_PATH)
+assert in_root._openat2_in_root(root_fd, "dev", os.O_PATH) == -1
+assert ctypes.get_errno() == errno.ENOSYS
+print(json.dumps(observe(stat_in_root, sys.argv[1], 4.0, stop_at_leak=False)))
+"""
+
+
+def test_without_openat2_the_walk_by_file_descriptors_never_leaks_either(
+        swapping_container: str) -> None:
+    """openat2 refused with ENOSYS (kernels before 5.6, old seccomp profiles): the
+    fallback walks the path one fd at a time, and the same swap still shows the
+    container's node or nothing.  (The path-string fallback it replaced is the
+    naive statter of the next test, which leaks.)"""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_OPENAT2, swapping_container],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    inside, host, none = json.loads(out.stdout)
+    print(f"fd walk under the swap: container node {inside}, host node {host}, none {none}")
+    assert host == 0
+    assert inside > 100 and none > 100
 
 
 def test_the_swap_leaks_through_resolve_then_stat_by_path(swapping_container: str) -> None:

@@ -33,13 +33,19 @@ def _check(ret: int, what: str) -> int:
 
 
 def seccomp_eperm_for_openat() -> None:
-    audit_arch, nr_openat, _ = ARCH[platform.machine()]
+    seccomp_errno_for(ARCH[platform.machine()][1], 1)
+
+
+def seccomp_errno_for(nr: int, err: int) -> None:
+    """A filter answering system call `nr` with errno `err` (EPERM as systemd's
+    SystemCallFilter=, ENOSYS as container profiles answer calls they do not know)."""
+    audit_arch = ARCH[platform.machine()][0]
     insns = [(0x20, 0, 0, 4),                 # A = arch
              (0x15, 0, 2, audit_arch),        # if A != arch goto allow
              (0x20, 0, 0, 0),                 # A = nr
-             (0x15, 1, 0, nr_openat),         # if A == openat goto errno
+             (0x15, 1, 0, nr),                # if A == nr goto errno
              (0x06, 0, 0, SECCOMP_RET_ALLOW),
-             (0x06, 0, 0, SECCOMP_RET_ERRNO | 1)]
+             (0x06, 0, 0, SECCOMP_RET_ERRNO | err)]
     program = ctypes.create_string_buffer(b"".join(struct.pack("<HBBI", *i) for i in insns))
     fprog = struct.pack("<HxxxxxxQ", len(insns), ctypes.addressof(program))
     fprog_buf = ctypes.create_string_buffer(fprog, len(fprog))

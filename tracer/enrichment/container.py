@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.node import read_in_root
+from tracer.in_root import read_in_root
 from tracer.host import HostPaths
 
 _ID = r"([0-9a-f]{64})"

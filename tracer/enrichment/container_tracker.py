@@ -25,7 +25,7 @@ from tracer.enrichment.container_state import (RuntimeState, docker_identity, ho
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
 from tracer.facts import LIVE, Facts
 from tracer.enrichment.host_facts import device_cgroup_facts
-from tracer.enrichment.node import read_in_root
+from tracer.in_root import read_in_root
 from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
 from tracer.enrichment.process import cgroup_facts, lsm_facts, userns_facts
 from tracer.enrichment.backfill import userns_level_and_owner

@@ -7,7 +7,6 @@ a symlink lead out of that root.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -15,12 +14,11 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from tracer.enrichment import procfs
 from tracer.facts import SkipCounter
 from tracer.enrichment.posix_acl import AclEntry, build_posix_acl, parse_posix_acl
+from tracer.in_root import open_in_root
 from tracer.sensors.gpu_nodes import classify_node  # the one GPU-node model
 
-MAX_SYMLINKS = 40  # the kernel's own limit (MAXSYMLINKS)
 ACL_XATTR = "system.posix_acl_access"
 SELINUX_XATTR = "security.selinux"
 
@@ -46,103 +44,6 @@ class NodeStat:
 
 NodeStatter = Callable[[str, str], Optional[NodeStat]]
 """(root, path) -> NodeStat, or None when the node does not exist."""
-
-
-def resolve_in_root(root: str, path: str) -> Optional[str]:
-    """The host path of `path` as seen by a process whose root is `root`.
-
-    Symlinks are followed by hand: absolute targets restart at `root` and `..`
-    stops at `root`, as chroot would, so nothing leads outside.  None if missing.
-    """
-    pending = [p for p in path.split("/") if p]
-    done: list[str] = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        candidate = os.path.join(root, *done, part)
-        try:
-            st = os.lstat(candidate)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):  # open() follows the last one too
-            links += 1
-            if links > MAX_SYMLINKS:
-                return None
-            try:
-                target = os.readlink(candidate)
-            except OSError:  # replaced or gone since the lstat (the process exited)
-                return None
-            if target.startswith("/"):
-                done = []
-            pending = [p for p in target.split("/") if p] + pending
-            continue
-        done.append(part)
-    return os.path.join(root, *done)
-
-
-_SYS_OPENAT2 = 437  # the same on x86_64 and arm64
-_RESOLVE_NO_MAGICLINKS, _RESOLVE_IN_ROOT = 0x02, 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-def _openat2_in_root(root_fd: int, path: str, flags: int) -> int:
-    """openat2(root_fd, path, RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS): the kernel
-    resolves `path` as chroot(root) would, in one step, so nothing swapped in
-    between our checks can lead outside.  -1 with errno set on failure."""
-    how = _OpenHow(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    return int(_libc.syscall(_SYS_OPENAT2, root_fd, os.fsencode(path), ctypes.byref(how),
-                             ctypes.sizeof(how)))
-
-
-def open_in_root(root: str, path: str, flags: int) -> Optional[int]:
-    """An fd for `path` opened as the process whose root is `root` would see it,
-    with no way out of that root; None when missing or refused.  Kernels before
-    5.6 (no openat2) fall back to resolving by hand and refusing a final symlink."""
-    try:
-        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fd = _openat2_in_root(root_fd, path, flags | os.O_CLOEXEC)
-        if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
-            resolved = resolve_in_root(root, path)
-            if resolved is None:
-                return None
-            try:
-                return os.open(resolved, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                return None
-        return fd if fd >= 0 else None
-    finally:
-        os.close(root_fd)
-
-
-def read_in_root(root: str, path: str, limit: int = procfs.MAX_FILE_BYTES) -> Optional[str]:
-    """Read `path` as the process whose root is `root` would, but with no way out:
-    a symlink swapped in after any check still cannot lead outside the container."""
-    fd = open_in_root(root, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
-    if fd is None:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # no fifos, devices or sockets
-            return None
-        return os.read(fd, limit).decode("utf-8", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def fd_xattr(fd: int, name: str) -> Optional[bytes]:

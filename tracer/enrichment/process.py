@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 from tracer.enrichment import procfs
 from tracer.facts import KERNEL, LIVE, Facts, SkipCounter
-from tracer.enrichment.node import read_in_root
+from tracer.in_root import read_in_root
 from tracer.enrichment.parse_files import parse_group_file
 from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.parse_proc import (parse_proc_cgroup, parse_status,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-from tracer.enrichment.container_node import oci_path_origin
-from tracer.enrichment.node import open_in_root
+from tracer.oci_paths import oci_path_origin
+from tracer.in_root import open_in_root
 from tracer.sensors.bpf_constants import NOT_GPU_TTL_S
 from tracer.sensors.gpu_nodes import GpuNodeSet
 

@@ -329,6 +329,12 @@ static __always_inline void fill_task(struct gpu_event *ev)
 	ev->seccomp_mode = 0;
 	ev->seccomp_filters = 0;
 #endif
+#ifdef OFF_TASK_ATOMIC_FLAGS
+	/* PFA_NO_NEW_PRIVS (bit 0): whether a setuid helper (nvidia-modprobe) could have run */
+	if (rd_u32(task, OFF_TASK_ATOMIC_FLAGS) & 1)
+		ev->path_flags |= GT_F_NO_NEW_PRIVS;
+	ev->path_flags |= GT_F_NNP_KNOWN;
+#endif
 	ev->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 }

@@ -137,6 +137,8 @@ def _syntax(line: str) -> str:
         return "modprobe"
     if line.startswith(("securityContext:", "[containers]")):
         return "yaml"
+    if line.startswith(("[Unit]", "[Service]")):
+        return "unit"  # a unit file or drop-in (issue 18): each line read by systemd's rules
     if line.endswith(" rw,"):
         return "apparmor"
     return "shell"
@@ -154,6 +156,13 @@ def _read(line: str) -> list[Any]:
         return line.split()
     if kind == "yaml":
         return [yaml.safe_load(line) if line.startswith("securityContext") else line]
+    if kind == "unit":
+        out: list[Any] = []
+        for one in line.splitlines():
+            assert not one.startswith("#") or re.fullmatch(r"# [a-z][A-Za-z0-9 ,.'/:()=+_-]*", one)
+            key, _, value = one.partition("=")
+            out.append(tuple([key] + (_systemd_words(value) if key == "DeviceAllow" else [value])))
+        return out
     if kind == "apparmor":
         path = line[:-len(" rw,")]
         assert re.fullmatch(r"/[^\s\"',#*?\[\]{}^\\]*", path), f"AppArmor would misread {path!r}"

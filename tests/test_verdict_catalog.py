@@ -120,7 +120,9 @@ def test_node_missing_enoent() -> None:
     event = denial(730, "/dev/nvidia-uvm", errno.ENOENT, uid=1000, gid=1000, mntns=4026531841)
     verdict = explain(event, fixture_enricher("cgroup-v1-host"))
     assert verdict.reason == R.NODE_MISSING
-    assert verdict.fixes[0].command == "nvidia-modprobe -u -c=0"
+    # the fixture host has neither /dev/nvidia-uvm nor nvidia-modprobe: install it, then run it
+    assert [f.command for f in verdict.fixes[:2]] == ["apt-get install nvidia-modprobe",
+                                                      "nvidia-modprobe -u -c=0"]
     evidence = {e.fact: e.value for e in verdict.evidence}
     assert "234" not in evidence["host.gpu_char_majors"]  # nvidia-uvm not loaded
 

@@ -84,6 +84,12 @@ def _opt_int(value: Any, name: str) -> Optional[int]:
     return None if value is None else _int(value, name)
 
 
+def _opt_bool(value: Any, name: str) -> Optional[bool]:
+    if value is None or isinstance(value, bool):
+        return value
+    raise TypeError(f"{name} must be true, false or null")
+
+
 def _hex(value: Any, name: str) -> int:
     """A hex string field ("0x1f" or "1f") or an integer."""
     number = int(value, 16) if isinstance(value, str) else _int(value, name)
@@ -146,6 +152,8 @@ class Process:
     # task->seccomp at the denial (BPF sensor): 0 off, 1 strict, 2 filter; None: not captured
     seccomp_mode: Optional[int] = None
     seccomp_filters: Optional[int] = None
+    # task no_new_privs at the denial (BPF sensor); None: not captured
+    no_new_privs: Optional[bool] = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -166,6 +174,8 @@ class Process:
         if self.seccomp_mode is not None:  # additive: absent when the sensor did not capture it
             out["seccomp_mode"] = self.seccomp_mode
             out["seccomp_filters"] = self.seccomp_filters
+        if self.no_new_privs is not None:  # additive, like seccomp
+            out["no_new_privs"] = self.no_new_privs
         return out
 
     @classmethod
@@ -196,6 +206,7 @@ class Process:
             sessionid=_opt_int(d.get("sessionid"), "process.sessionid"),
             seccomp_mode=_opt_int(d.get("seccomp_mode"), "process.seccomp_mode"),
             seccomp_filters=_opt_int(d.get("seccomp_filters"), "process.seccomp_filters"),
+            no_new_privs=_opt_bool(d.get("no_new_privs"), "process.no_new_privs"),
         )
 
 

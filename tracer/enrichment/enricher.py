@@ -21,11 +21,13 @@ from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
 from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.container_store import SnapshotStore
-from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
+from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts, SkipCounter
+from tracer.enrichment.parse_proc import Mount, parse_mountinfo
 from tracer.enrichment.host_facts import (device_cgroup_facts, device_programs_by_cgroup_id, host_group_table,
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
 from tracer.enrichment.node_facts import node_facts
+from tracer.enrichment.systemd_unit import systemd_unit_facts
 from tracer.enrichment.node import NodeStatter, stat_in_root
 from tracer.enrichment.process import (ancestors, cgroup_facts, container_env,
                                        container_root_facts, kernel_facts, live_status_facts,
@@ -91,6 +93,10 @@ class Enricher:
         self.by_userns: BoundedLru[int, Facts] = BoundedLru(cache_size)
         self.by_cgroup: BoundedLru[int, Facts] = BoundedLru(cache_size)
         self.counters: Counter[str] = Counter()  # cache hits/misses, parse skips
+        # mount tables read as an event arrived, by mount namespace: the table is the
+        # namespace's own, and the process (a --rm container, nvidia-smi) may be gone
+        # before enrichment; a later event of a namespace still read at its own arrival
+        self.mount_tables: BoundedLru[int, tuple[str, list[Mount]]] = BoundedLru(cache_size)
 
     def enrich(self, event: Event) -> Facts:
         """Adds enrichment's facts to `event.facts` beside the sensor's (which are
@@ -116,13 +122,28 @@ class Enricher:
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts)
         self._add_rootless_inference(proc, facts)
         self._add_host(event, live, facts)
-        node_facts(self.host, self.stat_node, event, live, facts)
+        arrival = self.mount_tables.get(proc.mntns) if proc.mntns else None
+        node_facts(self.host, self.stat_node, event, live, facts, arrival)
         trim_group_tables(facts)
         self.counters.update({f"skip:{k}": v for k, v in facts.skips.counts.items()})
         merged = event.facts.from_sensor()
         merged.update(facts)
         event.facts = merged
         return merged
+
+    def capture_mount_table(self, proc: Process) -> bool:
+        """Read the process's mount table now, on the event's arrival (an ENOENT is
+        explained by the /dev the process saw); kept by its mount namespace."""
+        if not proc.mntns or not process_is_live(self.host, proc):
+            return False
+        path = self.host.proc_pid(proc.pid, "mountinfo")
+        text = procfs.read_text(path)
+        if text is None:
+            return False
+        mounts = parse_mountinfo(text, SkipCounter())
+        self.mount_tables.put(proc.mntns, (f"{path} (read as the event arrived)", mounts))
+        self.counters["mount_tables_at_arrival"] += 1
+        return True
 
     def prime(self, proc: Process) -> bool:
         """Snapshot container-wide facts of a live process whose userns or cgroup
@@ -169,6 +190,7 @@ class Enricher:
         cgroup_facts(self.host, pid, shared)
         paths = shared.get("cgroup.paths") or {}
         device_cgroup_facts(self.host, paths, shared, proc.cgroup_id)
+        systemd_unit_facts(self.host, paths, shared)
         self._container_facts(proc, paths, shared)
         return shared
 

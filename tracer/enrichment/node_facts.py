@@ -4,6 +4,7 @@ else the host's node (by path, or by major:minor through /sys/dev/char)."""
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import stat
 from typing import Optional
@@ -15,7 +16,8 @@ from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
 from tracer.sensors.gpu_nodes import classify_node, is_gpu_driver
 from tracer.sensors.node_watch import node_history
 from tracer.enrichment.id_map import IdMap
-from tracer.enrichment.parse_proc import mount_holding, parse_mountinfo, parse_proc_devices
+from tracer.enrichment.node_absence import absence_facts
+from tracer.enrichment.parse_proc import Mount, mount_holding, parse_mountinfo, parse_proc_devices
 from tracer.event import Event
 from tracer.host import HostPaths
 
@@ -62,37 +64,52 @@ def _watched_before_removal(host: HostPaths, event: Event,
             f"GPU node watcher (inotify), read at {when[:-3]} UTC before the refusal")
 
 
-def _mount_facts(host: HostPaths, event: Event, path: str, live: bool, facts: Facts) -> None:
-    pid = event.process.pid
-    mountinfo_path = host.proc_pid(pid, "mountinfo") if live else None
-    if mountinfo_path is None:
-        # the process is gone: any live member of its mount namespace has its mount table
-        mntns = event.process.mntns if "process.mntns" not in event.missing else 0
-        if not mntns:
-            return
-        prefer = tuple(p for p in (1, facts.get("container.init_pid")) if isinstance(p, int))
-        member = procfs.process_in_mount_namespace(host.proc, mntns, prefer)
-        if member is None:
-            return
-        mountinfo_path = host.proc_pid(member, "mountinfo")
-        facts.put("node.mount_read_from_pid", member, INFERRED,
-                  f"a live process in the same mount namespace (mnt:[{mntns}])")
-    text = procfs.read_text(mountinfo_path)
-    if text is None:
-        return
-    mount = mount_holding(path, parse_mountinfo(text, facts.skips))
+def _mount_facts(host: HostPaths, event: Event, path: str, live: bool, facts: Facts,
+                 arrival: Optional[tuple[str, list[Mount]]] = None
+                 ) -> tuple[Optional[list[Mount]], str]:
+    """node.mount*; returns the process's mount table and where it was read (live,
+    from a live member of its mount namespace, or as read when the event arrived)."""
+    found = _mount_table(host, event, live, facts, arrival)
+    if found is None:
+        return None, ""
+    mountinfo_path, mounts = found
+    mount = mount_holding(path, mounts)
     if mount is None:
-        return
+        return mounts, mountinfo_path
     facts.put("node.mount", {
         "mount_point": mount.mount_point, "fstype": mount.fstype, "source": mount.source,
         "options": list(mount.options)}, LIVE, mountinfo_path)
     facts.put("node.mount_nodev", "nodev" in mount.options, LIVE, mountinfo_path)
     ro = "ro" in mount.options or "ro" in mount.super_options
     facts.put("node.mount_ro", ro, LIVE, mountinfo_path)
+    return mounts, mountinfo_path
+
+
+def _mount_table(host: HostPaths, event: Event, live: bool, facts: Facts,
+                 arrival: Optional[tuple[str, list[Mount]]]
+                 ) -> Optional[tuple[str, list[Mount]]]:
+    pid = event.process.pid
+    mountinfo_path = host.proc_pid(pid, "mountinfo") if live else None
+    if mountinfo_path is None:
+        # the process is gone: any live member of its mount namespace has its mount table
+        mntns = event.process.mntns if "process.mntns" not in event.missing else 0
+        if not mntns:
+            return arrival
+        prefer = tuple(p for p in (1, facts.get("container.init_pid")) if isinstance(p, int))
+        member = procfs.process_in_mount_namespace(host.proc, mntns, prefer)
+        if member is None:
+            return arrival
+        mountinfo_path = host.proc_pid(member, "mountinfo")
+        facts.put("node.mount_read_from_pid", member, INFERRED,
+                  f"a live process in the same mount namespace (mnt:[{mntns}])")
+    text = procfs.read_text(mountinfo_path)
+    if text is None:
+        return arrival
+    return mountinfo_path, parse_mountinfo(text, facts.skips)
 
 
 def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
-               facts: Facts) -> None:
+               facts: Facts, arrival_mounts: Optional[tuple[str, list[Mount]]] = None) -> None:
     path = os.fsdecode(event.node.path) if event.node.path else None
     devices_path = os.path.join(host.proc, "devices")
     devices_text = procfs.read_text(devices_path)
@@ -106,7 +123,7 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
     if path is None:
         return
     facts.put_bytes("node.path", event.node.path, KERNEL, "event")
-    if not live and container_node_facts(host, statter, path, facts):
+    if not live and event.errno != errno.ENOENT and container_node_facts(host, statter, path, facts):
         if isinstance(facts.get("node.gid"), int):
             _name_gid(int(facts.get("node.gid")), facts)
         facts.put("node.class", classify_node(path, facts.get("node.major"),
@@ -142,9 +159,11 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
         if found.selinux:
             facts.put("node.selinux", found.selinux, source, origin + " security.selinux")
         _name_ids(found, facts)
-    facts.put("node.class", classify_node(path, major, minor, char_majors), INFERRED,
-              "major:minor, /proc/devices and path")
-    _mount_facts(host, event, path, live, facts)
+    node_class = classify_node(path, major, minor, char_majors)
+    facts.put("node.class", node_class, INFERRED, "major:minor, /proc/devices and path")
+    mounts, mounts_origin = _mount_facts(host, event, path, live, facts, arrival_mounts)
+    if event.errno == errno.ENOENT:
+        absence_facts(host, statter, path, node_class, mounts, mounts_origin, facts)
 
 
 def _name_ids(found: NodeStat, facts: Facts) -> None:

@@ -52,6 +52,7 @@ def kernel_facts(proc: Process, facts: Facts, missing: Iterable[str] = (),
     # is the one /proc/PID/status gives, so the verdict reads one fact either way
     put("process.seccomp", proc.seccomp_mode)
     put("process.seccomp_filters", proc.seccomp_filters)
+    put("process.no_new_privs", proc.no_new_privs)
 
 
 def process_is_live(host: HostPaths, proc: Process) -> bool:
@@ -72,7 +73,7 @@ def live_status_facts(host: HostPaths, pid: int, facts: Facts) -> None:
         return
     status = parse_status(text, facts.skips)
     nnp = status_ints(status, "NoNewPrivs", facts.skips)
-    if nnp:
+    if nnp and "process.no_new_privs" not in facts:  # the kernel's capture wins
         facts.put("process.no_new_privs", bool(nnp[0]), LIVE, path)
     cap = status_hex(status, "CapEff", facts.skips)
     if cap is not None:

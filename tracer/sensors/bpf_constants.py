@@ -48,6 +48,8 @@ F_UNAGGREGATED = 16  # the aggregation table was full: this event counts 1
 F_REEMITTED = 32     # a resend of a first event the buffer had refused
 F_CANDIDATE = 64     # path outside the GPU prefixes: userspace decides by device
 F_SECCOMP_KNOWN = 128  # seccomp_mode/seccomp_filters hold the task's seccomp state
+F_NNP_KNOWN = 256    # the task's no_new_privs was read (F_NO_NEW_PRIVS says which)
+F_NO_NEW_PRIVS = 512  # task->atomic_flags has PFA_NO_NEW_PRIVS: setuid binaries gain nothing
 
 # Aggregation key target bits: bit 63 = ioctl (target holds the dev),
 # bit 62 = candidate (target holds the path hash).
@@ -72,6 +74,7 @@ def cflags() -> dict[str, object]:
                  GT_F_DIR_UNRESOLVED=F_DIR_UNRESOLVED, GT_F_DEV_VALID=F_DEV_VALID,
                  GT_F_UNAGGREGATED=F_UNAGGREGATED, GT_F_REEMITTED=F_REEMITTED,
                  GT_F_CANDIDATE=F_CANDIDATE, GT_F_SECCOMP_KNOWN=F_SECCOMP_KNOWN,
+                 GT_F_NNP_KNOWN=F_NNP_KNOWN, GT_F_NO_NEW_PRIVS=F_NO_NEW_PRIVS,
                  GT_TARGET_IOCTL=f"{TARGET_IOCTL}ULL", GT_TARGET_CANDIDATE=f"{TARGET_CANDIDATE}ULL",
                  GT_HASH_MASK=f"{HASH_MASK}ULL")
     for name, number in SYSCALL_IDS.items():

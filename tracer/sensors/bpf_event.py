@@ -9,7 +9,8 @@ from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import SENSOR
 from tracer.sensors.bpf_constants import (
     EV_DENIAL, EV_UPDATE, F_CANDIDATE, F_DEV_VALID, F_DIR_UNRESOLVED, F_REEMITTED, F_RELATIVE,
-    F_SECCOMP_KNOWN, F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
+    F_NNP_KNOWN, F_NO_NEW_PRIVS, F_SECCOMP_KNOWN, F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS,
+    PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
 
 __all__ = ["EV_DENIAL", "EV_UPDATE", "F_CANDIDATE", "F_DEV_VALID", "F_DIR_UNRESOLVED",
            "F_REEMITTED", "F_RELATIVE", "F_SECCOMP_KNOWN", "F_TRUNCATED", "F_UNAGGREGATED",
@@ -117,6 +118,7 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
         sessionid=None if sessionid == 0xFFFFFFFF else sessionid,
         seccomp_mode=seccomp_mode if flags & F_SECCOMP_KNOWN else None,
         seccomp_filters=seccomp_filters if flags & F_SECCOMP_KNOWN else None,
+        no_new_privs=bool(flags & F_NO_NEW_PRIVS) if flags & F_NNP_KNOWN else None,
     )
     event = Event(
         time=clock_offset + ts_ns / 1e9, sensor="bpf", syscall=syscall, errno=err,

@@ -71,6 +71,7 @@ OPTIONAL_OFFSETS: dict[str, str] = {
     "OFF_TASK_SESSIONID": "task_struct.sessionid",
     "OFF_TASK_SECCOMP_MODE": "task_struct.seccomp.mode",
     "OFF_TASK_SECCOMP_FILTER_COUNT": "task_struct.seccomp.filter_count",
+    "OFF_TASK_ATOMIC_FLAGS": "task_struct.atomic_flags",  # PFA_NO_NEW_PRIVS, bit 0 (3.19+)
 }
 
 

@@ -15,6 +15,8 @@ from typing import Any, Optional
 from tracer.facts import Facts
 from tracer.enrichment.id_map import IdMap
 from tracer.verdict import reasons as R
+from tracer.verdict.absent_node import ENOENT_EVIDENCE, classify_enoent, major_names
+from tracer.verdict.unit_policy import unit_refusal
 from tracer.verdict.access_model import Credentials, NodeFacts
 from tracer.verdict.model_input import ModelRun
 
@@ -28,6 +30,7 @@ class Classification:
     evidence: list[str]                       # fact names, most telling first
     context: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    summary: Optional[str] = None             # a story told from the facts, over the template
 
 
 def runtime_key(facts: Facts) -> str:
@@ -81,9 +84,9 @@ def _root_in_namespace(creds: Credentials) -> bool:
 def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     ctx = _base_context(facts, run)
     if errno == errno_mod.ENOENT:
-        return Classification(R.NODE_MISSING, "high",
-                              ["node.exists", "node.path", "node.class", "host.gpu_char_majors"],
-                              ctx)
+        reason, confidence, summary, notes = classify_enoent(facts, ctx)
+        return Classification(reason, confidence, ["node.exists"] + ENOENT_EVIDENCE, ctx, notes,
+                              summary)
     blockers = facts.get("audit.landlock_blockers")
     if isinstance(blockers, list) and blockers:
         return _landlock_recorded(facts, ctx, blockers)
@@ -96,7 +99,7 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
         return _node_gone_since(errno, facts, run, ctx)
     decision = run.decision
     if errno == errno_mod.EPERM:
-        return _eperm(facts, run, ctx)
+        return _unit_story(facts, run, _eperm(facts, run, ctx))
     if decision is None:
         return Classification(R.UNKNOWN, "low", [], ctx,
                               [f"Missing facts: {', '.join(run.missing)}."])
@@ -220,6 +223,35 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
                  "refuses this node and no seccomp filter is known; a capability-gated driver "
                  "or ioctl check is possible." + (f" Missing: {', '.join(missing)}." if missing else ""))
     return Classification(R.UNKNOWN, "low", DEVICE_EVIDENCE + SECCOMP_EVIDENCE, ctx, notes)
+
+
+def _unit_story(facts: Facts, run: ModelRun, found: Classification) -> Classification:
+    """An EPERM in a systemd unit whose device sandboxing does not allow the node: the
+    property that refused and the DeviceAllow= line.  Never over a device layer shown
+    to allow; medium when the unit's program could not be read (the configuration
+    alone shows the refusal)."""
+    ctx = found.context
+    major, minor = facts.get("node.major"), facts.get("node.minor")
+    refusal = unit_refusal(facts, str(ctx["path"]), major, minor, major_names(facts))
+    if refusal is None or found.reason not in (R.DEVICE_CGROUP, R.UNKNOWN, R.SECCOMP_DENIED):
+        return found
+    steps = [s for s in (run.decision.ladder if run.decision else ())
+             if s.layer.startswith("device_cgroup")]
+    if steps and all(s.refuses is False for s in steps):
+        return found
+    shown = any(s.refuses for s in steps)
+    ctx.update(unit=refusal.unit, unit_prop=refusal.prop, allow_name=refusal.allow_name,
+               unit_private=refusal.private_devices)
+    notes = list(refusal.notes)
+    if not shown:
+        notes.append("The unit's device program itself could not be evaluated; its "
+                     f"configuration ({refusal.prop}=) shows that it refuses this node.")
+    summary = (f"The systemd unit {refusal.unit} does not allow {ctx['path']} "
+               f"({major}:{minor}): {refusal.detail}, so the device cgroup systemd built for "
+               "it refuses the node.")
+    return Classification(R.DEVICE_CGROUP, "high" if shown else "medium",
+                          ["systemd.unit", "systemd.unit_properties"] + DEVICE_EVIDENCE, ctx,
+                          notes + found.notes, summary)
 
 
 def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:

@@ -56,6 +56,7 @@ SUMMARIES = {
         "mode {mode}): it lacks CAP_DAC_OVERRIDE or the node is not mapped into its user "
         "namespace.",
     R.NODE_MISSING: "{path} does not exist where the process looked for it.",
+    R.NODE_NOT_IN_PRIVATE_DEV: "{path} exists on the host but not in the process's own /dev.",
     R.UNKNOWN: "gputrace could not tell why {path} was refused{unknown_why}; the facts it "
                "gathered are listed.",
 }
@@ -75,6 +76,7 @@ LAYER_NAMES = {"nodev": "the nodev mount", "dac": "the file permissions",
                "device_cgroup_v2": "the device cgroup (v2 BPF program)"}
 LAYER_OF_REASON = {R.NODEV_MOUNT: "nodev", R.DEVICE_CGROUP: "device_cgroup",
                    R.SECCOMP_DENIED: "seccomp", R.LSM_DENIED: "lsm", R.NODE_MISSING: "none",
+                   R.NODE_NOT_IN_PRIVATE_DEV: "none",
                    R.UNKNOWN: "none"}
 
 
@@ -140,7 +142,7 @@ def explain_facts(event: Event, facts: Facts) -> Verdict:
     notes += [then_note(item) for item in then]
     return Verdict(
         reason=found.reason,
-        summary=SUMMARIES[found.reason].format_map(_Missing(found.context)),
+        summary=found.summary or SUMMARIES[found.reason].format_map(_Missing(found.context)),
         confidence=found.confidence, evidence=_evidence(facts, names),
         fixes=ranked_fixes(found.reason, found.context), notes=notes,
         check=run.decision.check if run.decision else None,

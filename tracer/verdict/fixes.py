@@ -4,12 +4,14 @@ ran under come first."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Optional
 
 from tracer.verdict import reasons as R
 from tracer.verdict.fix_lines import (apparmor_path, fix_line, modprobe_options, number,
                                       shell_path, shell_word, systemd_device_path, udev_value)
 from tracer.verdict.reasons import Fix
+from tracer.enrichment.systemd_unit import UNIT_NAME
 
 WORLD_WRITABLE_NOTE = ("Every local user and every container that can see the node may then "
                        "use the GPU; this removes the group check that keeps them out.")
@@ -110,7 +112,28 @@ def _gid_mismatch(ctx: dict[str, Any]) -> list[Fix]:
                  where="Containerfile / Dockerfile")]
 
 
+def _unit_drop_in(ctx: dict[str, Any], summary: str) -> list[Fix]:
+    """A systemd unit's device sandboxing refused: the drop-in that allows the node
+    (by its driver's current /proc/devices name, else its path), then the restart."""
+    unit, name = ctx.get("unit"), ctx.get("allow_name")
+
+    def drop_in() -> str:
+        allow = f"char-{name}" if name else systemd_device_path(ctx.get("node_path"))
+        private = "PrivateDevices=no\n" if ctx.get("unit_private") else ""
+        return f"[Service]\n{private}DeviceAllow={allow} rw"
+    where = (f"/etc/systemd/system/{unit}.d/gpu.conf" if isinstance(unit, str)
+             and UNIT_NAME.fullmatch(unit) else "a drop-in of the unit (systemctl edit)")
+    note = ("The service then sees every host device node; its device policy still limits "
+            "which it may open.") if ctx.get("unit_private") else ""
+    return [fix_line(summary, "host", drop_in, where=where, security_note=note),
+            fix_line("Apply the drop-in.", "host", lambda: "systemctl daemon-reload && "
+                     f"systemctl restart {shell_word(unit, 'unit')}")]
+
+
 def _device_cgroup(ctx: dict[str, Any]) -> list[Fix]:
+    if ctx.get("unit"):
+        return _unit_drop_in(ctx, f"Allow the node in the unit's device policy "
+                             f"({ctx.get('unit_prop')}= refused it).")
     return [*_pass_device(ctx, "Pass the node with --device so the runtime allows it in the "
                           "device cgroup."),
             Fix("Create the /dev/char symlinks the systemd cgroup driver needs to keep "
@@ -210,12 +233,73 @@ def _capability(ctx: dict[str, Any]) -> list[Fix]:
                 security_note="Lets the container's root ignore file permissions.")]
 
 
+MODPROBE_ARGS = {"nvidia-uvm": "-u -c=0", "nvidia-uvm-tools": "-u -c=0", "nvidia-modeset": "-m",
+                 "nvidiactl": "-c=0"}
+BOOT_UNIT = ("[Unit]\nDescription=Load NVIDIA modules and create their device nodes\n"
+             "[Service]\nType=oneshot\nExecStart=/usr/bin/nvidia-modprobe {args}\n"
+             "[Install]\nWantedBy=multi-user.target")
+GPU_INDEX = re.compile(r"/dev/nvidia(\d{1,4})")
+
+
+def _modprobe_args(ctx: dict[str, Any]) -> Optional[str]:
+    """nvidia-modprobe's options for the node's class (digits only, never a name)."""
+    if ctx["node_class"] != "nvidia-gpu":
+        return MODPROBE_ARGS.get(ctx["node_class"])
+    minor, path = ctx.get("minor"), ctx.get("node_path")
+    index = GPU_INDEX.fullmatch(path) if isinstance(path, str) else None
+    if isinstance(minor, int) and not isinstance(minor, bool) and 0 <= minor < 254:
+        return f"-c={minor}"  # /dev/nvidiaN is minor N
+    return f"-c={int(index.group(1))}" if index else "-c=0"
+
+
 def _node_missing(ctx: dict[str, Any]) -> list[Fix]:
-    fixes = []
-    if ctx["node_class"].startswith("nvidia"):
-        fixes.append(Fix("Load the driver module and create the NVIDIA nodes as root.",
-                         "nvidia-modprobe -u -c=0", "host"))
-    return fixes + _pass_device(ctx, "Pass the node into the container.")
+    """The host lacks the node: create it there (never when the host has it)."""
+    fixes: list[Fix] = []
+    args = _modprobe_args(ctx) if ctx.get("on_host") is not True else None
+    if args is not None:
+        blockers = ctx.get("modprobe_blockers") or []
+        now = Fix("Load the module and create the node as root now.", f"nvidia-modprobe {args}",
+                  "host")
+        boot = Fix("Create the nodes at every boot as root, so processes that cannot run the "
+                   "setuid helper (no_new_privs, user namespaces) find them.",
+                   BOOT_UNIT.format(args=args), "host",
+                   where="/etc/systemd/system/nvidia-nodes.service (then systemctl enable "
+                   "nvidia-nodes)")
+        if any(b in blockers for b in ("no_new_privs", "user_namespace", "nosuid")):
+            fixes += [boot, now]  # the helper can never run for this process: make them first
+        else:
+            if ctx.get("modprobe_installed") is False:
+                fixes.append(Fix("Install nvidia-modprobe (the driver's setuid helper that CUDA "
+                                 "runs to create the nodes).", "apt-get install nvidia-modprobe",
+                                 "host"))
+            fixes += [now, boot]
+        if "not_setuid_root" in blockers and ctx.get("modprobe_path"):
+            fixes.append(fix_line("Restore the setuid bit the driver package installs.", "host",
+                                  lambda: f"chmod 4755 {shell_path(ctx.get('modprobe_path'), 'file')}",
+                                  security_note="A setuid root helper runs with root's power "
+                                  "for every local user."))
+    if ctx.get("on_host") is not False or not fixes:
+        fixes += _pass_into_container(ctx)
+    return fixes
+
+
+def _pass_into_container(ctx: dict[str, Any]) -> list[Fix]:
+    return _pass_device(ctx, "Pass the node into the container.") + [
+        Fix("Pass the GPU into the container with CDI (a spec generated for the driver in use).",
+            "podman run --device nvidia.com/gpu=all ...", "podman-crun")]
+
+
+def _node_not_in_private_dev(ctx: dict[str, Any]) -> list[Fix]:
+    """The host has the node; the process's /dev does not: give it the node."""
+    if ctx.get("unit"):
+        return _unit_drop_in(ctx, "Give the service the host's /dev and allow the node in its "
+                             "device policy (PrivateDevices=yes hides it).")
+    if ctx.get("story") == "sandbox":
+        return [Fix("Give the sandbox the host's device nodes (Flatpak: --device=all; "
+                    "bubblewrap: --dev-bind for the node).",
+                    "flatpak override --device=all '<app-id>'", "any",
+                    security_note="The sandbox can then open every device node the user can.")]
+    return _pass_into_container(ctx)
 
 
 def _seccomp(ctx: dict[str, Any]) -> list[Fix]:
@@ -241,6 +325,7 @@ FIXES: dict[str, Callable[[dict[str, Any]], list[Fix]]] = {
     R.DEVICE_CGROUP: _device_cgroup, R.NODEV_MOUNT: _nodev, R.LSM_DENIED: _lsm,
     R.MODE_RESTRICTIVE: _mode_restrictive, R.CAPABILITY_REQUIRED: _capability,
     R.NODE_MISSING: _node_missing, R.SECCOMP_DENIED: _seccomp, R.UNKNOWN: _unknown,
+    R.NODE_NOT_IN_PRIVATE_DEV: _node_not_in_private_dev,
 }
 
 

@@ -21,10 +21,13 @@ CAPABILITY_REQUIRED = "capability_required"
 NODE_MISSING = "node_missing"
 SECCOMP_DENIED = "seccomp_denied"
 UNKNOWN = "unknown"
+# ENOENT although the host has the node: the process's own /dev lacks it (a unit's
+# PrivateDevices=, a runtime that did not pass it, a sandbox's private /dev)
+NODE_NOT_IN_PRIVATE_DEV = "node_not_in_private_dev"
 
 REASONS = (GROUP_DROPPED_IN_USERNS, NOT_IN_GROUP, SEAT_ACL_ONLY, GID_MISMATCH_IN_CONTAINER,
            DEVICE_CGROUP, NODEV_MOUNT, LSM_DENIED, MODE_RESTRICTIVE, CAPABILITY_REQUIRED,
-           NODE_MISSING, SECCOMP_DENIED, UNKNOWN)
+           NODE_MISSING, SECCOMP_DENIED, UNKNOWN, NODE_NOT_IN_PRIVATE_DEV)
 
 RUNTIMES = ("podman-runc", "podman-crun", "docker", "kubernetes", "host", "any")
 CONFIDENCES = ("high", "medium", "low")

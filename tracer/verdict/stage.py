@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 from typing import Callable, Optional
 
@@ -27,6 +28,9 @@ def explain_stages(host: Optional[HostPaths] = None, cache_size: int = 256,
         if enricher.needs_prime(event.process):
             with lock:
                 enricher.prime(event.process)
+        if event.errno == errno.ENOENT:  # explained by the /dev this process saw: read it now
+            with lock:
+                enricher.capture_mount_table(event.process)
 
     def stage(event: Event) -> None:
         with lock:

@@ -20,7 +20,7 @@ import stat
 from typing import Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.container_node import oci_path_origin
+from tracer.oci_paths import oci_path_origin
 from tracer.enrichment.node import NodeStatter
 from tracer.enrichment.parse_proc import Mount, mount_holding
 from tracer.facts import CACHED, LIVE, Facts

@@ -25,6 +25,8 @@
  *   AGG_INTERVAL_NS     min time between count updates for one aggregate
  *   AGG_MAX             aggregation table size
  *   OFF_*, SIZEOF_UPID  struct offsets from BTF
+ *   HAVE_CGROUP_NAMES   name the task's own cgroup (its v2 cgroup, else its v1
+ *                       devices cgroup: DEVICES_CGRP_ID from BTF's cgroup_subsys_id)
  *
  * The event layout below is mirrored by tracer/sensors/bpf_event.py; its size
  * is checked at compile time against EVENT_SIZE from Python.
@@ -97,6 +99,10 @@ struct gpu_event {
 	char comm[16];
 	char path[PATH_CAP];  /* normalised: no //, no . or .. segments */
 	char given[PATH_CAP]; /* the path as the process passed it */
+	/* GT_F_CGROUP_NAMED: the task's own cgroup directory and its parent's, e.g.
+	 * docker-<id>.scope, libpod-<id>, cri-containerd-<id>.scope, docker + <id> */
+	char cgroup_leaf[GT_CGROUP_NAME_CAP];
+	char cgroup_parent[GT_CGROUP_NAME_CAP];
 };
 
 #define UPDATE_SIZE (offsetof(struct gpu_event, cgroup_id))
@@ -274,6 +280,37 @@ static __always_inline u64 path_hash(const char *p)
 	return h & GT_HASH_MASK;
 }
 
+#ifdef HAVE_CGROUP_NAMES
+/* The task's own cgroup by name: the cgroup directory carries the container id
+ * (docker-<id>.scope, libpod-<id>, cri-containerd-<id>.scope, crio-<id>.scope,
+ * /docker/<id>) even when no runtime state is left to read. */
+static __always_inline void fill_cgroup_names(void *task, struct gpu_event *ev)
+{
+	void *cset = rd_ptr(task, OFF_TASK_CGROUPS);
+	void *kn = rd_ptr(rd_ptr(cset, OFF_CSS_SET_DFL_CGRP), OFF_CGROUP_KN);
+	void *up = rd_ptr(kn, OFF_KERNFS_PARENT);
+#ifdef DEVICES_CGRP_ID
+	if (!up) { /* at the v2 root (or no v2 here): the v1 devices cgroup */
+		void *css = rd_ptr(cset, OFF_CSS_SET_SUBSYS + DEVICES_CGRP_ID * 8);
+		if (css) {
+			kn = rd_ptr(rd_ptr(css, OFF_CSS_CGROUP), OFF_CGROUP_KN);
+			up = rd_ptr(kn, OFF_KERNFS_PARENT);
+			ev->path_flags |= GT_F_CGROUP_V1;
+		}
+	}
+#endif
+	ev->cgroup_leaf[0] = 0;
+	ev->cgroup_parent[0] = 0;
+	if (!up) /* the root of its hierarchy: no cgroup of its own */
+		return;
+	bpf_probe_read_kernel_str(ev->cgroup_leaf, GT_CGROUP_NAME_CAP, rd_ptr(kn, OFF_KERNFS_NAME));
+	if (rd_ptr(up, OFF_KERNFS_PARENT)) /* the parent is not the root */
+		bpf_probe_read_kernel_str(ev->cgroup_parent, GT_CGROUP_NAME_CAP,
+					  rd_ptr(up, OFF_KERNFS_NAME));
+	ev->path_flags |= GT_F_CGROUP_NAMED;
+}
+#endif
+
 static __always_inline void fill_task(struct gpu_event *ev)
 {
 	void *task = (void *)bpf_get_current_task();
@@ -337,6 +374,9 @@ static __always_inline void fill_task(struct gpu_event *ev)
 #endif
 	ev->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+#ifdef HAVE_CGROUP_NAMES
+	fill_cgroup_names(task, ev);
+#endif
 }
 
 /* Count the denial; send the full event the first time, count updates after. */

@@ -21,17 +21,39 @@ def raw_event(**over) -> bytes:
              ktgid=10, ksys=3, kerr=13, target=0xABC, cgroup=77, flags=2, cap=0, dev=0,
              path_flags=0, ids=(1000, 1001, 1002, 1003, 1004, 1005), ngroups=2, uns=(4026531837, 0, 0),
              ns=(1, 2, 3, 10), audit=(1000, 5), seccomp=(0, 0), dirfd=-100, path_len=12,
-             groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0", given=b"/dev/nvidia0")
+             groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0", given=b"/dev/nvidia0",
+             cgroup_leaf=b"", cgroup_parent=b"")
     f.update(over)
     return bpf_event.FULL.pack(
         f["kind"], f["sys"], f["err"], f["tgid"], f["tid"], f["ppid"], f["ts"], f["count"],
         f["ktgid"], f["ksys"], f["kerr"], f["target"], f["cgroup"], f["flags"], f["cap"],
         f["dev"], f["path_flags"], *f["ids"], f["ngroups"], *f["uns"], *f["ns"], *f["audit"],
-        *f["seccomp"], f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"], f["given"])
+        *f["seccomp"], f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"], f["given"],
+        f["cgroup_leaf"], f["cgroup_parent"])
 
 
 def test_layout_sizes_match_the_c_struct():
-    assert bpf_event.EVENT_SIZE == 824 and bpf_event.UPDATE_SIZE == 56
+    assert bpf_event.EVENT_SIZE == 1080 and bpf_event.UPDATE_SIZE == 56
+
+
+def test_decode_cgroup_names_only_when_the_kernel_named_them():
+    cid = "ab" * 32
+    named = bpf_event.decode(raw_event(cgroup_leaf=f"docker-{cid}.scope".encode(),
+                                       cgroup_parent=b"system.slice",
+                                       path_flags=bpf_event.F_CGROUP_NAMED), 0).event
+    assert named.process.cgroup_leaf == f"docker-{cid}.scope".encode()
+    assert (named.process.cgroup_parent, named.process.cgroup_hierarchy) == (b"system.slice", "v2")
+    v1 = bpf_event.decode(raw_event(cgroup_leaf=cid.encode(), cgroup_parent=b"docker",
+                                    path_flags=bpf_event.F_CGROUP_NAMED | bpf_event.F_CGROUP_V1),
+                          0).event
+    assert v1.process.cgroup_hierarchy == "v1 devices"
+    # stale bytes in the kernel's scratch buffer mean nothing without the flag
+    unnamed = bpf_event.decode(raw_event(cgroup_leaf=b"libpod-x", cgroup_parent=b"y"), 0).event
+    assert (unnamed.process.cgroup_leaf, unnamed.process.cgroup_hierarchy) == (None, None)
+    assert "cgroup_leaf" not in unnamed.to_json()["process"]  # not captured: absent
+    back = Event.from_json(named.to_json())
+    assert back.process.cgroup_leaf == named.process.cgroup_leaf
+    assert back.process.cgroup_hierarchy == "v2"
 
 
 def test_decode_seccomp_state_only_when_the_kernel_captured_it():

@@ -119,6 +119,15 @@ def _epoch(stamp: Any) -> float:
     return when
 
 
+CGROUP_HIERARCHIES = ("v2", "v1 devices")
+
+
+def _cgroup_hierarchy(value: Any) -> Optional[str]:
+    if value is None or value in CGROUP_HIERARCHIES:
+        return value
+    raise ValueError(f"process.cgroup_hierarchy must be one of {CGROUP_HIERARCHIES} or null")
+
+
 @dataclass
 class UserNs:
     inum: int = 0
@@ -154,6 +163,12 @@ class Process:
     seccomp_filters: Optional[int] = None
     # task no_new_privs at the denial (BPF sensor); None: not captured
     no_new_privs: Optional[bool] = None
+    # the task's own cgroup directory and its parent's, by name, at the denial (BPF
+    # sensor): `cgroup_hierarchy` "v2", or "v1 devices" where the v2 cgroup was the
+    # root; None: not captured (or the task sat at the root)
+    cgroup_leaf: Optional[bytes] = None
+    cgroup_parent: Optional[bytes] = None
+    cgroup_hierarchy: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -176,6 +191,10 @@ class Process:
             out["seccomp_filters"] = self.seccomp_filters
         if self.no_new_privs is not None:  # additive, like seccomp
             out["no_new_privs"] = self.no_new_privs
+        if self.cgroup_hierarchy is not None:  # additive, like seccomp
+            put_bytes(out, "cgroup_leaf", self.cgroup_leaf)
+            put_bytes(out, "cgroup_parent", self.cgroup_parent)
+            out["cgroup_hierarchy"] = self.cgroup_hierarchy
         return out
 
     @classmethod
@@ -207,6 +226,8 @@ class Process:
             seccomp_mode=_opt_int(d.get("seccomp_mode"), "process.seccomp_mode"),
             seccomp_filters=_opt_int(d.get("seccomp_filters"), "process.seccomp_filters"),
             no_new_privs=_opt_bool(d.get("no_new_privs"), "process.no_new_privs"),
+            cgroup_leaf=get_bytes(d, "cgroup_leaf"), cgroup_parent=get_bytes(d, "cgroup_parent"),
+            cgroup_hierarchy=_cgroup_hierarchy(d.get("cgroup_hierarchy")),
         )
 
 

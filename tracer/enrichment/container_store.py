@@ -16,6 +16,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from tracer.enrichment.cgroup_name import cgroup_matches, cgroup_tail, snapshot_ids
 from tracer.facts import CACHED, Facts, Fact
 from tracer.event import Process
 
@@ -167,6 +168,9 @@ class SnapshotStore:
         object lives; a pid only counts within the container's own lifetime."""
         absent = set(missing)
         with self._lock:
+            by_name = self._by_cgroup_name(proc, when)
+            if by_name is not None:
+                return by_name
             candidates = []
             if "process.mntns" not in absent and proc.mntns:
                 candidates.append(("mntns", proc.mntns))
@@ -194,6 +198,22 @@ class SnapshotStore:
                         return snap, f"{how} {pid} was the container's init then"
             self.counters["snapshot_miss"] += 1
             return None
+
+    def _by_cgroup_name(self, proc: Process, when: float) -> Optional[tuple[ContainerSnapshot, str]]:
+        """The container whose id the kernel-captured cgroup name carries (an engine's
+        docker-<id>.scope, libpod-<id>, ...), or runc's /<id>, when the snapshot's own
+        recorded cgroup is that very one."""
+        tail = cgroup_tail(proc)
+        for cid, by_pattern in snapshot_ids(proc):
+            snap = self._items.get(cid)
+            if snap is None or not snap.alive_at(when):
+                continue
+            paths = snap.facts.get("cgroup.paths")
+            recorded = paths.value if paths is not None else None
+            if (tail and cgroup_matches(tail, recorded)) or (by_pattern and recorded is None):
+                self.counters["snapshot_hit_cgroup_name"] += 1
+                return snap, f"cgroup name {tail}"
+        return None
 
     def approx_bytes(self) -> int:
         with self._lock:

@@ -15,6 +15,7 @@ import os
 from collections import Counter, OrderedDict
 from typing import Generic, Optional, TypeVar
 
+from tracer.enrichment.cgroup_name import add_cgroup_identity
 from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
                                          podman_storage_has, read_containerenv)
 from tracer.enrichment import procfs
@@ -120,6 +121,7 @@ class Enricher:
                 # the process is gone, but the kernel-captured cgroup id still finds its
                 # own v2 cgroup (and its device programs) while the cgroup lives
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts)
+        add_cgroup_identity(proc, facts)
         self._add_rootless_inference(proc, facts)
         self._add_host(event, live, facts)
         arrival = self.mount_tables.get(proc.mntns) if proc.mntns else None

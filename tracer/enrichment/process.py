@@ -53,6 +53,10 @@ def kernel_facts(proc: Process, facts: Facts, missing: Iterable[str] = (),
     put("process.seccomp", proc.seccomp_mode)
     put("process.seccomp_filters", proc.seccomp_filters)
     put("process.no_new_privs", proc.no_new_privs)
+    if proc.cgroup_hierarchy is not None:  # named by the kernel at the denial
+        facts.put_bytes("process.cgroup_leaf", proc.cgroup_leaf, KERNEL, "event")
+        facts.put_bytes("process.cgroup_parent", proc.cgroup_parent, KERNEL, "event")
+        facts.put("process.cgroup_hierarchy", proc.cgroup_hierarchy, KERNEL, "event")
 
 
 def process_is_live(host: HostPaths, proc: Process) -> bool:

@@ -30,12 +30,13 @@ MAX_GROUPS = 32         # supplementary groups copied per event
 MAX_PREFIXES = 32       # GPU path prefixes (LPM trie entries)
 PREFIX_CAP = 32         # bytes of one prefix
 NORM_DEPTH = 32         # path segments `..` can climb back over
-RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~5,000 distinct denials (824 B each)
+RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~3,900 distinct denials (1,080 B each)
 GPU_DEVS_MAX = 256      # device numbers / majors in the `gpu_devs` map
 NOT_GPU_MAX = 8192      # (mount ns, path hash) pairs known not to be GPU nodes
 NOT_GPU_TTL_S = 10      # ...for this long: a path may become a GPU node (symlink, mount) later
 CANDIDATE_RATE = 2000   # new candidates per second per CPU the kernel may send
 CANDIDATE_BURST = 4000  # ...and its token bucket depth
+CGROUP_NAME_CAP = 128   # bytes of one cgroup directory name (cri-containerd-<64 hex>.scope: 85)
 
 EV_DENIAL, EV_UPDATE = 1, 2
 
@@ -50,6 +51,8 @@ F_CANDIDATE = 64     # path outside the GPU prefixes: userspace decides by devic
 F_SECCOMP_KNOWN = 128  # seccomp_mode/seccomp_filters hold the task's seccomp state
 F_NNP_KNOWN = 256    # the task's no_new_privs was read (F_NO_NEW_PRIVS says which)
 F_NO_NEW_PRIVS = 512  # task->atomic_flags has PFA_NO_NEW_PRIVS: setuid binaries gain nothing
+F_CGROUP_NAMED = 2048  # cgroup_leaf/cgroup_parent hold the names of the task's own cgroup
+F_CGROUP_V1 = 4096     # ...of its v1 devices cgroup (its v2 cgroup was the root)
 
 # Aggregation key target bits: bit 63 = ioctl (target holds the dev),
 # bit 62 = candidate (target holds the path hash).
@@ -75,6 +78,8 @@ def cflags() -> dict[str, object]:
                  GT_F_UNAGGREGATED=F_UNAGGREGATED, GT_F_REEMITTED=F_REEMITTED,
                  GT_F_CANDIDATE=F_CANDIDATE, GT_F_SECCOMP_KNOWN=F_SECCOMP_KNOWN,
                  GT_F_NNP_KNOWN=F_NNP_KNOWN, GT_F_NO_NEW_PRIVS=F_NO_NEW_PRIVS,
+                 GT_F_CGROUP_NAMED=F_CGROUP_NAMED, GT_F_CGROUP_V1=F_CGROUP_V1,
+                 GT_CGROUP_NAME_CAP=CGROUP_NAME_CAP,
                  GT_TARGET_IOCTL=f"{TARGET_IOCTL}ULL", GT_TARGET_CANDIDATE=f"{TARGET_CANDIDATE}ULL",
                  GT_HASH_MASK=f"{HASH_MASK}ULL")
     for name, number in SYSCALL_IDS.items():

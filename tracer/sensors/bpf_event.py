@@ -8,18 +8,18 @@ from dataclasses import dataclass
 from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import SENSOR
 from tracer.sensors.bpf_constants import (
-    EV_DENIAL, EV_UPDATE, F_CANDIDATE, F_DEV_VALID, F_DIR_UNRESOLVED, F_REEMITTED, F_RELATIVE,
-    F_NNP_KNOWN, F_NO_NEW_PRIVS, F_SECCOMP_KNOWN, F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS,
-    PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
+    CGROUP_NAME_CAP, EV_DENIAL, EV_UPDATE, F_CANDIDATE, F_CGROUP_NAMED, F_CGROUP_V1, F_DEV_VALID,
+    F_DIR_UNRESOLVED, F_NNP_KNOWN, F_NO_NEW_PRIVS, F_REEMITTED, F_RELATIVE, F_SECCOMP_KNOWN,
+    F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
 
 __all__ = ["EV_DENIAL", "EV_UPDATE", "F_CANDIDATE", "F_DEV_VALID", "F_DIR_UNRESOLVED",
            "F_REEMITTED", "F_RELATIVE", "F_SECCOMP_KNOWN", "F_TRUNCATED", "F_UNAGGREGATED",
-           "MAX_GROUPS"]
+           "F_CGROUP_NAMED", "F_CGROUP_V1", "MAX_GROUPS"]
 
 # Mirrors struct gpu_event; the C side asserts sizeof() == EVENT_SIZE.
 _HEADER = "IIiIIIQQIHHQ"
 _BODY = ("QQQII" "IIIIII" "I" "III" "IIII" "II" "II" "iI" f"{MAX_GROUPS}I" "16s"
-         f"{PATH_CAP}s" f"{PATH_CAP}s")
+         f"{PATH_CAP}s" f"{PATH_CAP}s" f"{CGROUP_NAME_CAP}s" f"{CGROUP_NAME_CAP}s")
 HEADER = struct.Struct("<" + _HEADER)
 FULL = struct.Struct("<" + _HEADER + _BODY)
 EVENT_SIZE = FULL.size
@@ -102,6 +102,9 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
     raw_path = _cstr(f[38 + MAX_GROUPS])[:path_len] if path_len else _cstr(f[38 + MAX_GROUPS])
     given = _cstr(f[39 + MAX_GROUPS])
     flags = path_flags
+    named = bool(flags & F_CGROUP_NAMED)
+    cgroup_leaf = _cstr(f[40 + MAX_GROUPS]) if named else None
+    cgroup_parent = _cstr(f[41 + MAX_GROUPS]) if named else None
     syscall = SYSCALL_NAMES[sys_id]
 
     node = Node(path=raw_path or None, path_truncated=bool(flags & F_TRUNCATED))
@@ -119,6 +122,8 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
         seccomp_mode=seccomp_mode if flags & F_SECCOMP_KNOWN else None,
         seccomp_filters=seccomp_filters if flags & F_SECCOMP_KNOWN else None,
         no_new_privs=bool(flags & F_NO_NEW_PRIVS) if flags & F_NNP_KNOWN else None,
+        cgroup_leaf=cgroup_leaf or None, cgroup_parent=cgroup_parent if named else None,
+        cgroup_hierarchy=("v1 devices" if flags & F_CGROUP_V1 else "v2") if named else None,
     )
     event = Event(
         time=clock_offset + ts_ns / 1e9, sensor="bpf", syscall=syscall, errno=err,

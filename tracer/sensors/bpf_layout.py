@@ -75,6 +75,37 @@ OPTIONAL_OFFSETS: dict[str, str] = {
 }
 
 
+# The refused task's own cgroup, to name it (HAVE_CGROUP_NAMES): macro -> member paths,
+# the first one this kernel has wins (kernfs_node.parent became __parent in 6.15).
+CGROUP_NAME_OFFSETS: dict[str, tuple[str, ...]] = {
+    "OFF_TASK_CGROUPS": ("task_struct.cgroups",),
+    "OFF_CSS_SET_DFL_CGRP": ("css_set.dfl_cgrp",),
+    "OFF_CSS_SET_SUBSYS": ("css_set.subsys",),
+    "OFF_CSS_CGROUP": ("cgroup_subsys_state.cgroup",),
+    "OFF_CGROUP_KN": ("cgroup.kn",),
+    "OFF_KERNFS_NAME": ("kernfs_node.name",),
+    "OFF_KERNFS_PARENT": ("kernfs_node.__parent", "kernfs_node.parent"),
+}
+
+
+def _first_member(btf: KernelBtf, paths: tuple[str, ...]) -> int | None:
+    return next((btf.member(p).offset for p in paths if btf.has_member(p)), None)
+
+
+def cgroup_name_flags(btf: KernelBtf) -> dict[str, int]:
+    """Offsets to name the task's cgroup, and the v1 devices controller's index in
+    css_set.subsys (`enum cgroup_subsys_id`); empty when this kernel lacks one."""
+    found = {macro: _first_member(btf, paths) for macro, paths in CGROUP_NAME_OFFSETS.items()}
+    if any(v is None for v in found.values()):
+        return {}
+    flags = {k: v for k, v in found.items() if v is not None}
+    flags["HAVE_CGROUP_NAMES"] = 1
+    devices = btf.enum_value("cgroup_subsys_id", "devices_cgrp_id")
+    if devices is not None:
+        flags["DEVICES_CGRP_ID"] = devices
+    return flags
+
+
 def current_arch(machine: str | None = None) -> Arch:
     return arch_for(machine, "bpf")
 
@@ -97,4 +128,5 @@ def offset_flags(btf: KernelBtf, arch: Arch) -> dict[str, int]:
         flags["HAVE_AUDIT_IDS"] = 1
     if "OFF_TASK_SECCOMP_MODE" in flags and "OFF_TASK_SECCOMP_FILTER_COUNT" in flags:
         flags["HAVE_SECCOMP"] = 1
+    flags.update(cgroup_name_flags(btf))
     return flags

@@ -17,7 +17,7 @@ from typing import Optional
 from tracer.errors import EnvironmentProblem
 
 # BTF kinds (include/uapi/linux/btf.h)
-KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION = 1, 2, 3, 4, 5
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
 KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 8, 9, 10, 11
 KIND_FUNC, KIND_TYPE_TAG = 12, 18
 _MODIFIERS = {KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG}
@@ -31,6 +31,10 @@ class _BtfType(ctypes.Structure):
 class _BtfMember(ctypes.Structure):
     _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32),
                 ("offset", ctypes.c_uint32)]
+
+
+class _BtfEnum(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val", ctypes.c_int32)]
 
 
 class _BtfArray(ctypes.Structure):
@@ -125,6 +129,19 @@ class KernelBtf:
         except KeyError:
             return False
         return True
+
+    def enum_value(self, enum: str, name: str) -> Optional[int]:
+        """The value of `name` in `enum cgroup_subsys_id` and the like; None if absent
+        (an enum value can depend on the kernel's configuration)."""
+        type_id = self.find(enum, KIND_ENUM)
+        if type_id is None:
+            return None
+        t = self._type(type_id)
+        base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+        for e in (_BtfEnum * (t.info & 0xFFFF)).from_address(base):
+            if (self._lib.btf__name_by_offset(self._btf, e.name_off) or b"").decode() == name:
+                return int(e.val)
+        return None
 
     def has_func(self, name: str) -> bool:
         return self.find(name, KIND_FUNC) is not None

@@ -28,7 +28,7 @@ from tracer.enrichment.host_facts import (device_cgroup_facts, device_programs_b
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
 from tracer.enrichment.node_facts import node_facts
-from tracer.enrichment.systemd_unit import systemd_unit_facts
+from tracer.enrichment.systemd_unit import cgroup_path_by_id, systemd_unit_facts
 from tracer.enrichment.node import NodeStatter, stat_in_root
 from tracer.enrichment.process import (ancestors, cgroup_facts, container_env,
                                        container_root_facts, kernel_facts, live_status_facts,
@@ -122,6 +122,12 @@ class Enricher:
                 # own v2 cgroup (and its device programs) while the cgroup lives
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts)
         add_cgroup_identity(proc, facts)
+        if "systemd.unit" not in facts and self._cgroup_key(proc) is not None:
+            # the unit from the kernel-captured cgroup id: the process may be gone, or in
+            # a pid namespace of its own where /proc/PID is not it
+            path = cgroup_path_by_id(self.host, proc.cgroup_id, facts)
+            if path is not None:
+                systemd_unit_facts(self.host, {"unified": path}, facts)
         self._add_rootless_inference(proc, facts)
         self._add_host(event, live, facts)
         arrival = self.mount_tables.get(proc.mntns) if proc.mntns else None

@@ -17,6 +17,9 @@ import time
 from typing import Any, Optional
 
 from tracer.enrichment import procfs
+from tracer.enrichment.bpf_syscall import open_cgroup_by_id
+from tracer.enrichment.host_facts import cgroup_mounts
+from tracer.enrichment.host_facts import _under_sys as under_sys
 from tracer.enrichment.node import NodeStatter, stat_in_root
 from tracer.enrichment.parse_files import parse_passwd_file
 from tracer.enrichment.systemd_dbus import unit_properties_dbus
@@ -160,6 +163,26 @@ def _resolve_paths(host: HostPaths, allow: list[list[str]],
                                and found.is_char_device else None)
         out.append(entry)
     return out
+
+
+def cgroup_path_by_id(host: HostPaths, cgroup_id: int, facts: Facts) -> Optional[str]:
+    """The v2 cgroup path of the kernel-captured cgroup id (a process gone, or in a
+    pid namespace gputrace cannot see): open it by id, read the fd's path back."""
+    mount = next((m for m in cgroup_mounts(host, facts) if m.fstype == "cgroup2"), None)
+    if mount is None or cgroup_id <= 1:
+        return None
+    base = under_sys(host, mount.mount_point).rstrip("/")
+    try:
+        fd = open_cgroup_by_id(base, cgroup_id)
+    except OSError:
+        return None
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return where[len(base):] or "/" if where.startswith(base + "/") or where == base else None
 
 
 def systemd_unit_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Facts,

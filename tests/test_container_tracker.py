@@ -208,7 +208,7 @@ def test_dead_snapshots_expire_and_are_counted():
 
 
 def test_requested_device_rules_as_the_v1_allowlist():
-    from tracer.enrichment.container_tracker import oci_rules_as_devices_list
+    from tracer.enrichment.container_snapshot import oci_rules_as_devices_list
     rules = [{"allow": False, "type": None, "major": None, "minor": None, "access": "rwm"},
              {"allow": True, "type": "c", "major": 195, "minor": 0, "access": "rw"},
              {"allow": True, "type": "c", "major": 136, "minor": None, "access": "rwm"}]

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from tracer.enrichment.container_state import RuntimeState
-from tracer.enrichment.container_tracker import snapshot_container
+from tracer.enrichment.container_snapshot import snapshot_container
 from tracer.enrichment.process import cgroup_facts, task_exited
 from tracer.facts import Facts
 from tracer.host import HostPaths

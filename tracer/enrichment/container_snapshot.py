@@ -1,0 +1,213 @@
+"""A container's snapshot: everything a verdict may need later about it, read
+the moment its runtime writes its state (container_tracker.py watches for
+that), while its init process still sits in the container's namespaces and
+cgroup: namespace keys, user namespace, LSM, cgroups and device rules, the
+image's /etc/group and /etc/passwd, and from the OCI config the engine's name,
+Kubernetes names, id maps and the devices it asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from tracer.enrichment import procfs
+from tracer.enrichment.container_state import (RuntimeState, docker_identity, host_file,
+                                               kubernetes_from_annotations,
+                                               kubernetes_from_cgroup, podman_identity,
+                                               read_oci_config)
+from tracer.enrichment.container_store import ContainerSnapshot
+from tracer.facts import LIVE, Facts
+from tracer.enrichment.host_facts import device_cgroup_facts
+from tracer.in_root import read_in_root
+from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
+from tracer.enrichment.process import cgroup_facts, lsm_facts, userns_facts
+from tracer.enrichment.backfill import userns_level_and_owner
+from tracer.host import HostPaths
+
+MAX_ETC_ENTRIES = 256
+
+
+def _etc_table(root: str, name: str, facts: Facts) -> Optional[dict[str, int]]:
+    text = read_in_root(root, "/etc/" + name)
+    if text is None:
+        return None
+    if name == "group":
+        return {g.name: g.gid for g in parse_group_file(text, facts.skips)[:MAX_ETC_ENTRIES]}
+    return {u.name: u.uid for u in parse_passwd_file(text, facts.skips)[:MAX_ETC_ENTRIES]}
+
+
+def _cgroup_id(host: HostPaths, paths: dict[str, str], facts: Facts) -> Optional[int]:
+    """The v2 cgroup's inode number: what bpf_get_current_cgroup_id() returns."""
+    from tracer.enrichment.host_facts import cgroup_mounts
+    v2 = paths.get("unified")
+    mount = next((m for m in cgroup_mounts(host, facts) if m.fstype == "cgroup2"), None)
+    if v2 is None or mount is None or v2 in ("/", ""):
+        return None
+    root = mount.root.rstrip("/")
+    if root and not v2.startswith(root + "/"):
+        return None
+    try:
+        return os.stat(host_file(host, os.path.join(mount.mount_point, v2[len(root):].lstrip("/")))).st_ino
+    except OSError:
+        return None
+
+
+def _own_cgroup(state: RuntimeState, config: Optional[dict[str, object]], v2_path: str) -> bool:
+    """The v2 cgroup is the container's own (not one it shares with its engine or
+    the user's session, as on a hybrid host where the runtime manages v1 only)."""
+    if not v2_path or v2_path == "/":
+        return False
+    wanted = str((config or {}).get("cgroups_path") or state.cgroup_path or "")
+    last = v2_path.rstrip("/").rsplit("/", 1)[-1]
+    return state.id in last or (bool(wanted) and (v2_path.rstrip("/") == wanted.rstrip("/")
+                                                  or v2_path.endswith(wanted.split(":")[-1])))
+
+
+def runtime_v1_paths(host: HostPaths, state: RuntimeState, facts: Facts) -> dict[str, str]:
+    """The v1 cgroups the runtime put the container in (runc's state.json
+    `cgroup_paths`: controller -> host directory), as /proc/PID/cgroup spells them."""
+    from tracer.enrichment.host_facts import cgroup_mounts
+    out: dict[str, str] = {}
+    mounts = [m for m in cgroup_mounts(host, facts) if m.fstype == "cgroup"]
+    for controller, directory in state.cgroup_paths.items():
+        mount = next((m for m in mounts if controller in m.super_options), None)
+        if mount is None or controller == "unified":
+            continue
+        base = mount.mount_point.rstrip("/")
+        if directory == base or directory.startswith(base + "/"):
+            out[controller] = (mount.root.rstrip("/") + directory[len(base):]) or "/"
+    return out
+
+
+def _container_cgroup_paths(host: HostPaths, state: RuntimeState, pid: int, live: Facts) -> None:
+    """cgroup.paths of the container's init; the v1 ones /proc could not give (the
+    init had already exited) come from the runtime's own record of them."""
+    seen = Facts()
+    cgroup_facts(host, pid, seen)
+    live.skips.merge(seen.skips)
+    fact = seen.fact("cgroup.paths")
+    paths = dict(fact.value) if fact is not None else {}
+    from_state = {k: v for k, v in runtime_v1_paths(host, state, live).items()
+                  if not any(k in key.split(",") for key in paths)}
+    paths.update(from_state)
+    if not paths:
+        return
+    origin = fact.origin if fact is not None else host.proc_pid(pid, "cgroup")
+    if from_state:
+        origin += f"; v1 {', '.join(sorted(from_state))} from the runtime state in {state.state_dir}"
+    live.put("cgroup.paths", paths, LIVE, origin)
+
+
+def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0) -> ContainerSnapshot:
+    """Everything a verdict may need later, read now while the container lives."""
+    now = time.time()
+    created = state.created if state.created is not None and state.created <= now + 1 else now
+    snap = ContainerSnapshot(id=state.id, runtime=state.runtime, created=created,
+                             pid=state.pid)
+    where = f"{state.runtime} state {state.state_dir}"
+    snap.put("container.id", state.id, where)
+    snap.put("container.runtime", state.runtime, where)
+    config = read_oci_config(host, state.bundle) if state.bundle else None
+    live = Facts()
+    if state.pid:
+        pid = state.pid
+        for kind in ("mnt", "pid", "user"):
+            inum = procfs.ns_inum(procfs.read_link(host.proc_pid(pid, "ns", kind)))
+            setattr(snap, {"mnt": "mntns", "pid": "pidns", "user": "userns"}[kind], inum)
+        found = userns_level_and_owner(host.proc_pid(pid, "ns", "user"))
+        if found is not None:
+            level, owner_uid = found
+            snap.put("userns.level", level, f"/proc/{pid}/ns/user")
+            snap.put("userns.owner_uid", owner_uid, f"/proc/{pid}/ns/user")
+            snap.put("container.rootless", level > 0 and owner_uid != 0, "userns level and owner")
+            if level == 0:
+                snap.userns = None  # the initial userns is everyone's: not a container key
+        userns_facts(host, pid, live)
+        lsm_facts(host, pid, live)
+        _container_cgroup_paths(host, state, pid, live)
+        root = host.proc_pid(pid, "root")
+        for name in ("group", "passwd"):
+            table = _etc_table(root, name, live)
+            if table is not None:
+                live.put(f"container.etc_{name}", table, "live", f"/proc/{pid}/root/etc/{name}")
+        paths = live.get("cgroup.paths") or {}
+        if _own_cgroup(state, config, str(paths.get("unified", ""))):
+            snap.cgroup_id = _cgroup_id(host, paths, live)
+        device_cgroup_facts(host, paths, live, snap.cgroup_id or 0)
+        snap.add_facts(live, f"container init pid {pid} at start")
+    if "container.etc_group" not in snap.facts and state.rootfs:
+        for name in ("group", "passwd"):
+            table = _etc_table(host_file(host, state.rootfs), name, live)
+            snap.put(f"container.etc_{name}", table, f"{state.rootfs}/etc/{name}")
+    if config is not None:
+        _config_facts(host, snap, config, state, owner_uid)
+        _requested_device_rules(host, snap, config, live)
+    if snap.cgroup_id is not None:
+        snap.put("cgroup.id", snap.cgroup_id, "stat of the container's v2 cgroup")
+    return snap
+
+
+def _config_facts(host: HostPaths, snap: ContainerSnapshot, config: dict[str, object],
+                  state: RuntimeState, owner_uid: int) -> None:
+    origin = os.path.join(state.bundle or "?", "config.json")
+    snap.put("container.oci", config, origin)
+    annotations = config.get("annotations") or {}
+    assert isinstance(annotations, dict)
+    identity = docker_identity(host, config) or podman_identity(host, config, state.id, owner_uid)
+    kube = kubernetes_from_annotations(annotations)
+    paths = snap.facts.get("cgroup.paths")
+    for path in (paths.value.values() if paths else []):
+        for key, value in kubernetes_from_cgroup(str(path)).items():
+            kube.setdefault(key, value)
+    if identity:
+        snap.put("container.engine", identity["engine"], identity.get("origin", origin))
+        snap.put("container.name", identity.get("name"), identity.get("origin", origin))
+        snap.put("container.image", identity.get("image"), identity.get("origin", origin))
+    if kube:
+        snap.put("container.kubernetes", True, origin)
+        snap.put("container.pod", kube, origin)
+        if not identity:
+            snap.put("container.engine", "kubernetes", origin)
+            snap.put("container.name", kube.get("container"), origin)
+    maps = [("userns.uid_map", "uid_mappings"), ("userns.gid_map", "gid_mappings")]
+    for name, key in maps:
+        if name not in snap.facts and config.get(key):
+            snap.put(name, config[key], origin)
+    keep = annotations.get("run.oci.keep_original_groups")
+    if keep is not None:
+        snap.put("container.keep_original_groups", keep == "1", origin)
+
+
+def oci_rules_as_devices_list(rules: list[dict[str, object]]) -> Optional[list[str]]:
+    """linux.resources.devices as the v1 allowlist the runtime writes from it:
+    only the usual shape (deny all, then allows); anything else stays unknown."""
+    if not rules or rules[0].get("allow") or rules[0].get("type") not in (None, "a"):
+        return None
+    out = []
+    for rule in rules[1:]:
+        if not rule.get("allow"):
+            return None
+        major, minor = rule.get("major"), rule.get("minor")
+        out.append(f"{rule.get('type') or 'a'} {'*' if major is None else major}:"
+                   f"{'*' if minor is None else minor} {rule.get('access') or 'rwm'}")
+    return out
+
+
+def _requested_device_rules(host: HostPaths, snap: ContainerSnapshot,
+                            config: dict[str, object], live: Facts) -> None:
+    """When the container's devices.list could not be read (its init had
+    already exited), the rules the runtime was asked to apply on this v1 host."""
+    from tracer.enrichment.host_facts import cgroup_mounts
+    if "device_cgroup.v1_rules" in snap.facts or "device_cgroup.version" in snap.facts:
+        return
+    if not any(m.fstype == "cgroup" and "devices" in m.super_options
+               for m in cgroup_mounts(host, live)):
+        return
+    raw = config.get("device_rules")
+    rules = oci_rules_as_devices_list(raw if isinstance(raw, list) else [])
+    if rules is not None:
+        origin = "OCI config.json linux.resources.devices (as the runtime applies it)"
+        snap.put("device_cgroup.version", 1, origin)
+        snap.put("device_cgroup.v1_rules", rules, origin)

@@ -180,15 +180,20 @@ def open_in_root(root: str, path: str, flags: int) -> Optional[int]:
         os.close(root_fd)
 
 
-def read_in_root(root: str, path: str, limit: int = MAX_FILE_BYTES) -> Optional[str]:
+def read_in_root(root: str, path: str, limit: int = MAX_FILE_BYTES,
+                 owner: Optional[int] = None) -> Optional[str]:
     """Read `path` as the process whose root is `root` would, but with no way out:
     a symlink swapped in after any check still cannot lead outside the container.
-    Regular files only (no fifo can block us), non-blocking, at most `limit` bytes."""
+    Regular files only (no fifo can block us), non-blocking, at most `limit` bytes;
+    with `owner`, only a file that uid owns."""
     fd = open_in_root(root, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
     if fd is None:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # no fifos, devices or sockets
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # no fifos, devices or sockets
+            return None
+        if owner is not None and st.st_uid != owner:
             return None
         return os.read(fd, limit).decode("utf-8", "replace")
     except OSError:

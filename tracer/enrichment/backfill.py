@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from tracer.enrichment import procfs
@@ -22,30 +23,51 @@ NS_GET_OWNER_UID = 0xB704   # _IO(0xb7, 0x4)
 _MAX_USERNS_DEPTH = 33      # the kernel allows 32 nested user namespaces
 
 
-def userns_level_and_owner(ns_path: str) -> Optional[tuple[int, int]]:
-    """Nesting level and creator uid of the user namespace at `ns_path`."""
+@dataclass(frozen=True)
+class UsernsChain:
+    inum: int        # the user namespace's inode
+    level: int       # 0: the initial user namespace
+    owner: int       # the uid that created it
+    top_owner: int   # the uid that created its ancestor just below the initial one
+
+
+def _owner_uid(ns_fd: int) -> int:
+    return int.from_bytes(fcntl.ioctl(ns_fd, NS_GET_OWNER_UID, b"\0" * 4), "little")
+
+
+def userns_chain(ns_path: str) -> Optional[UsernsChain]:
+    """The user namespace at `ns_path` and its ancestors up to the initial one."""
     try:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        owner = int.from_bytes(fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4), "little")
-        level = 0
+        owners = [_owner_uid(fd)]  # from this namespace up to the initial one
         current = os.dup(fd)
-        while level < _MAX_USERNS_DEPTH:
-            try:
-                parent = fcntl.ioctl(current, NS_GET_PARENT)
-            except OSError:  # EPERM: no parent visible, this is the initial namespace
-                break
+        try:
+            while len(owners) <= _MAX_USERNS_DEPTH:
+                try:
+                    parent = fcntl.ioctl(current, NS_GET_PARENT)
+                except OSError:  # EPERM: no parent visible, this is the initial namespace
+                    break
+                os.close(current)
+                current = parent
+                owners.append(_owner_uid(current))
+        finally:
             os.close(current)
-            current = parent
-            level += 1
-        os.close(current)
-        return level, owner
+        level = len(owners) - 1
+        return UsernsChain(os.fstat(fd).st_ino, level, owners[0],
+                           owners[-2] if level else owners[0])
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def userns_level_and_owner(ns_path: str) -> Optional[tuple[int, int]]:
+    """Nesting level and creator uid of the user namespace at `ns_path`."""
+    found = userns_chain(ns_path)
+    return None if found is None else (found.level, found.owner)
 
 
 def backfill_process(host: HostPaths, event: Event) -> list[str]:

@@ -13,11 +13,12 @@ import time
 from typing import Optional
 
 from tracer.enrichment import procfs
-from tracer.enrichment.container_state import (RuntimeState, docker_identity, host_file,
+from tracer.enrichment.container_state import (ROOT_STATE, RuntimeState, docker_identity, host_file,
                                                kubernetes_from_annotations,
                                                kubernetes_from_cgroup, podman_identity,
                                                read_oci_config)
 from tracer.enrichment.container_store import ContainerSnapshot
+from tracer.enrichment.state_files import StateFiles
 from tracer.facts import LIVE, Facts
 from tracer.enrichment.host_facts import device_cgroup_facts
 from tracer.in_root import read_in_root
@@ -29,8 +30,9 @@ from tracer.host import HostPaths
 MAX_ETC_ENTRIES = 256
 
 
-def _etc_table(root: str, name: str, facts: Facts) -> Optional[dict[str, int]]:
-    text = read_in_root(root, "/etc/" + name)
+def _etc_table(root: str, name: str, facts: Facts,
+               owner: Optional[int] = None) -> Optional[dict[str, int]]:
+    text = read_in_root(root, "/etc/" + name, owner=owner)
     if text is None:
         return None
     if name == "group":
@@ -100,7 +102,8 @@ def _container_cgroup_paths(host: HostPaths, state: RuntimeState, pid: int, live
     live.put("cgroup.paths", paths, LIVE, origin)
 
 
-def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0) -> ContainerSnapshot:
+def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0,
+                       files: StateFiles = ROOT_STATE) -> ContainerSnapshot:
     """Everything a verdict may need later, read now while the container lives."""
     now = time.time()
     created = state.created if state.created is not None and state.created <= now + 1 else now
@@ -109,7 +112,7 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
     where = f"{state.runtime} state {state.state_dir}"
     snap.put("container.id", state.id, where)
     snap.put("container.runtime", state.runtime, where)
-    config = read_oci_config(host, state.bundle) if state.bundle else None
+    config = read_oci_config(host, state.bundle, files) if state.bundle else None
     live = Facts()
     if state.pid:
         pid = state.pid
@@ -139,10 +142,12 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
         snap.add_facts(live, f"container init pid {pid} at start")
     if "container.etc_group" not in snap.facts and state.rootfs:
         for name in ("group", "passwd"):
-            table = _etc_table(host_file(host, state.rootfs), name, live)
+            # a rootfs a user's state names: only that user's own files are read
+            table = _etc_table(host_file(host, state.rootfs), name, live,
+                               files.owner if files.rootless else None)
             snap.put(f"container.etc_{name}", table, f"{state.rootfs}/etc/{name}")
     if config is not None:
-        _config_facts(host, snap, config, state, owner_uid)
+        _config_facts(host, snap, config, state, owner_uid, files)
         _requested_device_rules(host, snap, config, live)
     if snap.cgroup_id is not None:
         snap.put("cgroup.id", snap.cgroup_id, "stat of the container's v2 cgroup")
@@ -150,12 +155,13 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0)
 
 
 def _config_facts(host: HostPaths, snap: ContainerSnapshot, config: dict[str, object],
-                  state: RuntimeState, owner_uid: int) -> None:
+                  state: RuntimeState, owner_uid: int, files: StateFiles) -> None:
     origin = os.path.join(state.bundle or "?", "config.json")
     snap.put("container.oci", config, origin)
     annotations = config.get("annotations") or {}
     assert isinstance(annotations, dict)
-    identity = docker_identity(host, config) or podman_identity(host, config, state.id, owner_uid)
+    identity = docker_identity(host, config, files) or \
+        podman_identity(host, config, state.id, owner_uid, files)
     kube = kubernetes_from_annotations(annotations)
     paths = snap.facts.get("cgroup.paths")
     for path in (paths.value.values() if paths else []):

@@ -5,6 +5,8 @@ and the Kubernetes CRI annotations and kubepods cgroup layouts.
 
 Every reader takes host paths, reads bounded amounts and never raises on
 hostile or half-written input: a file being written is simply not there yet.
+Files are read through `StateFiles` (state_files.py): non-blocking, no final
+symlink, regular files only, and under a user's state directory that user's own.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tracer.enrichment import procfs
+from tracer.enrichment.state_files import StateFiles
 from tracer.host import HostPaths
 
 STATE_BYTES = 4 << 20        # runc's state.json repeats the whole config
@@ -34,9 +37,12 @@ def host_file(host: HostPaths, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if root != "/" else path
 
 
-def _json(path: str, limit: int) -> Optional[dict[str, Any]]:
-    raw = procfs.read_bytes(path, limit)
-    if raw is None or len(raw) >= limit:
+ROOT_STATE = StateFiles()  # the runtime's own (root-owned) state: only the file checks
+
+
+def _json(files: StateFiles, path: str, limit: int) -> Optional[dict[str, Any]]:
+    raw = files.read(path, limit)
+    if raw is None:
         return None
     try:
         value = json.loads(raw)
@@ -85,14 +91,14 @@ def parse_created(value: Any) -> Optional[float]:
     return base.timestamp() + (float("0." + match[2]) if match[2] else 0.0)
 
 
-def read_runtime_state(host: HostPaths, runtime: str, state_root: str,
-                       cid: str) -> Optional[RuntimeState]:
+def read_runtime_state(host: HostPaths, runtime: str, state_root: str, cid: str,
+                       files: StateFiles = ROOT_STATE) -> Optional[RuntimeState]:
     """runc: <root>/<id>/state.json; crun: <root>/<id>/status."""
     if not ID.fullmatch(cid):
         return None
     directory = os.path.join(state_root, cid)
     if runtime == "crun":
-        data = _json(os.path.join(directory, "status"), STATE_BYTES)
+        data = _json(files, os.path.join(directory, "status"), STATE_BYTES)
         if data is None:
             return None
         state = RuntimeState("crun", cid, directory, pid=_int(data.get("pid")),
@@ -100,7 +106,7 @@ def read_runtime_state(host: HostPaths, runtime: str, state_root: str,
                              cgroup_path=_text(data.get("cgroup-path")),
                              created=parse_created(data.get("created")))
         return state
-    data = _json(os.path.join(directory, "state.json"), STATE_BYTES)
+    data = _json(files, os.path.join(directory, "state.json"), STATE_BYTES)
     if data is None:
         return None
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
@@ -138,9 +144,10 @@ def _id_mappings(raw: Any) -> Optional[list[list[int]]]:
     return out
 
 
-def read_oci_config(host: HostPaths, bundle: str) -> Optional[dict[str, Any]]:
+def read_oci_config(host: HostPaths, bundle: str,
+                    files: StateFiles = ROOT_STATE) -> Optional[dict[str, Any]]:
     """The parts of the bundle's config.json a verdict can use."""
-    data = _json(os.path.join(host_file(host, bundle), "config.json"), CONFIG_BYTES)
+    data = _json(files, os.path.join(host_file(host, bundle), "config.json"), CONFIG_BYTES)
     if data is None:
         return None
     process = data.get("process") if isinstance(data.get("process"), dict) else {}
@@ -186,14 +193,15 @@ def _mount_source(config: dict[str, Any], destination: str) -> Optional[str]:
                  if m["destination"] == destination and m.get("source")), None)
 
 
-def docker_identity(host: HostPaths, config: dict[str, Any]) -> Optional[dict[str, Any]]:
+def docker_identity(host: HostPaths, config: dict[str, Any],
+                    files: StateFiles = ROOT_STATE) -> Optional[dict[str, Any]]:
     """docker's name and image from <data-root>/containers/<id>/config.v2.json,
     found through the /etc/hostname bind mount docker gives every container."""
     source = _mount_source(config, "/etc/hostname")
     if not source or "/containers/" not in source:
         return None
-    data = _json(os.path.join(host_file(host, os.path.dirname(source)), "config.v2.json"),
-                 CONFIG_BYTES)
+    data = _json(files, os.path.join(host_file(host, os.path.dirname(source)),
+                                     "config.v2.json"), CONFIG_BYTES)
     if data is None:
         return None
     inner = data.get("Config") if isinstance(data.get("Config"), dict) else {}
@@ -204,11 +212,15 @@ def docker_identity(host: HostPaths, config: dict[str, Any]) -> Optional[dict[st
             "origin": os.path.join(os.path.dirname(source), "config.v2.json")}
 
 
-def _conmon_name(host: HostPaths, pid_file: str) -> Optional[str]:
-    text = procfs.read_text(pid_file, 64)
-    if not text or not text.strip().isdigit():
+def _conmon_name(host: HostPaths, pid_file: str, files: StateFiles) -> Optional[str]:
+    raw_pid = files.read(pid_file, 64)
+    text = raw_pid.decode("ascii", "replace").strip() if raw_pid else ""
+    if not text.isdigit() or len(text) > 10:
         return None
-    raw = procfs.read_bytes(host.proc_pid(int(text.strip()), "cmdline"), 64 << 10) or b""
+    pid, _ = files.init_pid(host.proc, int(text))  # a user's conmon runs in that user's userns
+    if pid is None:
+        return None
+    raw = procfs.read_bytes(host.proc_pid(pid, "cmdline"), 64 << 10) or b""
     argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0")]
     if not argv or not argv[0].endswith("conmon"):
         return None
@@ -218,15 +230,11 @@ def _conmon_name(host: HostPaths, pid_file: str) -> Optional[str]:
     return None
 
 
-def podman_events_name(log_path: str, cid: str) -> Optional[dict[str, Any]]:
+def podman_events_name(log_path: str, cid: str,
+                       files: StateFiles = ROOT_STATE) -> Optional[dict[str, Any]]:
     """The container's name and image from the tail of podman's events.log."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - EVENTS_LOG_TAIL))
-            tail = f.read(EVENTS_LOG_TAIL)
-    except OSError:
+    tail = files.read(log_path, EVENTS_LOG_TAIL, tail=True)
+    if tail is None:
         return None
     found: Optional[dict[str, Any]] = None
     needle = cid.encode()
@@ -243,7 +251,7 @@ def podman_events_name(log_path: str, cid: str) -> Optional[dict[str, Any]]:
 
 
 def podman_identity(host: HostPaths, config: dict[str, Any], cid: str,
-                    owner_uid: int) -> Optional[dict[str, Any]]:
+                    owner_uid: int, files: StateFiles = ROOT_STATE) -> Optional[dict[str, Any]]:
     """podman's name: conmon's `-n` while it lives, else its events log."""
     if config.get("annotations", {}).get("io.container.manager") != "libpod":
         return None
@@ -251,13 +259,13 @@ def podman_identity(host: HostPaths, config: dict[str, Any], cid: str,
     env_source = _mount_source(config, "/run/.containerenv") or _mount_source(config, "/etc/hostname")
     if env_source:
         userdata = host_file(host, os.path.dirname(env_source))
-        name = _conmon_name(host, os.path.join(userdata, "conmon.pid"))
+        name = _conmon_name(host, os.path.join(userdata, "conmon.pid"), files)
         if name:
             out.update(name=name, origin=os.path.join(os.path.dirname(env_source), "conmon.pid"))
     if out["name"] is None:
         for log in (os.path.join(host.run, "libpod/events/events.log"),
                     os.path.join(host.run, "user", str(owner_uid), "libpod/tmp/events/events.log")):
-            found = podman_events_name(log, cid)
+            found = podman_events_name(log, cid, files)
             if found:
                 out.update(found, origin=log)
                 break

@@ -46,6 +46,7 @@ class ContainerSnapshot:
     userns: Optional[int] = None
     facts: dict[str, Fact] = field(default_factory=dict)
     dropped_facts: int = 0
+    owner: int = 0                          # uid owning its state dir (0: the runtime's own)
 
     def put(self, name: str, value: Any, origin: str) -> None:
         if value is None or (name not in self.facts and len(self.facts) >= MAX_FACTS_PER_SNAPSHOT):
@@ -109,8 +110,21 @@ class SnapshotStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, snap: ContainerSnapshot) -> None:
+    def count(self, name: str, n: int = 1) -> None:
+        """A counter bump from another thread (the tracker), under the store's lock."""
         with self._lock:
+            self.counters[name] += n
+
+    def add(self, snap: ContainerSnapshot) -> bool:
+        """Keep `snap`; False (counted) when its id is held by a live snapshot of
+        another owner that it may not replace: a user's state dir naming the id
+        of root's container, or of another user's."""
+        with self._lock:
+            held = self._items.get(snap.id)
+            if held is not None and held.owner != snap.owner and held.died is None \
+                    and snap.owner != 0:
+                self.counters["snapshot_id_taken"] += 1
+                return False
             old = self._items.pop(snap.id, None)
             if old is not None:
                 self._bytes.pop(snap.id, None)
@@ -122,15 +136,17 @@ class SnapshotStore:
             self.counters["snapshots_taken"] += 1
             self.counters["snapshot_facts_dropped"] += snap.dropped_facts
             self._bound(time.time())
+            return True
 
     def get(self, cid: str) -> Optional[ContainerSnapshot]:
         with self._lock:
             return self._items.get(cid)
 
-    def mark_died(self, cid: str, when: Optional[float] = None) -> None:
+    def mark_died(self, cid: str, when: Optional[float] = None, owner: int = 0) -> None:
+        """Its state went away: only the owner of the snapshot's state dir says so."""
         with self._lock:
             snap = self._items.get(cid)
-            if snap is not None and snap.died is None:
+            if snap is not None and snap.died is None and snap.owner == owner:
                 snap.died = when if when is not None else time.time()
                 self.counters["containers_died"] += 1
 

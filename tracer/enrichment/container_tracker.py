@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import threading
+import time
 from typing import Callable, Optional
 
 from tracer.enrichment import procfs
 from tracer.enrichment.container_snapshot import snapshot_container
 from tracer.enrichment.container_state import read_runtime_state
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
+from tracer.enrichment.state_files import StateFiles
+from tracer.enrichment.tracker_budget import OwnerBudget
 from tracer.host import HostPaths
-from tracer.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_IGNORED, IN_MASK_ADD,
-                            IN_MOVED_TO, IN_Q_OVERFLOW, Inotify)
+from tracer.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_DONT_FOLLOW, IN_IGNORED,
+                            IN_MASK_ADD, IN_MOVED_TO, IN_ONLYDIR, IN_Q_OVERFLOW, Inotify)
 
-MAX_WATCHES = 4096
+RESCAN_INTERVAL_S = 1.0  # after the kernel's event queue overflowed: look again, at most this often
+ROOT_UID = 0
 
 # (path components under the host's /run; "*" matches any directory, "#" a uid) -> runtime
 STATE_ROOTS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -34,34 +39,51 @@ STATE_ROOTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("docker", "runtime-runc", "moby"), "runc"),
     (("containerd", "runc", "*"), "runc"),
 )
+Use = tuple[str, tuple[str, ...], str]  # (dir, rest of the pattern, runtime)
 
 
 class ContainerTracker:
-    """A thread that snapshots every container as its runtime creates it."""
+    """A thread that snapshots every container as its runtime creates it.  What a
+    state dir holds is its owner's word (state_files.py); what the tracker holds
+    for each owner is bounded (tracker_budget.py)."""
 
     def __init__(self, host: HostPaths, store: SnapshotStore,
                  extra_roots: tuple[tuple[str, str], ...] = (),
-                 on_snapshot: Optional[Callable[[ContainerSnapshot], None]] = None) -> None:
+                 on_snapshot: Optional[Callable[[ContainerSnapshot], None]] = None,
+                 watches: Optional[OwnerBudget[int]] = None,
+                 pending: Optional[OwnerBudget[str]] = None) -> None:
         self.host = host
         self.store = store
         self.extra_roots = extra_roots  # (absolute host dir, runtime)
         self.on_snapshot = on_snapshot
         self._inotify: Optional[Inotify] = None
-        # wd -> what that directory is watched for: [(dir, rest of the pattern, runtime)]
-        self._watches: dict[int, list[tuple[str, tuple[str, ...], str]]] = {}
-        self._pending: set[str] = set()  # container dirs seen whose state was not read yet
+        self._watches: dict[int, list[Use]] = {}  # wd -> what that directory is watched for
+        self._wd_of: dict[str, int] = {}
+        self.watch_budget: OwnerBudget[int] = watches or OwnerBudget()
+        # container dirs seen whose state was not read yet (for the missed count)
+        self.pending: OwnerBudget[str] = pending or OwnerBudget()
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._rescan_due = False
+        self._last_rescan = -RESCAN_INTERVAL_S
 
     # --- watches ----------------------------------------------------------------------
-    def _watch(self, directory: str, rest: tuple[str, ...], runtime: str, mask: int) -> None:
-        if len(self._watches) >= MAX_WATCHES:
-            self.store.counters["tracker_watch_limit"] += 1
-            return
+    def _watch(self, directory: str, rest: tuple[str, ...], runtime: str, mask: int,
+               owner: int = ROOT_UID) -> None:
         assert self._inotify is not None
-        wd = self._inotify.add_watch(os.fsencode(directory), mask | IN_MASK_ADD)
+        known = self._wd_of.get(directory)
+        if known is None:
+            why = self.watch_budget.refusal(owner)
+            if why is not None:
+                self.store.count("tracker_watch_" + why)
+                return
+        # a user's directory is never followed through a symlink swapped in since our lstat
+        flags = mask | IN_MASK_ADD | IN_ONLYDIR | (IN_DONT_FOLLOW if owner != ROOT_UID else 0)
+        wd = self._inotify.add_watch(os.fsencode(directory), flags)
         if wd < 0:
             return
+        self.watch_budget.take(wd, owner)
+        self._wd_of[directory] = wd
         uses = self._watches.setdefault(wd, [])
         if (directory, rest, runtime) not in uses:
             uses.append((directory, rest, runtime))
@@ -76,28 +98,50 @@ class ContainerTracker:
 
     def _entry(self, directory: str, rest: tuple[str, ...], runtime: str, name: str) -> None:
         path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            if st.st_uid != ROOT_UID:  # a user's link could lead into root's state
+                self.store.count("tracker_symlink_skipped")
+                return
+            try:
+                st = os.stat(path)  # root's own link (/var/run -> /run): followed
+            except OSError:
+                st = None
+        is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+        # all in a user's directory is on that user's budget, whoever owns the entry
+        above = self.watch_budget.owner_of(self._wd_of.get(directory, -1))
+        owner = above if above not in (None, ROOT_UID) else \
+            st.st_uid if st is not None else ROOT_UID
         if not rest:  # a state root: `name` is a container id
-            if self.store.get(name) is None:
-                self._pending.add(path)
-            if not os.path.isdir(path):
+            if self.store.get(name) is None and path not in self.pending:
+                why = self.pending.take(path, owner)
+                if why is not None:
+                    self.store.count("tracker_pending_" + why)
+            if not is_dir:
                 self._missed(path)  # gone before we could look
                 return
-            self._watch(path, ("@",), runtime, IN_MOVED_TO | IN_CLOSE_WRITE)
+            self._watch(path, ("@",), runtime, IN_MOVED_TO | IN_CLOSE_WRITE, owner)
             return
-        if not os.path.isdir(path):
+        if not is_dir:
             return
         head = rest[0]
         if head == name or head == "*" or (head == "#" and name.isdigit()):
             mask = IN_CREATE | IN_MOVED_TO | (IN_DELETE if len(rest) == 1 else 0)
-            self._watch(path, rest[1:], runtime, mask)
+            self._watch(path, rest[1:], runtime, mask, owner)
 
-    def start(self) -> "ContainerTracker":
-        self._inotify = Inotify()
+    def _watch_roots(self) -> None:
         for parts, runtime in STATE_ROOTS:
             self._watch(self.host.run, parts, runtime, IN_CREATE | IN_MOVED_TO)
         for directory, runtime in self.extra_roots:
             parts = tuple(p for p in directory.split("/") if p)
             self._watch("/", parts, runtime, IN_CREATE | IN_MOVED_TO)
+
+    def start(self) -> "ContainerTracker":
+        self._inotify = Inotify()
+        self._watch_roots()
         self._thread = threading.Thread(target=self._run, name="container-tracker", daemon=True)
         self._thread.start()
         return self
@@ -115,6 +159,7 @@ class ContainerTracker:
         poller = select.poll()
         poller.register(self._inotify.fd, select.POLLIN)
         while not self._stop.is_set():
+            self._rescan_if_due()
             if not poller.poll(200):
                 self.store.expire()
                 continue
@@ -124,14 +169,27 @@ class ContainerTracker:
                 break
             self._dispatch(events)
 
+    def _rescan_if_due(self) -> None:
+        """Events were lost (the kernel's queue overflowed, say under a flood of
+        directories): look at every state root again, at most once a second."""
+        now = time.monotonic()
+        if self._rescan_due and now - self._last_rescan >= RESCAN_INTERVAL_S:
+            self._rescan_due, self._last_rescan = False, now
+            self.store.count("tracker_rescans")
+            self._watch_roots()
+
     def _dispatch(self, events: list[tuple[int, int, bytes]]) -> None:
         for wd, mask, raw in events:
             name = raw.decode("utf-8", "replace")
             if mask & IN_Q_OVERFLOW:
-                self.store.counters["tracker_queue_overflow"] += 1
+                self.store.count("tracker_queue_overflow")
+                self._rescan_due = True
                 continue
             if mask & IN_IGNORED:
-                self._watches.pop(wd, None)
+                for directory, _, _ in self._watches.pop(wd, ()):
+                    if self._wd_of.get(directory) == wd:
+                        del self._wd_of[directory]
+                self.watch_budget.release(wd)
                 continue
             for directory, rest, runtime in list(self._watches.get(wd, ())):
                 if rest == ("@",):
@@ -140,36 +198,40 @@ class ContainerTracker:
                                    runtime)
                 elif not rest and mask & IN_DELETE:
                     self._missed(os.path.join(directory, name))
-                    self.store.mark_died(name)
+                    owner = self.watch_budget.owner_of(wd)
+                    self.store.mark_died(name, owner=ROOT_UID if owner is None else owner)
                 elif mask & (IN_CREATE | IN_MOVED_TO):
                     self._entry(directory, rest, runtime, name)
 
     def _missed(self, path: str) -> None:
         """A container whose state went away before it could be read: counted."""
-        if path in self._pending:
-            self._pending.discard(path)
-            self.store.counters["containers_missed"] += 1
+        if self.pending.release(path) is not None:
+            self.store.count("containers_missed")
 
     def _take(self, state_root: str, cid: str, runtime: str) -> None:
-        state = read_runtime_state(self.host, runtime, state_root, cid)
+        files = StateFiles.of(state_root, self.store.count)
+        if files is None:
+            return
+        state = read_runtime_state(self.host, runtime, state_root, cid, files)
         if state is None:
             return
+        pid, userns = files.init_pid(self.host.proc, state.pid)
         known = self.store.get(cid)
-        if known is not None and known.pid == state.pid:
+        if known is not None and known.pid == pid and known.owner == files.owner:
             return  # a later rewrite of the same state (runc updates it on start)
-        owner = _owner_of(state_root)
-        snap = snapshot_container(self.host, state, owner)
-        self._pending.discard(os.path.join(state_root, cid))
-        self.store.add(snap)
-        if self.on_snapshot is not None:
+        if files.rootless and pid is None:
+            if known is None or known.owner != files.owner:  # else: its init exited since
+                self.store.count("tracker_state_rejected")  # the reason: state_pid_*
+            return
+        state.pid = pid
+        snap = snapshot_container(self.host, state, files.owner, files)
+        if pid is not None and not files.same_init(self.host.proc, pid, userns):
+            self.store.count("tracker_state_rejected")  # the pid was reused while we read
+            return
+        snap.owner = files.owner
+        self.pending.release(os.path.join(state_root, cid))
+        if self.store.add(snap) and self.on_snapshot is not None:
             self.on_snapshot(snap)
-
-
-def _owner_of(path: str) -> int:
-    try:
-        return os.stat(path).st_uid
-    except OSError:
-        return 0
 
 
 _SHARED: dict[HostPaths, ContainerTracker] = {}
@@ -187,6 +249,6 @@ def shared_tracker(host: HostPaths) -> ContainerTracker:
             try:
                 tracker.start()
             except OSError:
-                tracker.store.counters["tracker_unavailable"] += 1
+                tracker.store.count("tracker_unavailable")
             _SHARED[host] = tracker
         return tracker

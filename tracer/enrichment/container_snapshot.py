@@ -118,6 +118,11 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0,
         pid = state.pid
         for kind in ("mnt", "pid", "user"):
             inum = procfs.ns_inum(procfs.read_link(host.proc_pid(pid, "ns", kind)))
+            if inum in procfs.host_namespaces(host.proc, kind):
+                # --pid=host and the like: every host process has it, so it is no key
+                # to this container (a host process would be taken for the container)
+                snap.put(f"container.host_{kind}ns", True, f"/proc/{pid}/ns/{kind} is the host's")
+                inum = None
             setattr(snap, {"mnt": "mntns", "pid": "pidns", "user": "userns"}[kind], inum)
         found = userns_level_and_owner(host.proc_pid(pid, "ns", "user"))
         if found is not None:

@@ -69,3 +69,10 @@ def host_mount_namespace(proc_root: str) -> Optional[int]:
     cannot be read (a sandbox that hides it)."""
     return ns_inum(read_link(os.path.join(proc_root, "1", "ns", "mnt"))) or \
         ns_inum(read_link(os.path.join(proc_root, "self", "ns", "mnt")))
+
+
+def host_namespaces(proc_root: str, kind: str) -> set[int]:
+    """The host's namespace inodes of `kind`: PID 1's and this tracer's own (PID 1's
+    may be hidden by a sandbox; a tracer in a container may share the host's)."""
+    found = (ns_inum(read_link(os.path.join(proc_root, pid, "ns", kind))) for pid in ("1", "self"))
+    return {inum for inum in found if inum}

@@ -50,7 +50,7 @@ def report_of(journal_dir: str, since_s=None, now=T0 + 7200) -> dict:
 def test_denials_grouped_by_cause_with_exact_counts(journal):
     report = report_of(journal)
     jsonschema.validate(report, report_schema())
-    assert report["totals"] == {"denials": 11, "aggregates": 4, "causes": 3}
+    assert report["totals"] == {"denials": 11, "aggregates": 4, "causes": 3, "folded": {}}
     assert report["journal"]["lost_lines"] == 1 and report["journal"]["events_read"] == 8
     first, second, third = report["causes"]
     assert (first["reason"], first["count"], first["events"]) == ("not_in_group", 8, 2)

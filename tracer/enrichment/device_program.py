@@ -23,6 +23,7 @@ DEV_BLOCK, DEV_CHAR = 1, 2
 ACC_MKNOD, ACC_READ, ACC_WRITE = 1, 2, 4
 CTX_SIZE = 12
 MAX_STEPS = 1 << 16
+MAX_REG = 10  # r0..r10: a 4-bit register field above that is no register (MAX_BPF_REG)
 U64, U32 = (1 << 64) - 1, (1 << 32) - 1
 
 # instruction classes and fields (include/uapi/linux/bpf.h)
@@ -179,8 +180,10 @@ def _value(reg: Reg, what: str) -> int:
 
 
 def run(insns: list[Insn], ctx: bytes) -> ProgramRun:
-    """Run the program on one context; never raises."""
-    regs: list[Reg] = [None] * 11
+    """Run the program on one context; never raises: what it cannot run (an
+    instruction the kernel's verifier would have refused, say register 11, or one
+    not modelled) makes the run undecided, with where and why."""
+    regs: list[Reg] = [None] * (MAX_REG + 1)
     regs[1], regs[10] = Ctx(0), None
     executed: list[tuple[int, bool]] = []  # (pc, a jump taken there)
     pc, steps = 0, 0
@@ -190,6 +193,9 @@ def run(insns: list[Insn], ctx: bytes) -> ProgramRun:
             if steps > MAX_STEPS or not 0 <= pc < len(insns):
                 raise Undecided("runs off the end of the program")
             i = insns[pc]
+            if i.dst > MAX_REG or i.src > MAX_REG:
+                raise Undecided(f"pc{pc}: register r{max(i.dst, i.src)} does not exist "
+                                "(no verifier accepts it)")
             op, src_x = i.code & 0xF0, bool(i.code & 0x08)
             executed.append((pc, False))
             if i.cls in (ALU, ALU64):

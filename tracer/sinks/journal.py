@@ -157,16 +157,32 @@ class JournalRead:
         return sum(self.lost.values())
 
 
-def iter_lines(directory: str) -> Iterator[tuple[str, int, bytes, bool]]:
+MAX_LINE_BYTES = 4 << 20  # explained lines are ~10 kB; a longer one was not written by us
+
+
+def iter_lines(directory: str, lost: Optional[Counter[str]] = None,
+               max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[str, int, bytes, bool]]:
     """(file, line number, raw line, complete) for every line, oldest first, read one
-    line at a time (a journal of any size streams in bounded memory)."""
+    line at a time (a journal of any size streams in bounded memory): a line longer
+    than `max_line` is skipped and counted in `lost` as `line_too_long`."""
     for path in journal_files(directory):
         try:
             handle = open(path, "rb")
         except FileNotFoundError:
             continue  # rotated away while we listed
         with handle:
-            for number, raw in enumerate(handle, 1):
+            number = 0
+            while True:
+                raw = handle.readline(max_line + 1)
+                if not raw:
+                    break
+                number += 1
+                if len(raw) > max_line and not raw.endswith(b"\n"):
+                    while raw and not raw.endswith(b"\n"):  # the rest of it, in bounded reads
+                        raw = handle.readline(max_line)
+                    if lost is not None:
+                        lost["line_too_long"] += 1
+                    continue
                 complete = raw.endswith(b"\n")
                 raw = raw.rstrip(b"\n")
                 if raw:
@@ -184,7 +200,7 @@ class JournalStream:
 
     def __iter__(self) -> Iterator[Event]:
         self.files = len(journal_files(self.directory))
-        for _path, _number, raw, complete in iter_lines(self.directory):
+        for _path, _number, raw, complete in iter_lines(self.directory, self.lost):
             try:
                 event = Event.from_json(json.loads(raw))
             except (ValueError, KeyError, TypeError, RecursionError):

@@ -79,7 +79,7 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
                     "events_read": journal.read, "lost_lines": journal.lost_total,
                     "lost_by_reason": dict(journal.lost)},
         "totals": {"denials": sum(c["count"] for c in causes), "aggregates": book.aggregates,
-                   "causes": len(causes)},
+                   "causes": len(causes), "folded": dict(book.folded)},
         "causes": causes,
         "timeline": book.timeline(),
         "host": host_snapshot(inputs.host, inputs.statter, inputs.versions, frozenset(book.uids)),

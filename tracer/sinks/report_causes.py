@@ -9,6 +9,10 @@ one opens a new aggregate, as an update without its denial always did), each
 cause keeps at most MAX_PROCESSES_PER_CAUSE processes, MAX_NODES_PER_CAUSE
 nodes and MAX_FIXES_PER_CAUSE fixes, and the timeline keeps the newest
 TIMELINE_MAX entries.  Memory does not grow with the journal's length.
+
+The journal may have been written by anyone: a cause is keyed only by a known
+reason code (any other is `unknown`), and what an aggregate keeps of its verdict
+is cut to bounded sizes.  Both are counted in `folded`, never silent.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import datetime as _dt
 import heapq
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from tracer.counts import CountDeltas
 from tracer.event import Event
 from tracer.sinks.metrics import denial_labels, fact_value
+from tracer.verdict.reasons import CONFIDENCES, REASONS
 
 MAX_OPEN_AGGREGATES = 65536
 MAX_PROCESSES_PER_CAUSE = 20
@@ -30,6 +36,42 @@ MAX_FIXES_PER_CAUSE = 50
 MAX_UIDS = 4096
 TIMELINE_MAX = 500
 FIX_KEYS = ("summary", "command", "applies_to", "where", "security_note")
+MAX_TEXT = 4096             # any one string kept from a recorded verdict
+MAX_NOTES = 32
+MAX_FIXES_PER_VERDICT = 32
+
+
+def _bounded_text(value: Any, cut: list[bool]) -> Optional[str]:
+    if value is None:
+        return None
+    text = str(value)
+    if len(text) > MAX_TEXT:
+        cut[0] = True
+        return text[:MAX_TEXT] + "..."
+    return text
+
+
+def kept_verdict(verdict: Any, folded: Counter[str]) -> Optional[dict[str, Any]]:
+    """What a cause takes from a recorded verdict (summary, confidence, notes,
+    fixes), each bounded; anything cut is counted as `verdict_trimmed`."""
+    if not isinstance(verdict, dict):
+        return None
+    cut = [False]
+    raw_notes, raw_fixes = verdict.get("notes"), verdict.get("fixes")
+    notes: list[Any] = raw_notes if isinstance(raw_notes, list) else []
+    fixes: list[Any] = raw_fixes if isinstance(raw_fixes, list) else []
+    if len(notes) > MAX_NOTES or len(fixes) > MAX_FIXES_PER_VERDICT:
+        cut[0] = True
+    kept = {"reason": verdict.get("reason"),
+            "summary": _bounded_text(verdict.get("summary"), cut),
+            "confidence": verdict.get("confidence") if verdict.get("confidence") in CONFIDENCES
+            else None,
+            "notes": [_bounded_text(n, cut) for n in notes[:MAX_NOTES]],
+            "fixes": [{k: _bounded_text(f[k], cut) for k in FIX_KEYS if k in f}
+                      for f in fixes[:MAX_FIXES_PER_VERDICT] if isinstance(f, dict)]}
+    if cut[0]:
+        folded["verdict_trimmed"] += 1
+    return kept
 
 
 def iso(ts: Optional[float]) -> Optional[str]:
@@ -147,6 +189,7 @@ class CauseBook:
         self.uids: set[int] = set()
         self._timeline: list[tuple[float, int, dict[str, Any]]] = []
         self._seq = itertools.count()
+        self.folded: Counter[str] = Counter()  # what a hostile journal could not make grow
 
     def feed(self, event: Event) -> Optional[Aggregate]:
         """Account one event; returns the aggregate it counted for, if any."""
@@ -172,13 +215,17 @@ class CauseBook:
         return agg
 
     def _open(self, event: Event) -> Aggregate:
-        verdict = event.verdict or {}
-        agg = Aggregate(reason=str(verdict.get("reason") or "unknown"), pid=event.process.pid,
+        verdict = kept_verdict(event.verdict, self.folded)
+        reason = (verdict or {}).get("reason") or "unknown"
+        if reason not in REASONS:  # a cause per distinct string would grow without end
+            self.folded["unknown_reason"] += 1
+            reason = "unknown"
+        agg = Aggregate(reason=reason, pid=event.process.pid,
                         first_time=event.time, labels=denial_labels(event),
                         path=_text(event.node.path) or f"dev {event.node.major}:{event.node.minor}",
                         errno=event.errno_name, sensor=event.sensor, major=event.node.major,
                         minor=event.node.minor, process=_process_entry(event),
-                        verdict=event.verdict, last_time=event.time)
+                        verdict=verdict, last_time=event.time)
         if len(self.uids) < MAX_UIDS:
             self.uids.add(event.process.uid)
             user_uid = fact_value(event, "host.user_uid")

@@ -173,6 +173,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if journal["lost_lines"]:
         lines += [f"> {journal['lost_lines']} journal line(s) could not be read back "
                   f"({', '.join(f'{k}: {v}' for k, v in journal['lost_by_reason'].items())}).", ""]
+    folded = totals.get("folded") or {}
+    if folded:
+        lines += [f"> Journal lines held more than a report keeps; counted, not shown "
+                  f"({', '.join(f'{k}: {v}' for k, v in sorted(folded.items()))}).", ""]
     lines += ["## Denials by cause", ""]
     if not report["causes"]:
         lines += ["No denials recorded in this window.", ""]

@@ -32,7 +32,7 @@ from tracer.verdict.explain import explain_records
 from tracer.verdict.fixes import FIXES
 
 MARK = {"node_path": "/dev/mkdir/mknode", "group": "mkgroup", "user_name": "mkuser",
-        "mount": "/mkmount", "gid": 4242}
+        "mount": "/mkmount", "gid": 4242, "unit": "mkunit", "helper": "/mkbin/mkhelper"}
 NODE_NAME = "mknode"
 NASTY = ['x";id>f;"', "a;reboot", "$(touch pwned)", "`id`", "a\nb", "a\\b", "a\\", "\ufffd",
          "a\ufffdb", "-rf", "--device=/", "a b", "'", '"', "%n", "%%", "$HOME", "*", "a|b",
@@ -41,9 +41,11 @@ NASTY = ['x";id>f;"', "a;reboot", "$(touch pwned)", "`id`", "a\nb", "a\\b", "a\\
 LINES: Counter[str] = Counter()   # how many lines of each syntax were checked, for the note
 
 
-def _ctx(reason_flags: tuple[str, bool, bool, bool, bool, bool], values: dict[str, Any]
-         ) -> dict[str, Any]:
-    node_class, v2, landlock, selinux, cap_held, root_gid = reason_flags
+Flags = tuple[str, bool, bool, bool, bool, bool, bool, bool]
+
+
+def _ctx(reason_flags: Flags, values: dict[str, Any]) -> dict[str, Any]:
+    node_class, v2, landlock, selinux, cap_held, root_gid, unit, blocked = reason_flags
     ctx = {"path": values["node_path"], "node_path": values["node_path"],
            "node_class": node_class, "gid": 0 if root_gid else values["gid"],
            "group": values["group"], "user_name": values["user_name"], "user": "x",
@@ -54,10 +56,16 @@ def _ctx(reason_flags: tuple[str, bool, bool, bool, bool, bool], values: dict[st
            "node_label": "system_u:object_r:xserver_misc_device_t:s0" if selinux else None}
     if v2:
         ctx["device_layer"] = "device_cgroup_v2"
+    if unit:  # a systemd unit's device policy (issue 18), its name as hostile as the rest
+        ctx.update(unit=values.get("unit", MARK["unit"]), unit_private=True,
+                   unit_prop="DeviceAllow", allow_name=None)
+    if blocked:  # nvidia-modprobe present but not setuid root: its path goes into chmod
+        ctx.update(modprobe_blockers=["not_setuid_root"], on_host=False,
+                   modprobe_path=values.get("helper", MARK["helper"]))
     return ctx
 
 
-ALL_FLAGS = list(itertools.product(("nvidia-gpu", "drm-render"), *[(False, True)] * 5))
+ALL_FLAGS = list(itertools.product(("nvidia-gpu", "drm-render"), *[(False, True)] * 7))
 # every branch of every template: all flags off, each one on alone, all on
 FLAGS = [ALL_FLAGS[0]] + [f for f in ALL_FLAGS if sum(map(bool, f[1:])) == 1
                           or f[0] == "drm-render" and not any(f[1:])] + [ALL_FLAGS[-1]]
@@ -178,7 +186,9 @@ def _expected(marked: list[Any], values: dict[str, Any], kind: str) -> list[Any]
             NODE_NAME: path.rsplit("/", 1)[-1], MARK["group"]: values["group"],
             MARK["user_name"]: values["user_name"],
             MARK["mount"]: "./" + values["mount"] if values["mount"].startswith("-")
-            else values["mount"]}
+            else values["mount"], MARK["unit"]: values.get("unit", MARK["unit"]),
+            MARK["helper"]: "./" + values["helper"] if values.get("helper", "").startswith("-")
+            else values.get("helper", MARK["helper"])}
 
     def one(word: Any) -> Any:
         if isinstance(word, tuple):
@@ -201,13 +211,13 @@ def _refusal_is_due(marked_line: str, values: dict[str, Any], kind: str) -> bool
     if NODE_NAME in marked_line and MARK["node_path"] not in marked_line:
         used.append((values["node_path"].rsplit("/", 1)[-1], "node_name"))
     if kind == "shell":
-        return any(not _shell_can_carry(v, k in ("group", "user_name")) for v, k in used)
+        return any(not _shell_can_carry(v, k in ("group", "user_name", "unit")) for v, k in used)
     if kind == "udev":
         return any(not re.fullmatch(r"[A-Za-z0-9_.+:@-]+", v) for v, _ in used)
     return True  # systemd/AppArmor refuse whatever is outside their plain set; checked above
 
 
-def check_template_lines(flags: tuple[str, bool, bool, bool, bool, bool],
+def check_template_lines(flags: Flags,
                          values: dict[str, Any]) -> Counter[str]:
     """Every template's lines for these values, read back; returns lines per syntax."""
     seen: Counter[str] = Counter()
@@ -248,7 +258,7 @@ def test_hostile_names_through_every_fix_template(flags: Any, path: str, group: 
                                                    user: str, mount: str) -> None:
     ran("fix templates (hostile names)")
     check_template_lines(flags, {"node_path": path, "group": group, "user_name": user,
-                                 "mount": mount, "gid": 4242})
+                                 "mount": mount, "gid": 4242, "unit": user, "helper": mount})
 
 
 @pytest.mark.parametrize("name", NASTY)
@@ -258,13 +268,14 @@ def test_each_nasty_name_in_every_branch_of_every_template(name: str) -> None:
     seen: Counter[str] = Counter()
     for flags in FLAGS:
         seen += check_template_lines(flags, {"node_path": "/dev/" + name, "group": name,
-                                             "user_name": name, "mount": name, "gid": 4242})
+                                             "user_name": name, "mount": name, "gid": 4242,
+                                             "unit": name, "helper": name})
         seen += check_template_lines(flags, {"node_path": name, "group": "video",
                                              "user_name": "al", "mount": "/" + name,
                                              "gid": 4242})
     # every syntax was reached, so no template or reader silently dropped out
     assert all(seen[kind] for kind in ("shell", "udev", "systemd", "modprobe", "yaml",
-                                       "apparmor")), seen
+                                       "apparmor", "unit")), seen
 
 
 @pytest.mark.parametrize("gid", [None, -1, "27;id", True, 2 ** 40, "27"])
@@ -281,7 +292,7 @@ def test_the_issue_s_two_injections_are_inert() -> None:
     """A node named x";id>f;" must not add udev keys; a symlink a;reboot must not run."""
     node = {"node_path": '/dev/x";id>f;"', "group": "video", "user_name": "al",
             "mount": "/m", "gid": 44}
-    flags = ("drm-render", False, False, False, False, False)
+    flags: Flags = ("drm-render", False, False, False, False, False, False, False)
     udev = next(f for f in FIXES[R.MODE_RESTRICTIVE](_ctx(flags, node)))
     assert udev.command.startswith("# rename the node") and "id>f" not in udev.command
     reboot = dict(node, node_path="/dev/a;reboot")
@@ -303,7 +314,11 @@ def test_shell_lines_run_in_a_real_shell_give_the_value_as_one_argument(tmp_path
                     if _syntax(fix.command) == "shell" \
                             and not fix.command.startswith(("RUN ", "echo ", "LANDLOCK_")):
                         lines.append(fix.command)
-                        expect.append(_shell_words(fix.command))
+                        words = _shell_words(fix.command)
+                        while "&&" in words:  # one call per command of an a && b line
+                            expect.append(words[:words.index("&&")])
+                            words = words[words.index("&&") + 1:]
+                        expect.append(words)
     commands = sorted({words[0] for words in expect})
     stubs = "".join(f"{c}() {{ printf '%s\\0' \"$#\" \"$FUNCNAME\" \"$@\"; }}\n" for c in commands)
     out = subprocess.run(["/bin/bash", "--norc", "--noprofile", "-s"],

@@ -4,6 +4,8 @@ seat sessions and the device-cgroup policy of the process's cgroup."""
 from __future__ import annotations
 
 import os
+import select
+import threading
 import time
 from typing import Optional
 
@@ -81,9 +83,52 @@ def logind_session_facts(host: HostPaths, facts: Facts) -> None:
         facts.put("logind.sessions", sessions, LIVE, sessions_dir)
 
 
+class _WatchedMountTable:
+    """The cgroup mounts of /proc/self/mountinfo, parsed again only when the kernel
+    says our mount table changed (poll on a mountinfo fd: POLLPRI after any mount
+    or unmount in this namespace).  A container start reads them several times."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
+        self.mounts: Optional[list[Mount]] = None
+        self.text = ""
+        self.lock = threading.Lock()
+
+    def get(self, facts: Facts) -> list[Mount]:
+        with self.lock:
+            if self.poller.poll(0) or self.mounts is None:
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                chunks = []
+                while True:
+                    chunk = os.read(self.fd, 1 << 16)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                text = b"".join(chunks).decode("utf-8", "replace")
+                if text != self.text:  # runc's own bind mount of itself comes and goes
+                    self.text = text
+                    self.mounts = [m for m in parse_mountinfo(text, facts.skips)
+                                   if m.fstype in ("cgroup", "cgroup2")]
+            assert self.mounts is not None
+            return self.mounts
+
+
+_mount_tables: dict[str, _WatchedMountTable] = {}
+
+
 def cgroup_mounts(host: HostPaths, facts: Facts) -> list[Mount]:
     path = os.path.join(host.proc, "self/mountinfo")
-    text = procfs.read_text(path)
+    if os.path.realpath(host.proc) == "/proc":  # procfs tells us when to read it again
+        table = _mount_tables.get(path)
+        if table is None:
+            try:
+                table = _mount_tables.setdefault(path, _WatchedMountTable(path))
+            except OSError:
+                return []
+        return table.get(facts)
+    text = procfs.read_text(path)  # a fixture tree: read each time
     if text is None:
         return []
     return [m for m in parse_mountinfo(text, facts.skips) if m.fstype in ("cgroup", "cgroup2")]

@@ -27,6 +27,9 @@
  *   OFF_*, SIZEOF_UPID  struct offsets from BTF
  *   HAVE_CGROUP_NAMES   name the task's own cgroup (its v2 cgroup, else its v1
  *                       devices cgroup: DEVICES_CGRP_ID from BTF's cgroup_subsys_id)
+ *   CONTAINER_STARTS    also the container-start signals: bpf/container_start.bpf.c is
+ *                       appended to this file (BCC only generates tracepoint argument
+ *                       structs for the main source, so it cannot be #included)
  *
  * The event layout below is mirrored by tracer/sensors/bpf_event.py; its size
  * is checked at compile time against EVENT_SIZE from Python.
@@ -284,7 +287,7 @@ static __always_inline u64 path_hash(const char *p)
 /* The task's own cgroup by name: the cgroup directory carries the container id
  * (docker-<id>.scope, libpod-<id>, cri-containerd-<id>.scope, crio-<id>.scope,
  * /docker/<id>) even when no runtime state is left to read. */
-static __always_inline void fill_cgroup_names(void *task, struct gpu_event *ev)
+static __always_inline void fill_cgroup_names(void *task, char *leaf, char *parent, u32 *flags)
 {
 	void *cset = rd_ptr(task, OFF_TASK_CGROUPS);
 	void *kn = rd_ptr(rd_ptr(cset, OFF_CSS_SET_DFL_CGRP), OFF_CGROUP_KN);
@@ -295,19 +298,18 @@ static __always_inline void fill_cgroup_names(void *task, struct gpu_event *ev)
 		if (css) {
 			kn = rd_ptr(rd_ptr(css, OFF_CSS_CGROUP), OFF_CGROUP_KN);
 			up = rd_ptr(kn, OFF_KERNFS_PARENT);
-			ev->path_flags |= GT_F_CGROUP_V1;
+			*flags |= GT_F_CGROUP_V1;
 		}
 	}
 #endif
-	ev->cgroup_leaf[0] = 0;
-	ev->cgroup_parent[0] = 0;
+	leaf[0] = 0;
+	parent[0] = 0;
 	if (!up) /* the root of its hierarchy: no cgroup of its own */
 		return;
-	bpf_probe_read_kernel_str(ev->cgroup_leaf, GT_CGROUP_NAME_CAP, rd_ptr(kn, OFF_KERNFS_NAME));
+	bpf_probe_read_kernel_str(leaf, GT_CGROUP_NAME_CAP, rd_ptr(kn, OFF_KERNFS_NAME));
 	if (rd_ptr(up, OFF_KERNFS_PARENT)) /* the parent is not the root */
-		bpf_probe_read_kernel_str(ev->cgroup_parent, GT_CGROUP_NAME_CAP,
-					  rd_ptr(up, OFF_KERNFS_NAME));
-	ev->path_flags |= GT_F_CGROUP_NAMED;
+		bpf_probe_read_kernel_str(parent, GT_CGROUP_NAME_CAP, rd_ptr(up, OFF_KERNFS_NAME));
+	*flags |= GT_F_CGROUP_NAMED;
 }
 #endif
 
@@ -375,7 +377,7 @@ static __always_inline void fill_task(struct gpu_event *ev)
 	ev->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 #ifdef HAVE_CGROUP_NAMES
-	fill_cgroup_names(task, ev);
+	fill_cgroup_names(task, ev->cgroup_leaf, ev->cgroup_parent, &ev->path_flags);
 #endif
 }
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from tracer.config import Config
 from tracer.enrichment.container_tracker import shared_tracker
+from tracer.enrichment.start_follower import shared_follower
 from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.pipeline import Pipeline, Sensor, Sink, Stage
@@ -57,7 +58,11 @@ def start_sources(cfg: Config, host: HostPaths, say: Callable[[str], None]) -> S
     config = bpf_config(cfg)
     # the one container snapshot store of this host tree: the enrichment reads it
     # (explain_stages) and the sensor resolves a gone container's aliases with it
-    sensor, how = start_sensor(cfg.sensor.kind, config, say, shared_tracker(host).store)
+    # ...and the kernel's container-start signals go to its follower (start_follower.py)
+    follower = shared_follower(host)
+    sensor, how = start_sensor(cfg.sensor.kind, config, say, shared_tracker(host).store,
+                               on_container_start=follower.on_start)
+    follower.tracker.submit(follower.watch_running_engines)
     sources = Sources(sensor, how)
     if cfg.sensor.watch_nodes:
         from tracer.sensors.node_watch import NodeWatcher

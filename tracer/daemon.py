@@ -29,6 +29,7 @@ from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.assembly import Sources, Stages, build_pipeline, explain_stages_for, start_sources
 from tracer.enrichment.container_tracker import shared_tracker
+from tracer.enrichment.start_follower import shared_follower
 from tracer.pipeline import Pipeline, Sensor, Sink, Summary
 from tracer.sensors.bpf_sensor import BpfSensor
 from tracer.sinks.journal import JournalSink
@@ -110,7 +111,8 @@ class Daemon:
         self.state.probes = self._probes
         self.state.subscribers = lambda: self.socket.subscriber_count if self.socket else 0
         self.state.journal_lines = lambda: self.journal.lines_written if self.journal else 0
-        self.state.containers = lambda: shared_tracker(self.host).store.stats()
+        self.state.containers = lambda: {**shared_tracker(self.host).store.stats(),
+                                         **shared_follower(self.host).stats()}
 
     def _sensor_name(self) -> str:
         if self.sensor is None:

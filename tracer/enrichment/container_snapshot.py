@@ -91,8 +91,10 @@ def _container_cgroup_paths(host: HostPaths, state: RuntimeState, pid: int, live
     live.skips.merge(seen.skips)
     fact = seen.fact("cgroup.paths")
     paths = dict(fact.value) if fact is not None else {}
-    from_state = {k: v for k, v in runtime_v1_paths(host, state, live).items()
-                  if not any(k in key.split(",") for key in paths)}
+    from_state: dict[str, str] = {}
+    if len(paths) <= 1 and state.cgroup_paths:  # only the v2 line: the init had exited
+        from_state = {k: v for k, v in runtime_v1_paths(host, state, live).items()
+                      if not any(k in key.split(",") for key in paths)}
     paths.update(from_state)
     if not paths:
         return

@@ -47,15 +47,18 @@ class ContainerSnapshot:
     facts: dict[str, Fact] = field(default_factory=dict)
     dropped_facts: int = 0
     owner: int = 0                          # uid owning its state dir (0: the runtime's own)
+    _sizes: dict[str, int] = field(default_factory=dict, repr=False)  # repr() length per fact
 
     def put(self, name: str, value: Any, origin: str) -> None:
         if value is None or (name not in self.facts and len(self.facts) >= MAX_FACTS_PER_SNAPSHOT):
             self.dropped_facts += value is not None
             return
-        if len(repr(value)) > MAX_FACT_JSON_BYTES:
+        size = len(repr(value))
+        if size > MAX_FACT_JSON_BYTES:
             self.dropped_facts += 1
             return
         self.facts[name] = Fact(value, CACHED, origin)
+        self._sizes[name] = size
 
     def add_facts(self, facts: Facts, prefix_origin: str) -> None:
         for name, fact in facts.items():
@@ -83,8 +86,9 @@ class ContainerSnapshot:
         return out
 
     def approx_bytes(self) -> int:
-        return sys.getsizeof(self) + sum(len(repr(f.value)) + len(f.origin) + 100
-                                         for f in self.facts.values())
+        return sys.getsizeof(self) + sum(
+            (self._sizes.get(n) or len(repr(f.value))) + len(f.origin) + 100
+            for n, f in self.facts.items())
 
 
 class SnapshotStore:

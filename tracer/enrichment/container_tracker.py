@@ -7,11 +7,13 @@ the container is created, while its init process already sits in the new
 namespaces and cgroup; a container living 10 ms is seen.  Roots: /run/runc,
 /run/crun, /run/user/UID/{runc,crun} (rootless podman), docker's
 /run/docker/runtime-runc/moby, containerd's /run/containerd/runc/<namespace>;
-more may be given (a docker with its own --exec-root).
+more may be given (a docker with its own --exec-root), and more are found as
+containers start (`add_root`, from the kernel's start signals: start_follower.py).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import stat
@@ -30,6 +32,8 @@ from tracer.inotify import (IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_DONT_FOLLOW
                             IN_MASK_ADD, IN_MOVED_TO, IN_ONLYDIR, IN_Q_OVERFLOW, Inotify)
 
 RESCAN_INTERVAL_S = 1.0  # after the kernel's event queue overflowed: look again, at most this often
+MAX_QUEUED_WORK = 10000  # start signals waiting for the tracker's thread
+MAX_TAKEN = 16384        # container dirs whose state was read, remembered
 ROOT_UID = 0
 
 # (path components under the host's /run; "*" matches any directory, "#" a uid) -> runtime
@@ -66,6 +70,10 @@ class ContainerTracker:
         self._stop = threading.Event()
         self._rescan_due = False
         self._last_rescan = -RESCAN_INTERVAL_S
+        self._found: list[tuple[str, str]] = []  # roots add_root was given: (dir, runtime)
+        self._taken: dict[str, int] = {}  # container dir -> its inode, once its state was read
+        self._work: "collections.deque[Callable[[], None]]" = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # --- watches ----------------------------------------------------------------------
     def _watch(self, directory: str, rest: tuple[str, ...], runtime: str, mask: int,
@@ -123,7 +131,10 @@ class ContainerTracker:
             if not is_dir:
                 self._missed(path)  # gone before we could look
                 return
-            self._watch(path, ("@",), runtime, IN_MOVED_TO | IN_CLOSE_WRITE, owner)
+            # runc renames state.json into place (its temp files' closes are no news);
+            # crun writes status in place
+            mask = IN_MOVED_TO if runtime == "runc" else IN_MOVED_TO | IN_CLOSE_WRITE
+            self._watch(path, ("@",), runtime, mask, owner)
             return
         if not is_dir:
             return
@@ -138,6 +149,57 @@ class ContainerTracker:
         for directory, runtime in self.extra_roots:
             parts = tuple(p for p in directory.split("/") if p)
             self._watch("/", parts, runtime, IN_CREATE | IN_MOVED_TO)
+        for directory, runtime in self._found:
+            self._watch_state_root(directory, runtime)
+
+    def _watch_state_root(self, directory: str, runtime: str) -> None:
+        try:
+            owner = os.stat(directory).st_uid
+        except OSError:
+            return
+        self._watch(directory, (), runtime, IN_CREATE | IN_MOVED_TO | IN_DELETE, owner)
+
+    # --- work from the kernel's start signals (start_follower.py) ---------------------
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run `work` on the tracker's thread, soon; from any thread.  Bounded: what
+        does not fit is counted (inotify still sees the container)."""
+        if len(self._work) >= MAX_QUEUED_WORK:
+            self.store.count("tracker_start_queue_full")
+            return
+        idle = not self._work
+        self._work.append(work)
+        if idle:  # else a wake-up is pending already
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # the pipe is full: a wake-up is pending anyway
+
+    def add_root(self, directory: str, runtime: str, why: str) -> None:
+        """A state root found as a container started (the tracker's thread): watched
+        from now on, and again after an inotify overflow."""
+        if (directory, runtime) in self._found:
+            return
+        self._found.append((directory, runtime))
+        self.store.count("tracker_roots_found")
+        self._watch_state_root(directory, runtime)
+
+    def take(self, state_root: str, cid: str, runtime: str) -> None:
+        """Read a container's state now (the tracker's thread), unless already read."""
+        if os.path.join(state_root, cid) not in self._taken:
+            self._take(state_root, cid, runtime)
+
+    def _run_work(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
+        while self._work:
+            work = self._work.popleft()
+            try:
+                work()
+            except Exception:  # one start's follow-up must not stop the tracker
+                self.store.count("tracker_start_errors")
 
     def start(self) -> "ContainerTracker":
         self._inotify = Inotify()
@@ -152,22 +214,34 @@ class ContainerTracker:
             self._thread.join(5)
         if self._inotify is not None:
             self._inotify.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # --- events -----------------------------------------------------------------------
     def _run(self) -> None:
         assert self._inotify is not None
         poller = select.poll()
         poller.register(self._inotify.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
             self._rescan_if_due()
-            if not poller.poll(200):
+            ready = {fd for fd, _ in poller.poll(200)}
+            if not ready:
                 self.store.expire()
+                if self._work:  # queued as the last wake-up was being taken
+                    self._run_work()
                 continue
-            try:
-                events = self._inotify.events()
-            except OSError:
-                break
-            self._dispatch(events)
+            if self._inotify.fd in ready:
+                try:
+                    events = self._inotify.events()
+                except OSError:
+                    break
+                self._dispatch(events)
+            if self._wake_r in ready or self._work:
+                self._run_work()
 
     def _rescan_if_due(self) -> None:
         """Events were lost (the kernel's queue overflowed, say under a flood of
@@ -193,15 +267,27 @@ class ContainerTracker:
                 continue
             for directory, rest, runtime in list(self._watches.get(wd, ())):
                 if rest == ("@",):
-                    if name in ("state.json", "status"):
+                    if name in ("state.json", "status") and not self._same_taken(directory):
                         self._take(os.path.dirname(directory), os.path.basename(directory),
                                    runtime)
                 elif not rest and mask & IN_DELETE:
+                    self._taken.pop(os.path.join(directory, name), None)
                     self._missed(os.path.join(directory, name))
                     owner = self.watch_budget.owner_of(wd)
                     self.store.mark_died(name, owner=ROOT_UID if owner is None else owner)
                 elif mask & (IN_CREATE | IN_MOVED_TO):
                     self._entry(directory, rest, runtime, name)
+
+    def _same_taken(self, directory: str) -> bool:
+        """The state of this very container dir was read already: runc rewrites
+        state.json when it starts the container (same init), nothing new for us."""
+        known = self._taken.get(directory)
+        if known is None:
+            return False
+        try:
+            return os.stat(directory).st_ino == known
+        except OSError:
+            return False
 
     def _missed(self, path: str) -> None:
         """A container whose state went away before it could be read: counted."""
@@ -230,6 +316,12 @@ class ContainerTracker:
             return
         snap.owner = files.owner
         self.pending.release(os.path.join(state_root, cid))
+        try:
+            self._taken[os.path.join(state_root, cid)] = os.stat(state.state_dir).st_ino
+        except OSError:
+            pass
+        while len(self._taken) > MAX_TAKEN:  # deletions not seen (an overflow): oldest first
+            del self._taken[next(iter(self._taken))]
         if self.store.add(snap) and self.on_snapshot is not None:
             self.on_snapshot(snap)
 

@@ -16,6 +16,7 @@ from collections import Counter, OrderedDict
 from typing import Generic, Optional, TypeVar
 
 from tracer.enrichment.cgroup_name import add_cgroup_identity
+from tracer.enrichment.kernel_starts import StartBook, add_start_facts
 from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
                                          podman_storage_has, read_containerenv)
 from tracer.enrichment import procfs
@@ -87,9 +88,11 @@ class Enricher:
 
     def __init__(self, host: HostPaths, stat_node: NodeStatter = stat_in_root,
                  cache_size: int = DEFAULT_CACHE_SIZE,
-                 snapshots: Optional[SnapshotStore] = None) -> None:
+                 snapshots: Optional[SnapshotStore] = None,
+                 starts: Optional[StartBook] = None) -> None:
         self.host = host
         self.snapshots = snapshots if snapshots is not None else SnapshotStore()
+        self.starts = starts  # the kernel's container starts (kernel_starts.py)
         self.stat_node = stat_node
         self.by_userns: BoundedLru[int, Facts] = BoundedLru(cache_size)
         self.by_cgroup: BoundedLru[int, Facts] = BoundedLru(cache_size)
@@ -122,6 +125,8 @@ class Enricher:
                 # own v2 cgroup (and its device programs) while the cgroup lives
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts)
         add_cgroup_identity(proc, facts)
+        if self.starts is not None:
+            add_start_facts(self.starts, proc, event.time, facts)
         if "systemd.unit" not in facts and self._cgroup_key(proc) is not None:
             # the unit from the kernel-captured cgroup id: the process may be gone, or in
             # a pid namespace of its own where /proc/PID is not it

@@ -22,6 +22,8 @@ STAT_NAMES = (
     "candidates",              # refused opens outside the GPU prefixes (every attempt)
     "candidates_known",        # ...whose path userspace already found not to be a GPU node
     "candidates_rate_limited",  # ...new ones refused by the candidate rate bound
+    "container_starts",        # container-start signals handed to the buffer
+    "container_starts_dropped",  # ...refused by the buffer (the tracker's inotify remains)
 )
 
 PATH_CAP = 256          # bytes of a path in an event (normalised, and as given)
@@ -37,8 +39,12 @@ NOT_GPU_TTL_S = 10      # ...for this long: a path may become a GPU node (symlin
 CANDIDATE_RATE = 2000   # new candidates per second per CPU the kernel may send
 CANDIDATE_BURST = 4000  # ...and its token bucket depth
 CGROUP_NAME_CAP = 128   # bytes of one cgroup directory name (cri-containerd-<64 hex>.scope: 85)
+START_PATH_CAP = 256    # bytes of a new cgroup's path in a container-start signal
+START_ARGV_CAP = 512    # bytes of the runtime's command line in it (docker's runc create: ~450)
 
 EV_DENIAL, EV_UPDATE = 1, 2
+EV_START = 4             # a container-start signal (bpf/container_start.bpf.c)
+START_EXEC, START_MKDIR = 1, 2  # ...its kind: a pid namespace's init exec'd; a cgroup made
 
 # Event flag bits (gpu_event.path_flags).
 F_RELATIVE = 1       # the path was relative to cwd or dirfd
@@ -53,6 +59,8 @@ F_NNP_KNOWN = 256    # the task's no_new_privs was read (F_NO_NEW_PRIVS says whi
 F_NO_NEW_PRIVS = 512  # task->atomic_flags has PFA_NO_NEW_PRIVS: setuid binaries gain nothing
 F_CGROUP_NAMED = 2048  # cgroup_leaf/cgroup_parent hold the names of the task's own cgroup
 F_CGROUP_V1 = 4096     # ...of its v1 devices cgroup (its v2 cgroup was the root)
+F_START_PATH_CUT = 8192    # start signal: the cgroup's path was longer than START_PATH_CAP
+F_START_ARGV_CUT = 16384   # start signal: the command line was longer than START_ARGV_CAP
 
 # Aggregation key target bits: bit 63 = ioctl (target holds the dev),
 # bit 62 = candidate (target holds the path hash).
@@ -80,6 +88,9 @@ def cflags() -> dict[str, object]:
                  GT_F_NNP_KNOWN=F_NNP_KNOWN, GT_F_NO_NEW_PRIVS=F_NO_NEW_PRIVS,
                  GT_F_CGROUP_NAMED=F_CGROUP_NAMED, GT_F_CGROUP_V1=F_CGROUP_V1,
                  GT_CGROUP_NAME_CAP=CGROUP_NAME_CAP,
+                 GT_EV_START=EV_START, GT_START_EXEC=START_EXEC, GT_START_MKDIR=START_MKDIR,
+                 GT_START_PATH_CAP=START_PATH_CAP, GT_START_ARGV_CAP=START_ARGV_CAP,
+                 GT_F_START_PATH_CUT=F_START_PATH_CUT, GT_F_START_ARGV_CUT=F_START_ARGV_CUT,
                  GT_TARGET_IOCTL=f"{TARGET_IOCTL}ULL", GT_TARGET_CANDIDATE=f"{TARGET_CANDIDATE}ULL",
                  GT_HASH_MASK=f"{HASH_MASK}ULL")
     for name, number in SYSCALL_IDS.items():

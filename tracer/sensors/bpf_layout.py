@@ -88,6 +88,21 @@ CGROUP_NAME_OFFSETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The container-start signal's runtime command line (CONTAINER_STARTS).
+START_OFFSETS: dict[str, str] = {
+    "OFF_TASK_MM": "task_struct.mm",
+    "OFF_MM_ARG_START": "mm_struct.arg_start",
+    "OFF_MM_ARG_END": "mm_struct.arg_end",
+}
+
+
+def start_flags(btf: KernelBtf) -> dict[str, int]:
+    """Offsets for the container-start signal; empty when this kernel lacks one."""
+    if not all(btf.has_member(p) for p in START_OFFSETS.values()):
+        return {}
+    return {macro: btf.member(p).offset for macro, p in START_OFFSETS.items()}
+
+
 def _first_member(btf: KernelBtf, paths: tuple[str, ...]) -> int | None:
     return next((btf.member(p).offset for p in paths if btf.has_member(p)), None)
 

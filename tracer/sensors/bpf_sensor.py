@@ -33,9 +33,11 @@ from tracer.sensors import preflight
 from tracer.sensors.bpf_constants import (HASH_MASK, MAX_PREFIXES, NOT_GPU_TTL_S, PREFIX_CAP,
                                           RINGBUF_PAGES, STAT_NAMES, SYSCALL_NAMES)
 from tracer.sensors.bpf_event import AggKey, DecodeError, Update
-from tracer.sensors.bpf_layout import current_arch, offset_flags
+from tracer.sensors.bpf_layout import current_arch, offset_flags, start_flags
 from tracer.sensors.btf import KIND_FUNC, KernelBtf
 from tracer.sensors.candidates import DeviceResolver
+from tracer.sensors.container_starts import (START_EVENT_SIZE, ContainerStart, decode_start,
+                                             is_start_record, mkdir_hierarchy)
 
 if TYPE_CHECKING:
     from tracer.enrichment.container_store import SnapshotStore
@@ -52,6 +54,17 @@ def bpf_source_dir() -> str:
         if os.path.exists(os.path.join(candidate, "gputrace.bpf.c")):
             return os.path.normpath(candidate)
     raise EnvironmentProblem("cannot find bpf/gputrace.bpf.c (set GPUTRACE_BPF_DIR)")
+
+
+def bpf_program_text(container_starts: bool) -> bytes:
+    """gputrace.bpf.c, with container_start.bpf.c after it when asked for (BCC
+    makes tracepoint argument structs only for its main source: no #include)."""
+    parts = ["gputrace.bpf.c"] + (["container_start.bpf.c"] if container_starts else [])
+    out = b""
+    for name in parts:
+        with open(os.path.join(bpf_source_dir(), name), "rb") as f:
+            out += f.read() + b"\n"
+    return out
 
 
 @dataclass
@@ -71,6 +84,7 @@ class BpfConfig:
     tracefs: str = "/sys/kernel/tracing"
     headers_cache: str = "/var/cache/gputrace"
     btf_path: Optional[str] = None  # default: HostPaths.btf_vmlinux
+    container_starts: bool = True  # the kernel's container-start signals (container_start.bpf.c)
 
 
 @dataclass
@@ -88,6 +102,9 @@ class BpfSensor:
     # the container tracker's store: a candidate whose mount namespace has no live
     # process left is resolved through its container's OCI config (shared, see assembly)
     snapshots: "Optional[SnapshotStore]" = None
+    # where container-start signals go (the container tracker; see assembly), called on
+    # the sensor's thread before any later record is handled
+    on_container_start: Optional[Callable[[ContainerStart], None]] = None
 
     def __post_init__(self) -> None:
         self.bpf: Any = None  # bcc.BPF once started
@@ -114,6 +131,7 @@ class BpfSensor:
         arch = current_arch()
         with KernelBtf(self.config.btf_path or self.host.btf_vmlinux) as btf:
             flags: dict[str, object] = dict(offset_flags(btf, arch))
+            starts = start_flags(btf) if self.config.container_starts else {}
             hooks = self._hook_order(btf, arch.syscall_prefix)
             ringbuf = self.config.transport == "ringbuf" or (
                 self.config.transport == "auto" and btf.has_func("bpf_ringbuf_output"))
@@ -124,6 +142,11 @@ class BpfSensor:
         flags.update(EVENT_SIZE=bpf_event.EVENT_SIZE, AGG_MAX=self.config.aggregate_max,
                      AGG_INTERVAL_NS=f"{int(self.config.aggregate_interval_s * 1e9)}ULL",
                      ERRNO_MASK=f"{sum(1 << e for e in self.config.errnos if 0 < e < 64)}ULL")
+        if starts:
+            flags.update(starts, CONTAINER_STARTS=1, START_EVENT_SIZE=START_EVENT_SIZE)
+            hierarchy = mkdir_hierarchy(self.host.proc)
+            if hierarchy is not None:
+                flags["START_MKDIR_ROOT"] = hierarchy
         if ringbuf:
             flags.update(USE_RINGBUF=1, RINGBUF_PAGES=self.config.ringbuf_pages)
         self.transport = "ringbuf" if ringbuf else "perf"
@@ -163,13 +186,13 @@ class BpfSensor:
     def _load(self, flags: dict) -> Any:
         from bcc import BPF  # imported late: only the BPF sensor needs BCC
 
-        src = os.path.join(bpf_source_dir(), "gputrace.bpf.c")
+        text = bpf_program_text("CONTAINER_STARTS" in flags)
         cflags = [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]
         devnull = os.open(os.devnull, os.O_WRONLY)
         saved = os.dup(2)
         try:  # BCC prints compiler chatter on fd 2; keep the terminal clean
             os.dup2(devnull, 2)
-            return BPF(src_file=src.encode(), cflags=cflags)
+            return BPF(text=text, cflags=cflags)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -215,6 +238,9 @@ class BpfSensor:
         self._user_stats["dropped_perf_lost"] += lost
 
     def _ingest(self, raw: bytes) -> None:
+        if is_start_record(raw):
+            self._container_start(raw)
+            return
         try:
             decoded = bpf_event.decode(raw, self._clock_offset)
         except DecodeError as exc:
@@ -244,6 +270,16 @@ class BpfSensor:
         self._queue.append(record)
         if pending > record.count:
             self._count(key, pending)
+
+    def _container_start(self, raw: bytes) -> None:
+        try:
+            start = decode_start(raw, self._clock_offset)
+        except DecodeError as exc:
+            self._user_stats[f"decode_error_{exc.reason}"] += 1
+            return
+        self._user_stats[f"container_starts_{start.how}"] += 1
+        if self.on_container_start is not None:
+            self.on_container_start(start)
 
     def _keep_candidate(self, key: AggKey, record: Event) -> bool:
         """Is this refused open outside the GPU prefixes a GPU node after all?  Asked

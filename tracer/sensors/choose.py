@@ -10,18 +10,23 @@ from tracer.pipeline import Sensor
 from tracer.sensors.audit_pipeline import AuditConfig
 from tracer.sensors.audit_sensor import AuditSensor
 from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
+from tracer.sensors.container_starts import ContainerStart
 
 if TYPE_CHECKING:
     from tracer.enrichment.container_store import SnapshotStore
 
 
 def start_sensor(name: str, bpf_config: BpfConfig, say: Callable[[str], None],
-                 snapshots: "Optional[SnapshotStore]" = None) -> tuple[Sensor, str]:
+                 snapshots: "Optional[SnapshotStore]" = None,
+                 on_container_start: "Optional[Callable[[ContainerStart], None]]" = None
+                 ) -> tuple[Sensor, str]:
     """(started sensor, how it runs, for the user).  `say` gets one-line notices;
     `snapshots` is the container tracker's store (the BPF sensor resolves a gone
-    container's path aliases through it)."""
+    container's path aliases through it); `on_container_start` gets the BPF
+    sensor's container-start signals (the container tracker's follower)."""
     if name in ("auto", "bpf"):
-        bpf = BpfSensor(bpf_config, say=say, snapshots=snapshots)
+        bpf = BpfSensor(bpf_config, say=say, snapshots=snapshots,
+                        on_container_start=on_container_start)
         try:
             bpf.start()
             return bpf, f"bpf {bpf.hook}, {bpf.transport}"

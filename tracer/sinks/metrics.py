@@ -39,6 +39,7 @@ METRIC_NAMES = (
     "gputrace_build_info",
     "gputrace_container_snapshots",
     "gputrace_container_snapshot_bytes",
+    "gputrace_container_starts_held",
     "gputrace_container_tracker_total",
 )
 DENIAL_LABELS = ("node_class", "errno", "reason", "container_engine")
@@ -130,7 +131,8 @@ class StateCollector:
         containers = {"snapshots_taken": 0, "snapshots_evicted": 0, "snapshots_expired": 0,
                       "containers_missed": 0, **self.state.containers()}
         levels = {"snapshots_held": "gputrace_container_snapshots",
-                  "snapshot_bytes": "gputrace_container_snapshot_bytes"}
+                  "snapshot_bytes": "gputrace_container_snapshot_bytes",
+                  "starts_held": "gputrace_container_starts_held"}
         for stat, metric in levels.items():
             yield GaugeMetricFamily(metric, f"Container snapshot store: {stat.replace('_', ' ')} "
                                     "(bounded by its capacity and byte limit).",

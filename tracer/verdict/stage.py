@@ -7,6 +7,7 @@ import threading
 from typing import Callable, Optional
 
 from tracer.enrichment.container_tracker import shared_tracker
+from tracer.enrichment.start_follower import shared_follower
 from tracer.enrichment.enricher import Enricher
 from tracer.event import Event
 from tracer.host import HostPaths
@@ -21,7 +22,8 @@ def explain_stages(host: Optional[HostPaths] = None, cache_size: int = 256,
     Containers are learnt when they start (one tracker per host tree and process)."""
     host = host or HostPaths()
     store = shared_tracker(host).store if track_containers else None
-    enricher = Enricher(host, cache_size=cache_size, snapshots=store)
+    starts = shared_follower(host).book if track_containers else None
+    enricher = Enricher(host, cache_size=cache_size, snapshots=store, starts=starts)
     lock = threading.Lock()  # the enricher's caches are shared by both threads
 
     def on_arrival(event: Event) -> None:

@@ -1,0 +1,104 @@
+"""The kernel's container-start signals, followed up: each is filed at once (so a
+denial a millisecond later already finds its container's start), then, on the
+container tracker's thread, the runtime's state root it names is watched and the
+container's state read while it lives.
+
+    follower = StartFollower(host, tracker)
+    sensor.on_container_start = follower.on_start     # the BPF sensor's thread
+
+inotify stays the source of the runtime's state; the signal makes sure no start
+goes unseen (a root nobody listed, a container shorter than inotify's reaction,
+an inotify queue overflow) and carries what the kernel knew then.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Optional
+
+from tracer.enrichment.container_tracker import shared_tracker
+from tracer.enrichment.kernel_starts import StartBook, StartRecord
+from tracer.enrichment.state_roots import (RootReacher, argv_of, engine_roots, root_of_monitor,
+                                           root_of_runtime)
+from tracer.host import HostPaths
+from tracer.sensors.container_starts import ContainerStart, monitor_command, runtime_command
+
+if TYPE_CHECKING:
+    from tracer.enrichment.container_tracker import ContainerTracker
+
+
+class StartFollower:
+    def __init__(self, host: HostPaths, tracker: "ContainerTracker",
+                 book: Optional[StartBook] = None) -> None:
+        self.host = host
+        self.tracker = tracker
+        self.book = book if book is not None else StartBook()
+        self.reacher = RootReacher(host)
+        self._roots: set[tuple[str, str]] = set()  # (directory, runtime) handed to the tracker
+
+    def on_start(self, start: ContainerStart) -> None:
+        """The sensor's thread: file it, and queue the rest for the tracker's thread."""
+        record = self.book.add(start)
+        self.tracker.submit(lambda: self.follow(start, record))
+
+    def follow(self, start: ContainerStart, record: StartRecord) -> None:
+        if start.how == "mkdir":  # its state is not written yet: watching the root will see it
+            cmd = record.runtime
+            if cmd is not None:
+                named, why = root_of_runtime(self.host, cmd, start.pid, start.uid,
+                                             start.userns.level)
+                self._use(start.pid, named, cmd.runtime, why, None)
+            return
+        known = record.runtime
+        if known is not None and known.container_id and self._snapshotted(known.container_id):
+            return  # its cgroup's maker already told us, and the tracker has read it
+        argv = argv_of(self.host, start.ppid)
+        monitor = monitor_command(argv)
+        if monitor is not None:
+            self.book.describe(record, monitor, f"the command line of {monitor.monitor} "
+                               f"(pid {start.ppid}), the container's monitor")
+            found = root_of_monitor(self.host, monitor, start.ppid)
+            if found is not None and monitor.runtime:
+                self._use(start.ppid, found[0], monitor.runtime, found[1], monitor.container_id)
+            return
+        cmd = runtime_command(argv)  # `runc run` is its own container's parent
+        if cmd is not None:
+            named, why = root_of_runtime(self.host, cmd, start.ppid)
+            self._use(start.ppid, named, cmd.runtime, why, cmd.container_id)
+        else:
+            self.book.counters["starts_without_runtime"] += 1
+
+    def _snapshotted(self, cid: str) -> bool:
+        return self.tracker.store.get(cid) is not None
+
+    def _use(self, pid: int, named: str, runtime: str, why: str, cid: Optional[str]) -> None:
+        directory = self.reacher.reach(pid, named)
+        if directory is None:
+            self.book.counters["state_root_unreachable"] += 1
+            return
+        if (directory, runtime) not in self._roots:
+            self._roots.add((directory, runtime))
+            self.tracker.add_root(directory, runtime, why)
+        if cid and not self._snapshotted(cid):
+            self.tracker.take(directory, cid, runtime)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.book.stats(), **self.reacher.counters}
+
+    def watch_running_engines(self) -> None:
+        """Roots of engines and monitors already running when gputrace starts."""
+        for pid, named, runtime, why in engine_roots(self.host):
+            self._use(pid, named, runtime, why, None)
+
+
+_SHARED: dict[HostPaths, StartFollower] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_follower(host: HostPaths) -> StartFollower:
+    """The process's one follower of start signals for a host tree, on its one tracker."""
+    with _SHARED_LOCK:
+        follower = _SHARED.get(host)
+        if follower is None:
+            follower = _SHARED[host] = StartFollower(host, shared_tracker(host))
+        return follower

@@ -68,7 +68,7 @@ def make(path: str, kind: str, text: str) -> None:
             f.write(text if kind == "file" else " " * (5 << 20))
 
 
-@fuzz(400)
+@fuzz(1000)
 @given(runtime=st.sampled_from(["runc", "crun"]), state=CONTENT, state_kind=KIND,
        config=CONTENT, config_kind=KIND)
 def test_hostile_state_never_raises_and_gives_typed_values(runtime: str, state: str,

@@ -55,6 +55,11 @@ def _text(value: Any) -> Optional[str]:
     return value[:MAX_TEXT] if isinstance(value, str) else None
 
 
+def _list(value: Any) -> list[Any]:
+    """A JSON array, or nothing: a hostile file may put any value where one belongs."""
+    return value if isinstance(value, list) else []
+
+
 def _int(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -111,7 +116,7 @@ def read_runtime_state(host: HostPaths, runtime: str, state_root: str, cid: str,
         return None
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     assert isinstance(config, dict)
-    labels = [x for x in config.get("labels") or [] if isinstance(x, str)]
+    labels = [x for x in _list(config.get("labels")) if isinstance(x, str)]
     bundle = next((x[len("bundle="):] for x in labels if x.startswith("bundle=")), None)
     paths = data.get("cgroup_paths") if isinstance(data.get("cgroup_paths"), dict) else {}
     assert isinstance(paths, dict)
@@ -160,7 +165,7 @@ def read_oci_config(host: HostPaths, bundle: str,
     mounts = []
     for m in (data.get("mounts") or [])[:MAX_MOUNTS] if isinstance(data.get("mounts"), list) else []:
         if isinstance(m, dict) and isinstance(m.get("destination"), str):
-            options = [o[:64] for o in m.get("options") or [] if isinstance(o, str)][:32]
+            options = [o[:64] for o in _list(m.get("options")) if isinstance(o, str)][:32]
             mounts.append({"destination": m["destination"][:MAX_TEXT],
                            "source": _text(m.get("source")), "type": _text(m.get("type")),
                            "options": options})
@@ -177,7 +182,8 @@ def read_oci_config(host: HostPaths, bundle: str,
     assert isinstance(root, dict)
     return {
         "user": {"uid": _int(user.get("uid")), "gid": _int(user.get("gid")),
-                 "additional_gids": [g for g in user.get("additionalGids") or [] if _int(g) is not None][:64]},
+                 "additional_gids": [g for g in _list(user.get("additionalGids"))
+                                     if _int(g) is not None][:64]},
         "annotations": {k[:128]: v[:MAX_TEXT] for k, v in list(annotations.items())[:MAX_ANNOTATIONS]
                         if isinstance(k, str) and isinstance(v, str)},
         "mounts": mounts, "devices": devices, "device_rules": rules,

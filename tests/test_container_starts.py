@@ -23,39 +23,28 @@ import pytest
 from tests.support import podman as podman_support
 from tests.support.probe import probe_binary
 from tests.support.scenario_workspace import Scenario
+from tests.support.followed_sensor import explained, followed_sensor
 from tests.support.sensor_harness import SensorHarness
-from tracer.enrichment.container_store import SnapshotStore
-from tracer.enrichment.container_tracker import ContainerTracker
-from tracer.enrichment.enricher import Enricher
 from tracer.enrichment.start_follower import StartFollower
 from tracer.event import Event
-from tracer.facts import Facts
-from tracer.host import HostPaths
-from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
-from tracer.verdict.explain import explain_facts
-from tracer.verdict.reasons import Verdict
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
-def follower() -> Iterator[StartFollower]:
-    """A tracker that lists no extra roots, its follower, and a BPF sensor whose
-    start signals go to it: all a container start teaches comes from the signal."""
-    tracker = ContainerTracker(HostPaths(), SnapshotStore()).start()
-    follower = StartFollower(HostPaths(), tracker)
-    yield follower
-    tracker.close()
+def followed() -> Iterator[tuple[SensorHarness, StartFollower]]:
+    with followed_sensor() as both:
+        yield both
 
 
 @pytest.fixture(scope="module")
-def sensor(follower: StartFollower) -> Iterator[SensorHarness]:
-    harness = SensorHarness(sensor=BpfSensor(BpfConfig(aggregate_interval_s=0.5,
-                                                       sweep_interval_s=0.5),
-                                             say=lambda msg: None,
-                                             on_container_start=follower.on_start)).start()
-    yield harness
-    harness.close()
+def sensor(followed) -> SensorHarness:
+    return followed[0]
+
+
+@pytest.fixture(scope="module")
+def follower(followed) -> StartFollower:
+    return followed[1]
 
 
 def runc_container(scenario: Scenario, state_root: str, cid: str) -> tuple[str, float]:
@@ -87,12 +76,6 @@ def denial(sensor: SensorHarness, token_pid_comm: bytes, started: float) -> Even
     return sensor.wait_for(lambda e: e.kind == "denial" and e.time >= started - 0.05
                            and e.process.comm == token_pid_comm
                            and e.node.path == b"/dev/nvidia0", timeout=15)[-1]
-
-
-def explained(event: Event, follower: StartFollower) -> tuple[Facts, Verdict]:
-    facts = Enricher(HostPaths(), snapshots=follower.tracker.store,
-                     starts=follower.book).enrich(event)
-    return facts, explain_facts(event, facts)
 
 
 def test_a_state_root_nobody_listed_is_found_from_runcs_command_line(sensor, follower):

@@ -40,7 +40,8 @@ class StartRecord:
     userns_level: Optional[int] = None
     runtime: Optional[RuntimeCommand] = None   # the maker of the cgroup's command line
     runtime_pid: Optional[int] = None
-    monitor: Optional[MonitorCommand] = None   # read from /proc by the tracker's thread
+    monitor: Optional[MonitorCommand] = None   # the init's parent, read from /proc at its exec
+    parent_argv: Optional[tuple[bytes, ...]] = None  # ...when that parent is no monitor
     facts: dict[str, tuple[object, str, str]] = field(default_factory=dict)  # name -> (value, source, origin)
 
     def put(self, name: str, value: object, source: str, origin: str) -> None:

@@ -37,9 +37,23 @@ class StartFollower:
         self._roots: set[tuple[str, str]] = set()  # (directory, runtime) handed to the tracker
 
     def on_start(self, start: ContainerStart) -> None:
-        """The sensor's thread: file it, and queue the rest for the tracker's thread."""
+        """The sensor's thread: file it; an exec no cgroup maker told us about (a
+        rootless runtime makes none) gets its monitor's command line now, while
+        the monitor surely lives and before the container's first denial is
+        explained; the rest waits for the tracker's thread."""
         record = self.book.add(start)
+        if start.how == "exec" and record.runtime is None:
+            self._describe(start, record)
         self.tracker.submit(lambda: self.follow(start, record))
+
+    def _describe(self, start: ContainerStart, record: StartRecord) -> None:
+        argv = argv_of(self.host, start.ppid)
+        monitor = monitor_command(argv)
+        if monitor is not None:
+            self.book.describe(record, monitor, f"the command line of {monitor.monitor} "
+                               f"(pid {start.ppid}), the container's monitor")
+        else:
+            record.parent_argv = argv
 
     def follow(self, start: ContainerStart, record: StartRecord) -> None:
         if start.how == "mkdir":  # its state is not written yet: watching the root will see it
@@ -52,15 +66,14 @@ class StartFollower:
         known = record.runtime
         if known is not None and known.container_id and self._snapshotted(known.container_id):
             return  # its cgroup's maker already told us, and the tracker has read it
-        argv = argv_of(self.host, start.ppid)
-        monitor = monitor_command(argv)
+        monitor = record.monitor
         if monitor is not None:
-            self.book.describe(record, monitor, f"the command line of {monitor.monitor} "
-                               f"(pid {start.ppid}), the container's monitor")
             found = root_of_monitor(self.host, monitor, start.ppid)
             if found is not None and monitor.runtime:
                 self._use(start.ppid, found[0], monitor.runtime, found[1], monitor.container_id)
             return
+        argv = record.parent_argv if record.parent_argv is not None \
+            else argv_of(self.host, start.ppid)
         cmd = runtime_command(argv)  # `runc run` is its own container's parent
         if cmd is not None:
             named, why = root_of_runtime(self.host, cmd, start.ppid)

@@ -78,3 +78,19 @@ def test_a_gone_process_gets_its_container_id_from_the_cgroup_name_alone():
     assert "named by the kernel" in facts.fact("container.id").origin
     assert facts.get("process.cgroup_leaf") == f"docker-{CID}.scope"
     assert facts.get("process.host_process") is False
+
+
+def test_a_reused_namespace_inode_does_not_find_another_containers_snapshot():
+    """A container's end may not have reached the tracker when a new container gets
+    the freed mount namespace inode: the kernel-named cgroup tells them apart."""
+    now = time.time()
+    store = SnapshotStore()
+    old = snap("gttest-old", {"unified": "/gttest-old"}, now - 5)
+    old.mntns = 4026532999
+    store.add(old)
+    assert store.find(proc("gttest-new"), now) is None  # same mntns, other cgroup
+    found = store.find(proc("gttest-old"), now)
+    assert found is not None and found[0].id == "gttest-old"
+    child = proc("init.scope", "gttest-old")  # a process in a child of the container's cgroup
+    found = store.find(child, now)
+    assert found is not None and found[0].id == "gttest-old" and found[1].startswith("mntns")

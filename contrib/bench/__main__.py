@@ -5,7 +5,9 @@ Overhead: a getppid loop (a syscall gputrace does not watch), an open/close
 loop, an ioctl loop and a macro workload (make -j2 of small C files), each
 under no tracer, the floor (empty programs on gputrace's hooks), an empty
 program on raw sys_exit, gputrace, the trace-bpfcc stand-in and audit rules,
-interleaved round by round.
+interleaved round by round.  Churn: containers started back to back (runc
+directly and docker), each refused /dev/nvidia0 once, with and without gputrace
+interleaved, then 10,000 through one daemon for memory.
 
     python -m contrib.bench                    # everything (~9 minutes on 2 cores)
     python -m contrib.bench overhead storm     # some parts
@@ -21,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-PARTS = ("overhead", "storm", "latency", "startup")
+PARTS = ("overhead", "storm", "latency", "startup", "churn")
 
 
 def say(message: str) -> None:
@@ -47,6 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-storm-procs", type=int, default=4)
     ap.add_argument("--startup-runs", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true", help="skip opensnoop / its stand-in")
+    ap.add_argument("--churn-engines", default="runc,docker", help="engines for the churn part")
+    ap.add_argument("--churn-rounds", type=int, default=3, help="interleaved churn rounds")
+    ap.add_argument("--churn-per-round", default="runc:150,docker:20",
+                    help="containers per configuration per round, by engine")
+    ap.add_argument("--churn-workers", type=int, default=2,
+                    help="containers started at a time (2 saturates this VM's runc)")
+    ap.add_argument("--churn-long", type=int, default=10_000,
+                    help="containers through one daemon for memory (runc; 0: skip)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 2 s storms, 60 samples")
     ap.add_argument("--out-dir", default="bench-results")
     args = ap.parse_args(argv)
@@ -56,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.seconds, args.latency_samples, args.startup_runs = 3, 2.0, 60, 1
         args.macro_files, args.getppid_iterations = 60, 300_000
+        args.churn_rounds, args.churn_per_round, args.churn_long = 1, "runc:40,docker:5", 300
     args.parts = args.parts or list(PARTS)
     return args
 
@@ -117,6 +128,19 @@ def run_storm(host: Any, exe: str, kind: str, args: argparse.Namespace, peer: An
             "nodes (candidates):\n\n" + tables.candidate_table(candidates)}
 
 
+def run_churn(host: Any, kind: str, args: argparse.Namespace) -> dict:
+    from contrib.bench import churn, churn_engines
+
+    exe = churn_engines.build_open_once(host.workdir)
+    per_round = dict(item.split(":") for item in args.churn_per_round.split(","))
+    results = [churn.interleaved(host, kind, engine, args.churn_rounds,
+                                 int(per_round.get(engine, 20)), args.churn_workers, exe, say)
+               for engine in args.churn_engines.split(",") if engine]
+    long = churn.long_run(host, kind, "runc", args.churn_long, args.churn_workers, exe, say) \
+        if args.churn_long else None
+    return {"engines": results, "long": long, "text": churn.churn_table(results, long)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -151,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = latency.measure(host, exe, kind, args.latency_samples, args.latency_gap_ms,
                                    args.latency_storm_procs, say)
             results["latency"] = {"rows": rows, "text": tables.latency_table(rows)}
+        if "churn" in args.parts:
+            results["churn"] = run_churn(host, kind, args)
         if "startup" in args.parts:
             s = latency.startup(host, kind, args.startup_runs, 3.0, say)
             results["startup"] = {**s, "text": tables.startup_table(s)}
@@ -178,7 +204,8 @@ def report(results: dict) -> str:
         parts.append(f"opensnoop-bpfcc -x could not run: {results['peer_tool']['opensnoop_unavailable']}; "
                      f"its stand-in is {results['peer_tool']['name']}")
     titles = {"overhead": "Overhead", "storm": "Denial storm", "latency":
-              "Latency, denied open returns -> event on the daemon socket", "startup": "Start-up"}
+              "Latency, denied open returns -> event on the daemon socket", "startup": "Start-up",
+              "churn": "Container churn"}
     for key, title in titles.items():
         if key in results:
             parts.append(f"## {title}\n\n{results[key]['text']}")

@@ -202,7 +202,7 @@ class SnapshotStore:
                 candidates.append(("userns", proc.userns.inum))
             for key in candidates:
                 alive = [s for s in (self._items.get(c) for c in self._index.get(key, []))
-                         if s is not None and s.alive_at(when)]
+                         if s is not None and s.alive_at(when) and _same_cgroup(s, proc)]
                 if alive:  # the latest created before the event: an inode reused later is not it
                     snap = max(alive, key=lambda s: s.created)
                     self.counters["snapshot_hit_" + key[0]] += 1
@@ -213,7 +213,7 @@ class SnapshotStore:
                 for snap in reversed(self._items.values()):
                     if candidates and snap.keys():
                         continue  # its keys were read and did not match
-                    if pid and snap.pid == pid and snap.alive_at(when):
+                    if pid and snap.pid == pid and snap.alive_at(when) and _same_cgroup(snap, proc):
                         self.counters["snapshot_hit_pid"] += 1
                         return snap, f"{how} {pid} was the container's init then"
             self.counters["snapshot_miss"] += 1
@@ -245,3 +245,21 @@ class SnapshotStore:
             out["snapshots_held"] = len(self._items)
             out["snapshot_bytes"] = sum(self._bytes.values())
             return out
+
+
+def _same_cgroup(snap: ContainerSnapshot, proc: Process) -> bool:
+    """A snapshot found by a namespace inode or a pid is another container's when
+    the kernel named the event's cgroup and the snapshot recorded a different one
+    (the inode of a namespace is reused as soon as it is freed, and a container's
+    end may not have reached the tracker yet)."""
+    tail = cgroup_tail(proc)
+    paths = snap.facts.get("cgroup.paths")
+    if tail is None or paths is None or not isinstance(paths.value, dict):
+        return True
+    if cgroup_matches(tail, paths.value):
+        return True
+    if not proc.cgroup_parent:  # directly under the root: no container's child
+        return False
+    leaf = tail.rsplit("/", 1)[-1]  # a child of the container's cgroup (init.scope, ...)
+    return cgroup_matches(tail, {k: f"{v.rstrip('/')}/{leaf}" for k, v in paths.value.items()
+                                 if isinstance(v, str)})

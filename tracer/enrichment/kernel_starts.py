@@ -21,7 +21,7 @@ from tracer.facts import INFERRED, KERNEL, LIVE, Facts
 from tracer.sensors.container_starts import (ContainerStart, MonitorCommand, RuntimeCommand,
                                              runtime_command)
 
-DEFAULT_CAPACITY = 4096
+DEFAULT_CAPACITY = 2048  # ~1.5 KiB each; at 20 starts/s, 100 s of history
 CREATED_SLACK_S = 0.05
 
 
@@ -93,7 +93,7 @@ class StartBook:
         cmd = record.runtime
         if cmd is None:
             return
-        words = " ".join(a.decode("utf-8", "replace") for a in start.argv)[:300]
+        words = " ".join(a.decode("utf-8", "replace") for a in start.argv)[:160]
         where = (f"the command line of {cmd.runtime} (pid {start.pid}) as it made the "
                  f"container's cgroup {record.cgroup_path}, read by the kernel: {words}")
         record.put("container.runtime", cmd.runtime, KERNEL, where)

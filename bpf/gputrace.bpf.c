@@ -35,6 +35,7 @@
  * is checked at compile time against EVENT_SIZE from Python.
  */
 #include <uapi/linux/ptrace.h>
+#include "kernel_read.h"
 
 #ifndef GT_PATH_CAP
 #error "build with the -D flags of tracer/sensors/bpf_constants.py"
@@ -154,25 +155,6 @@ BPF_HASH(gpu_devs, u32, u8, GT_GPU_DEVS_MAX);
 BPF_TABLE("lru_hash", struct not_gpu_key, u64, not_gpu, GT_NOT_GPU_MAX); /* value: valid until (ns) */
 BPF_PERCPU_ARRAY(cand_bucket, struct bucket, 1);
 
-static __always_inline u64 rd_u64(const void *base, u32 off)
-{
-	u64 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
-	return v;
-}
-
-static __always_inline u32 rd_u32(const void *base, u32 off)
-{
-	u32 v = 0;
-	bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
-	return v;
-}
-
-static __always_inline void *rd_ptr(const void *base, u32 off)
-{
-	return (void *)rd_u64(base, off);
-}
-
 static __always_inline void stat_add(u32 idx)
 {
 	u64 *v = stats.lookup(&idx);
@@ -238,18 +220,6 @@ static __always_inline int task_root(void *task, void **mnt, void **dentry)
 	*mnt = rd_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
 	*dentry = rd_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
 	return 0;
-}
-
-static __always_inline void *fd_file(void *task, s32 fd)
-{
-	void *files = rd_ptr(task, OFF_TASK_FILES);
-	if (!files || fd < 0)
-		return 0;
-	void *fdt = rd_ptr(files, OFF_FILES_FDT);
-	if ((u32)fd >= rd_u32(fdt, OFF_FDT_MAX_FDS))
-		return 0;
-	void *arr = rd_ptr(fdt, OFF_FDT_FD);
-	return rd_ptr(arr, (u32)fd * 8);
 }
 
 /* Copy the walked path (s->dir[start..DIR_END)) to s->full; returns its length. */

@@ -14,7 +14,7 @@ the configuration did not change, and chooses the journal, socket and metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from tracer.config import Config
 from tracer.enrichment.container_tracker import shared_tracker
@@ -23,7 +23,8 @@ from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.pipeline import Pipeline, Sensor, Sink, Stage
 from tracer.rate_limit import configured
-from tracer.sensors.bpf_sensor import BpfConfig
+from tracer.errors import EnvironmentProblem
+from tracer.sensors.bpf_sensor import BpfConfig, BpfSensor
 from tracer.sensors.choose import start_sensor
 from tracer.verdict.stage import explain_stages
 
@@ -40,17 +41,19 @@ def bpf_config(cfg: Config) -> BpfConfig:
 
 @dataclass
 class Sources:
-    """The started sensor (`how` says which, for the user) and side sources
-    drained into the same queue (the GPU node lifecycle watcher)."""
+    """The started sensor (`how` says which, for the user), side sources
+    drained into the same queue (the GPU node lifecycle watcher), and probes that
+    only feed enrichment's history (the access-change probes)."""
 
     sensor: Sensor
     how: str
     side: list[Sensor] = field(default_factory=list)
+    background: list[Any] = field(default_factory=list)
 
     def close(self) -> None:
-        for source in self.side:
+        for source in self.side + self.background:
             source.close()
-        self.side = []
+        self.side, self.background = [], []
         self.sensor.close()
 
 
@@ -64,6 +67,10 @@ def start_sources(cfg: Config, host: HostPaths, say: Callable[[str], None]) -> S
                                on_container_start=follower.on_start)
     follower.tracker.submit(follower.watch_running_engines)
     sources = Sources(sensor, how)
+    if cfg.sensor.watch_changes and isinstance(sensor, BpfSensor):
+        changes = start_change_probes(config, host, say)
+        if changes is not None:
+            sources.background.append(changes)
     if cfg.sensor.watch_nodes:
         from tracer.sensors.node_watch import NodeWatcher
 
@@ -76,6 +83,24 @@ def start_sources(cfg: Config, host: HostPaths, say: Callable[[str], None]) -> S
             raise
         sources.side.append(watcher)
     return sources
+
+
+def start_change_probes(config: BpfConfig, host: HostPaths,
+                        say: Callable[[str], None]) -> Optional[Any]:
+    """The access-change probes, feeding the container tracker's history; a probe that
+    cannot load costs the story of who changed access, not the denials: said, not fatal."""
+    from tracer.sensors.access_change_sensor import AccessChangeSensor, ChangeProbeConfig
+
+    probe = AccessChangeSensor(shared_tracker(host).history.on_record,
+                               ChangeProbeConfig(headers_cache=config.headers_cache,
+                                                 btf_path=config.btf_path), host, say)
+    try:
+        return probe.start()
+    except EnvironmentProblem as exc:
+        probe.close()
+        say(f"access-change probes unavailable ({exc}); verdicts cannot name who changed "
+            "device rules or groups")
+        return None
 
 
 @dataclass

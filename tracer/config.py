@@ -65,6 +65,10 @@ class SensorConfig:
     watch_nodes: bool = field(default=True, metadata=doc(
         "Also record GPU nodes created, removed, or changing mode, owner or ACL (inotify on "
         "/dev) and GPU devices added or removed by drivers (kernel uevents)."))
+    watch_changes: bool = field(default=True, metadata=doc(
+        "With the BPF sensor, also record the calls that change access while workloads run: "
+        "cgroup device programs attached, replaced or detached (bpf()) and processes changing "
+        "their groups (setgroups/setgid), so a verdict can say who took access away and when."))
 
 
 @dataclass

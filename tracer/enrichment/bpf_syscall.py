@@ -165,9 +165,13 @@ def prog_load(insns: bytes, prog_type: int = BPF_PROG_TYPE_CGROUP_DEVICE, name: 
 
 
 def prog_attach(cgroup_fd: int, prog_fd: int, attach_type: int = BPF_CGROUP_DEVICE,
-                flags: int = BPF_F_ALLOW_MULTI) -> None:
+                flags: int = BPF_F_ALLOW_MULTI, replace_fd: int = 0) -> None:
+    """Attach; with `replace_fd` the program behind it is replaced (BPF_F_REPLACE)."""
+    if replace_fd:
+        flags |= BPF_F_REPLACE
     _call(BPF_PROG_ATTACH, _attr((0, "<I", cgroup_fd), (4, "<I", prog_fd),
-                                 (8, "<I", attach_type), (12, "<I", flags)), "BPF_PROG_ATTACH")
+                                 (8, "<I", attach_type), (12, "<I", flags),
+                                 (16, "<I", replace_fd)), "BPF_PROG_ATTACH")
 
 
 def prog_detach(cgroup_fd: int, prog_fd: int, attach_type: int = BPF_CGROUP_DEVICE) -> None:

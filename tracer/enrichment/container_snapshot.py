@@ -23,7 +23,7 @@ from tracer.facts import LIVE, Facts
 from tracer.enrichment.host_facts import device_cgroup_facts
 from tracer.in_root import read_in_root
 from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
-from tracer.enrichment.process import cgroup_facts, lsm_facts, userns_facts
+from tracer.enrichment.process import cgroup_facts, groups_facts, lsm_facts, userns_facts
 from tracer.enrichment.backfill import userns_level_and_owner
 from tracer.host import HostPaths
 
@@ -137,6 +137,7 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0,
         userns_facts(host, pid, live)
         lsm_facts(host, pid, live)
         _container_cgroup_paths(host, state, pid, live)
+        groups_facts(host, pid, live, "container.init_groups")
         root = host.proc_pid(pid, "root")
         for name in ("group", "passwd"):
             table = _etc_table(root, name, live)

@@ -22,9 +22,12 @@ import time
 from typing import Callable, Optional
 
 from tracer.enrichment import procfs
+from tracer.enrichment.access_history import AccessHistory
 from tracer.enrichment.container_snapshot import snapshot_container
 from tracer.enrichment.container_state import read_runtime_state
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
+from tracer.enrichment.device_rule_watch import DeviceRuleWatch
+from tracer.enrichment.host_facts import cgroup2_mount_dir
 from tracer.enrichment.state_files import StateFiles
 from tracer.enrichment.tracker_budget import OwnerBudget
 from tracer.host import HostPaths
@@ -55,9 +58,13 @@ class ContainerTracker:
                  extra_roots: tuple[tuple[str, str], ...] = (),
                  on_snapshot: Optional[Callable[[ContainerSnapshot], None]] = None,
                  watches: Optional[OwnerBudget[int]] = None,
-                 pending: Optional[OwnerBudget[str]] = None) -> None:
+                 pending: Optional[OwnerBudget[str]] = None,
+                 history: Optional[AccessHistory] = None) -> None:
         self.host = host
         self.store = store
+        # each container's device rules over its life, and group changes (access_history)
+        self.history = history or AccessHistory(lambda: cgroup2_mount_dir(host))
+        self.rule_watch = DeviceRuleWatch(host, self.history)
         self.extra_roots = extra_roots  # (absolute host dir, runtime)
         self.on_snapshot = on_snapshot
         self._inotify: Optional[Inotify] = None
@@ -203,6 +210,7 @@ class ContainerTracker:
 
     def start(self) -> "ContainerTracker":
         self._inotify = Inotify()
+        self.rule_watch.start()
         self._watch_roots()
         self._thread = threading.Thread(target=self._run, name="container-tracker", daemon=True)
         self._thread.start()
@@ -219,6 +227,7 @@ class ContainerTracker:
                 os.close(fd)
             except OSError:
                 pass
+        self.rule_watch.close()
 
     # --- events -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -322,7 +331,10 @@ class ContainerTracker:
             pass
         while len(self._taken) > MAX_TAKEN:  # deletions not seen (an overflow): oldest first
             del self._taken[next(iter(self._taken))]
-        if self.store.add(snap) and self.on_snapshot is not None:
+        if not self.store.add(snap):
+            return
+        self.rule_watch.track(snap)
+        if self.on_snapshot is not None:
             self.on_snapshot(snap)
 
 

@@ -22,10 +22,17 @@ from tracer.enrichment.container import (ContainerClues, detect_container, gathe
 from tracer.enrichment import procfs
 from tracer.enrichment.backfill import backfill_process
 from tracer.enrichment.id_map import IdMap
-from tracer.enrichment.container_store import SnapshotStore
+from tracer.enrichment.access_history import AccessHistory
+from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
+from tracer.enrichment.device_rules import parse_devices_list
+from tracer.enrichment.history_facts import history_facts
+from tracer.enrichment.session_facts import session_facts
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts, SkipCounter
 from tracer.enrichment.parse_proc import Mount, parse_mountinfo
-from tracer.enrichment.host_facts import (device_cgroup_facts, device_programs_by_cgroup_id, host_group_table,
+from tracer.enrichment.device_cgroup_v2 import device_program_facts
+from tracer.enrichment.host_facts import (cgroup2_mount_dir, device_cgroup_facts,
+                                          device_programs_by_cgroup_id, host_group_table,
+                                          v1_devices_dir,
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
 from tracer.enrichment.node_facts import node_facts
@@ -89,10 +96,12 @@ class Enricher:
     def __init__(self, host: HostPaths, stat_node: NodeStatter = stat_in_root,
                  cache_size: int = DEFAULT_CACHE_SIZE,
                  snapshots: Optional[SnapshotStore] = None,
-                 starts: Optional[StartBook] = None) -> None:
+                 starts: Optional[StartBook] = None,
+                 history: Optional[AccessHistory] = None) -> None:
         self.host = host
         self.snapshots = snapshots if snapshots is not None else SnapshotStore()
         self.starts = starts  # the kernel's container starts (kernel_starts.py)
+        self.history = history  # device rules and groups over time (the tracker's)
         self.stat_node = stat_node
         self.by_userns: BoundedLru[int, Facts] = BoundedLru(cache_size)
         self.by_cgroup: BoundedLru[int, Facts] = BoundedLru(cache_size)
@@ -137,6 +146,8 @@ class Enricher:
         self._add_host(event, live, facts)
         arrival = self.mount_tables.get(proc.mntns) if proc.mntns else None
         node_facts(self.host, self.stat_node, event, live, facts, arrival)
+        history_facts(self.history, self.host, event, facts)
+        session_facts(self.host, event, live, facts)
         trim_group_tables(facts)
         self.counters.update({f"skip:{k}": v for k, v in facts.skips.counts.items()})
         merged = event.facts.from_sensor()
@@ -231,12 +242,40 @@ class Enricher:
         if found is None:
             return
         snap, key = found
+        self._current_device_rules(snap, event, facts)
         facts.update(snap.to_facts(f"container snapshot found by {key}"))
         if snap.pid:
             facts.put("container.init_pid", snap.pid, CACHED, snap.runtime + " state")
         facts.put("container.snapshot_key", key, INFERRED, "container snapshot store")
         if key.startswith("pid ") and "process.groups" in event.missing:
             self._init_groups_from_config(facts)
+
+    def _current_device_rules(self, snap: ContainerSnapshot, event: Event, facts: Facts) -> None:
+        """An exited process of a running container: its device rules as they are now,
+        read before the snapshot's (a hook or a re-apply may have changed them since the
+        container started): v2 by the cgroup id the kernel captured, v1 by the
+        container's devices cgroup."""
+        cgroup_id = event.process.cgroup_id if "process.cgroup_id" not in event.missing else 0
+        mount = cgroup2_mount_dir(self.host)
+        if "device_cgroup.v2_programs" not in facts and cgroup_id > 1 and mount is not None:
+            found = Facts()
+            device_program_facts(mount, cgroup_id, None, found)
+            if "device_cgroup.v2_programs" in found:  # unreadable: the snapshot's stand
+                facts.update(found)
+        if "device_cgroup.v1_rules" in facts:
+            return
+        paths = snap.facts.get("cgroup.paths")
+        cgroups = paths.value if paths is not None and isinstance(paths.value, dict) else {}
+        v1 = next((str(p) for c, p in cgroups.items() if "devices" in str(c).split(",")), None)
+        directory = v1_devices_dir(self.host, v1, facts) if v1 and v1 != "/" else None
+        text = procfs.read_text(os.path.join(directory, "devices.list")) if directory else None
+        if text is None or directory is None:
+            return
+        where = os.path.join(directory, "devices.list")
+        facts.put("device_cgroup.version", 1, LIVE, where)
+        facts.put("device_cgroup.v1_rules", [r.to_text() for r in parse_devices_list(
+            text, facts.skips)], LIVE, f"{where} (the container's cgroup, read after the process "
+                                      "exited)")
 
     @staticmethod
     def _init_groups_from_config(facts: Facts) -> None:

@@ -151,6 +151,19 @@ def _cgroup_dir(host: HostPaths, mount: Mount, cgroup_path: str) -> Optional[str
     return os.path.join(base, rel) if rel else base
 
 
+def cgroup2_mount_dir(host: HostPaths) -> Optional[str]:
+    """Where the cgroup2 hierarchy is mounted (under the injected /sys), if it is."""
+    mount = next((m for m in cgroup_mounts(host, Facts()) if m.fstype == "cgroup2"), None)
+    return None if mount is None else _under_sys(host, mount.mount_point)
+
+
+def v1_devices_dir(host: HostPaths, cgroup_path: str, facts: Facts) -> Optional[str]:
+    """The host directory of a v1 `devices` cgroup path (as /proc/PID/cgroup gives it)."""
+    mount = next((m for m in cgroup_mounts(host, facts)
+                  if m.fstype == "cgroup" and "devices" in m.super_options), None)
+    return None if mount is None else _cgroup_dir(host, mount, cgroup_path)
+
+
 def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Facts,
                         cgroup_id: Optional[int] = None) -> None:
     """Both device cgroup layers the kernel asks: v2 programs (BPF_PROG_QUERY on the

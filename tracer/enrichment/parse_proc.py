@@ -143,3 +143,40 @@ def parse_proc_cgroup(text: str, skips: SkipCounter) -> list[CgroupLine]:
     return out
 
 
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat a timeline needs."""
+
+    comm: str
+    ppid: int
+    session: int
+    start_ticks: int   # clock ticks after boot
+
+
+def parse_proc_stat(text: str, skips: SkipCounter) -> Optional[ProcStat]:
+    """/proc/PID/stat: `pid (comm) state ppid pgrp session ... starttime(22) ...`;
+    comm may hold spaces and parentheses, so fields are counted after the last ')'."""
+    open_at, close_at = text.find("("), text.rfind(")")
+    fields = text[close_at + 1:].split() if 0 <= open_at < close_at else []
+    if len(fields) < 20:
+        skips.skip("stat:bad_line")
+        return None
+    ppid, session, start = decimal(fields[1]), decimal(fields[3]), decimal(fields[19])
+    if ppid is None or session is None or start is None:
+        skips.skip("stat:bad_field")
+        return None
+    return ProcStat(text[open_at + 1:close_at][:64], ppid, session, start)
+
+
+def parse_boot_time(text: str, skips: SkipCounter) -> Optional[int]:
+    """`btime` of /proc/stat: the boot time in epoch seconds."""
+    for line in text.splitlines():
+        if line.startswith("btime "):
+            value = decimal(line.split()[1]) if len(line.split()) == 2 else None
+            if value is None:
+                skips.skip("proc_stat:bad_btime")
+            return value
+    skips.skip("proc_stat:no_btime")
+    return None

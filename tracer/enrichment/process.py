@@ -94,6 +94,18 @@ def live_status_facts(host: HostPaths, pid: int, facts: Facts) -> None:
         facts.put("process.seccomp_filters", filters[0], LIVE, path)
 
 
+def groups_facts(host: HostPaths, pid: int, facts: Facts, name: str) -> None:
+    """The supplementary groups /proc/PID/status shows (kernel ids, as the initial
+    user namespace reads them) as fact `name`."""
+    path = host.proc_pid(pid, "status")
+    text = procfs.read_text(path)
+    if text is None:
+        return
+    groups = status_ints(parse_status(text, facts.skips), "Groups", facts.skips)
+    if groups is not None:
+        facts.put(name, sorted(groups), LIVE, path)
+
+
 def userns_facts(host: HostPaths, pid: int, facts: Facts) -> None:
     """uid_map, gid_map, setgroups and the container's /etc/group: shared by the userns."""
     for name in ("uid_map", "gid_map"):

@@ -96,3 +96,44 @@ def cflags() -> dict[str, object]:
     for name, number in SYSCALL_IDS.items():
         flags[f"GT_SYS_{name.upper()}"] = number
     return flags
+
+
+# --- bpf/access_changes.bpf.c: access that changes while a workload runs ---------
+# (not the denial path; its own program, its own buffer, the same table)
+CHG_STAT_NAMES = (
+    "program_calls",   # bpf() attach/detach calls for BPF_CGROUP_DEVICE seen at entry
+    "group_calls",     # setgroups/setgid/setregid/setresgid calls seen at entry
+    "emitted",         # change records handed to the buffer
+    "dropped",         # change records the buffer refused
+    "pending_full",    # a call in flight could not be remembered until its exit
+)
+CHG_KIND_DEVICE_PROGRAM, CHG_KIND_GROUPS = 1, 2
+CHG_CALLS = {"setgroups": 1, "setgid": 2, "setregid": 3, "setresgid": 4}
+CHG_CALL_NAMES = {v: k for k, v in CHG_CALLS.items()}
+CHG_MAX_GROUPS = 32        # groups copied before and after a set*gid call
+CHG_RINGBUF_PAGES = 16     # 64 KiB: about 100 records in flight; changes are rare
+CHG_PENDING_MAX = 1024     # calls in flight (one per thread)
+# uapi/linux/bpf.h: commands, attach type, program type and flag the filter needs
+BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_LINK_CREATE = 8, 9, 28
+BPF_CMD_NAMES = {BPF_PROG_ATTACH: "BPF_PROG_ATTACH", BPF_PROG_DETACH: "BPF_PROG_DETACH",
+                 BPF_LINK_CREATE: "BPF_LINK_CREATE"}
+BPF_CGROUP_DEVICE_ATTACH = 6
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_F_ALLOW_OVERRIDE, BPF_F_ALLOW_MULTI, BPF_F_REPLACE = 1, 2, 4
+
+
+def change_cflags() -> dict[str, object]:
+    """The `-D` flags bpf/access_changes.bpf.c requires (its probes are chosen apart)."""
+    flags: dict[str, object] = {f"GT_CHG_ST_{name.upper()}": i
+                                for i, name in enumerate(CHG_STAT_NAMES)}
+    flags["GT_CHG_ST_COUNT"] = len(CHG_STAT_NAMES)
+    flags.update(GT_CHG_KIND_DEVICE_PROGRAM=CHG_KIND_DEVICE_PROGRAM,
+                 GT_CHG_KIND_GROUPS=CHG_KIND_GROUPS, GT_CHG_MAX_GROUPS=CHG_MAX_GROUPS,
+                 GT_CHG_RINGBUF_PAGES=CHG_RINGBUF_PAGES, GT_CHG_PENDING_MAX=CHG_PENDING_MAX,
+                 GT_CHG_BPF_PROG_ATTACH=BPF_PROG_ATTACH, GT_CHG_BPF_PROG_DETACH=BPF_PROG_DETACH,
+                 GT_CHG_BPF_LINK_CREATE=BPF_LINK_CREATE,
+                 GT_CHG_BPF_CGROUP_DEVICE=BPF_CGROUP_DEVICE_ATTACH,
+                 GT_CHG_BPF_F_REPLACE=BPF_F_REPLACE)
+    for name, number in CHG_CALLS.items():
+        flags[f"GT_CHG_CALL_{name.upper()}"] = number
+    return flags

@@ -67,6 +67,24 @@ def bpf_program_text(container_starts: bool) -> bytes:
     return out
 
 
+def compile_program(text: bytes, flags: dict[str, object]) -> Any:
+    """Compile and load BPF C `text` with these `-D` flags (BCC raises on failure).
+    BCC compiles it as /virtual/main.c: gputrace's own headers (kernel_read.h) come by -I."""
+    from bcc import BPF  # imported late: only the BPF sensors need BCC
+
+    cflags = [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined",
+                                                          f"-I{bpf_source_dir()}"]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    try:  # BCC prints compiler chatter on fd 2; keep the terminal clean
+        os.dup2(devnull, 2)
+        return BPF(text=text, cflags=cflags)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 @dataclass
 class BpfConfig:
     errnos: tuple[int, ...] = (errno_mod.EACCES, errno_mod.EPERM)
@@ -184,19 +202,7 @@ class BpfSensor:
         return [fexit, tracepoint]
 
     def _load(self, flags: dict) -> Any:
-        from bcc import BPF  # imported late: only the BPF sensor needs BCC
-
-        text = bpf_program_text("CONTAINER_STARTS" in flags)
-        cflags = [f"-D{k}={v}" for k, v in flags.items()] + ["-Wno-macro-redefined"]
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        saved = os.dup(2)
-        try:  # BCC prints compiler chatter on fd 2; keep the terminal clean
-            os.dup2(devnull, 2)
-            return BPF(text=text, cflags=cflags)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
+        return compile_program(bpf_program_text("CONTAINER_STARTS" in flags), flags)
 
     def _configure_maps(self) -> None:
         self.nodes = gpu_nodes.discover(self.host.proc, self.host.dev, self.config.extra_prefixes,

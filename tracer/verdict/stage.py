@@ -21,9 +21,11 @@ def explain_stages(host: Optional[HostPaths] = None, cache_size: int = 256,
     denial arrives (on the sensor thread), then enrich and explain (in order).
     Containers are learnt when they start (one tracker per host tree and process)."""
     host = host or HostPaths()
-    store = shared_tracker(host).store if track_containers else None
+    tracker = shared_tracker(host) if track_containers else None
     starts = shared_follower(host).book if track_containers else None
-    enricher = Enricher(host, cache_size=cache_size, snapshots=store, starts=starts)
+    enricher = Enricher(host, cache_size=cache_size,
+                        snapshots=tracker.store if tracker else None, starts=starts,
+                        history=tracker.history if tracker else None)
     lock = threading.Lock()  # the enricher's caches are shared by both threads
 
     def on_arrival(event: Event) -> None:

@@ -1,0 +1,148 @@
+"""The records bpf/access_changes.bpf.c sends (struct chg_event), decoded.
+
+Two kinds: a `bpf()` call that attached, replaced or detached a cgroup device
+program (`DeviceProgramCall`), and a set*gid call that changed a process's
+groups (`GroupCall`).  Each names its caller as the kernel saw it
+(`Caller`: pid, comm, parent, cgroup, namespaces).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Union
+
+from tracer.facts import lossy_text
+from tracer.sensors.bpf_constants import (BPF_CMD_NAMES, BPF_F_ALLOW_MULTI, BPF_F_REPLACE,
+                                          CHG_CALL_NAMES, CHG_KIND_DEVICE_PROGRAM,
+                                          CHG_KIND_GROUPS, CHG_MAX_GROUPS)
+
+# Mirrors struct chg_event; the C side asserts sizeof() == CHG_EVENT_SIZE.
+_LAYOUT = struct.Struct("<IIIIQqQIIII16s16s" "IIIIII" "Q" "I" "IIIIII" "II"
+                        f"{CHG_MAX_GROUPS}I{CHG_MAX_GROUPS}I" "I")
+CHG_EVENT_SIZE = _LAYOUT.size
+
+
+class ChangeDecodeError(ValueError):
+    """A record that is not a chg_event; `reason` is a bounded label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a call, as the kernel recorded it at the call."""
+
+    pid: int
+    tid: int
+    comm: str
+    ppid: int
+    parent_comm: str
+    uid: int
+    cgroup_id: int
+    mntns: int
+    pidns: int
+    pid_level: int   # 0: the host's pid namespace
+
+    def label(self) -> str:
+        return f"{self.comm} (pid {self.pid}, parent {self.parent_comm} pid {self.ppid})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "comm": self.comm, "ppid": self.ppid,
+                "parent_comm": self.parent_comm, "uid": self.uid}
+
+
+@dataclass(frozen=True)
+class DeviceProgramCall:
+    """bpf(BPF_PROG_ATTACH|BPF_PROG_DETACH|BPF_LINK_CREATE) for BPF_CGROUP_DEVICE."""
+
+    time: float          # epoch seconds
+    caller: Caller
+    cmd: str             # BPF_PROG_ATTACH | BPF_PROG_DETACH | BPF_LINK_CREATE
+    flags: int
+    prog_id: int         # 0: not given (a detach of whatever is attached)
+    replace_prog_id: int
+    target_cgroup: int   # the target cgroup's id (its directory's inode number)
+    ret: int             # the syscall's result: 0 or more is success
+
+    def how(self) -> str:
+        """The call in words: `bpf(BPF_PROG_ATTACH, program 41 replacing 37, multi)`."""
+        what = f"program {self.prog_id}" if self.prog_id else "the attached program"
+        if self.replace_prog_id:
+            what += f" replacing {self.replace_prog_id}"
+        mode = ", multi" if self.flags & BPF_F_ALLOW_MULTI else ""
+        return f"bpf({self.cmd}, {what}{mode})"
+
+
+@dataclass(frozen=True)
+class GroupCreds:
+    gid: int
+    egid: int
+    fsgid: int
+    groups: tuple[int, ...]   # at most CHG_MAX_GROUPS, the kernel's sorted order
+    ngroups: int              # the true count
+
+    def holds(self, gid: int) -> bool:
+        return gid in (self.gid, self.egid, self.fsgid) or gid in self.groups
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gid": self.gid, "egid": self.egid, "fsgid": self.fsgid,
+                "groups": list(self.groups), "ngroups": self.ngroups}
+
+
+@dataclass(frozen=True)
+class GroupCall:
+    """A successful setgroups/setgid/setregid/setresgid: the groups before and after."""
+
+    time: float
+    caller: Caller
+    call: str
+    before: GroupCreds
+    after: GroupCreds
+
+    def dropped(self, gid: int) -> bool:
+        """Did this call take `gid` away (held before, not after)?  False when the
+        capture was cut at CHG_MAX_GROUPS on either side and cannot show it."""
+        cut = self.before.ngroups > len(self.before.groups) or \
+            self.after.ngroups > len(self.after.groups)
+        return self.before.holds(gid) and not self.after.holds(gid) and not cut
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "call": self.call, "by": self.caller.to_json(),
+                "before": self.before.to_json(), "after": self.after.to_json()}
+
+
+ChangeRecord = Union[DeviceProgramCall, GroupCall]
+
+
+def _text(raw: bytes) -> str:
+    return lossy_text(raw.split(b"\0", 1)[0])
+
+
+def decode_change(raw: bytes, clock_offset: float) -> ChangeRecord:
+    """One chg_event; `clock_offset` turns the kernel's monotonic ns into epoch seconds."""
+    if len(raw) < CHG_EVENT_SIZE:
+        raise ChangeDecodeError("short_record")
+    f = _LAYOUT.unpack_from(raw)
+    (kind, tgid, tid, ppid, ts_ns, ret, cgroup_id, uid, mntns, pidns, level, comm, pcomm,
+     cmd, _attach_type, flags, prog_id, replace_id, _prog_type, target, call,
+     gid_b, egid_b, fsgid_b, gid_a, egid_a, fsgid_a, ng_b, ng_a) = f[:29]
+    groups_b = f[29:29 + CHG_MAX_GROUPS]
+    groups_a = f[29 + CHG_MAX_GROUPS:29 + 2 * CHG_MAX_GROUPS]
+    caller = Caller(tgid, tid, _text(comm), ppid, _text(pcomm), uid, cgroup_id, mntns, pidns,
+                    level)
+    when = ts_ns / 1e9 + clock_offset
+    if kind == CHG_KIND_DEVICE_PROGRAM:
+        if cmd not in BPF_CMD_NAMES:
+            raise ChangeDecodeError("bad_command")
+        return DeviceProgramCall(when, caller, BPF_CMD_NAMES[cmd], flags, prog_id,
+                                 replace_id if flags & BPF_F_REPLACE else 0, target, ret)
+    if kind == CHG_KIND_GROUPS:
+        if call not in CHG_CALL_NAMES:
+            raise ChangeDecodeError("bad_call")
+        before = GroupCreds(gid_b, egid_b, fsgid_b, tuple(groups_b[:min(ng_b, CHG_MAX_GROUPS)]), ng_b)
+        after = GroupCreds(gid_a, egid_a, fsgid_a, tuple(groups_a[:min(ng_a, CHG_MAX_GROUPS)]), ng_a)
+        return GroupCall(when, caller, CHG_CALL_NAMES[call], before, after)
+    raise ChangeDecodeError("bad_kind")

@@ -137,7 +137,7 @@ def _systemd_words(value: str) -> list[str]:
 def _syntax(line: str) -> str:
     if line.startswith("# "):
         return "refusal"
-    if line.startswith("KERNEL=="):
+    if line.startswith(("KERNEL==", "ACTION==")):
         return "udev"
     if line.startswith(("DeviceAllow=", "SystemCallFilter=")):
         return "systemd"

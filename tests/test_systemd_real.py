@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import socket
 import subprocess
 import time
@@ -31,6 +30,7 @@ import pytest
 
 from tests.support.daemon_proc import REPO, DaemonProcess, service_config, write_config
 from tests.support.nodes import NodeSpec, make_node, unique
+from tests.support import systemd_container as systemd_support
 from tests.support.systemd_container import SystemdContainer
 from tests.test_audit_live import audit_state
 from tests.test_daemon_service import metric_samples
@@ -56,14 +56,7 @@ HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome":
 
 
 def readme_blocks() -> list[list[str]]:
-    """The shell blocks of the README's "Running as a service" section, as commands."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
-        text = handle.read()
-    section = text.split("## Running as a service", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-    return [[line.split("  #")[0].replace("sudo ", "").strip()
-             for line in block.splitlines() if line.strip() and "gputrace report" not in line]
-            for block in blocks]
+    return systemd_support.readme_blocks(REPO)
 
 
 def free_port() -> int:
@@ -109,20 +102,8 @@ def installed(systemd: SystemdContainer) -> Iterator[int]:
     """The README's install commands, with a configuration that only moves /metrics
     to a free port (the container shares the host's network)."""
     port = free_port()
-    systemd.sh(f"mkdir -p /etc/gputrace && printf 'metrics:\\n  port: {port}\\n' "
-               "> /etc/gputrace/config.yaml")
-    for command in readme_blocks()[0]:
-        if "systemctl daemon-reload" in command and under_private_tmp(REPO):
-            # README: the unit's PrivateTmp=yes hides a checkout under /tmp; its drop-in
-            systemd.sh("mkdir -p /etc/systemd/system/gputrace.service.d && printf "
-                       f"'[Service]\\nBindReadOnlyPaths={REPO}\\n' "
-                       "> /etc/systemd/system/gputrace.service.d/checkout.conf")
-        systemd.sh(command, timeout=600)
+    systemd.install_gputrace(port)
     yield port
-
-
-def under_private_tmp(path: str) -> bool:
-    return any(os.path.realpath(path).startswith(top) for top in ("/tmp/", "/var/tmp/"))
 
 
 def test_the_unit_runs_under_systemd_with_its_hardening(systemd: SystemdContainer,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional, TextIO
 if TYPE_CHECKING:
     from tracer.config import Config
     from tracer.event import Event
+    from tracer.host import HostPaths
     from tracer.pipeline import Sink
 
 import click
@@ -216,8 +217,15 @@ def explain(source: "TextIO", as_json: bool) -> None:
 @click.option("--runtime", default=None,
               help="host, podman-runc, podman-crun-keep-groups, docker-device or docker-bind-mount "
                    "(default: all).")
+@click.option("--containers", is_flag=True,
+              help="Instead: GPU nodes running containers can open now that the next re-apply "
+                   "of their device rules (daemon-reload, an update, a restart) takes away.")
+@click.option("--state-root", "state_roots", multiple=True, metavar="DIR",
+              help="With --containers: another runc state root to read (e.g. a docker "
+                   "--exec-root's runtime-runc/moby); repeatable.")
 @click.option("--json", "as_json", is_flag=True)
-def check(user: Optional[str], runtime: Optional[str], as_json: bool) -> None:
+def check(user: Optional[str], runtime: Optional[str], containers: bool,
+          state_roots: tuple[str, ...], as_json: bool) -> None:
     """Predict, without tracing, which GPU nodes USER can open here and under common runtimes."""
     import json as _json
 
@@ -225,6 +233,9 @@ def check(user: Optional[str], runtime: Optional[str], as_json: bool) -> None:
     from tracer.sinks.terminal_text import escape
     from tracer.verdict.check import check_access
 
+    if containers:
+        _check_containers(HostPaths(), state_roots, as_json)
+        return
     if user is None:
         user = os.environ.get("SUDO_USER") or _login_name()
     rows = check_access(HostPaths(), user, runtime)
@@ -245,6 +256,36 @@ def check(user: Optional[str], runtime: Optional[str], as_json: bool) -> None:
             click.echo(f"{'':<28}ladder: {escape(' · '.join(row.ladder))}")
         for later in row.then:
             click.echo(f"{'':<28}{escape(later)}")
+
+
+def _check_containers(host: "HostPaths", state_roots: tuple[str, ...], as_json: bool) -> None:
+    """`check --containers`: the at-risk list first, then every other GPU node seen."""
+    import json as _json
+
+    from tracer.sinks.terminal_text import escape
+    from tracer.verdict.check_containers import check_containers
+
+    rows = check_containers(host, [(os.path.abspath(d), "runc") for d in state_roots])
+    if as_json:
+        for row in rows:
+            click.echo(_json.dumps(row.to_json()))
+        return
+    if not rows:
+        click.echo("no running container has a GPU node in its /dev")
+        return
+    risky = [r for r in rows if r.at_risk]
+    click.echo(f"{len(risky)} GPU node(s) in running containers will be lost at the next "
+               "re-apply of their device rules (daemon-reload, an update, a restart):")
+    click.echo(f"{'container':<24}{'node':<24}{'device':<12}{'now':<9}{'in config':<11}"
+               f"{'/dev/char':<11}driver")
+    for row in sorted(rows, key=lambda r: not r.at_risk):
+        yes = {True: "yes", False: "no", None: "?"}
+        click.echo(f"{escape(row.container)[:23]:<24}{escape(row.node)[:23]:<24}{row.device:<12}"
+                   f"{yes[row.allowed_now]:<9}{yes[row.in_config]:<11}"
+                   f"{yes[row.dev_char_link]:<11}{row.manager}")
+        click.echo(f"{'':<4}{'LOST AT RE-APPLY: ' if row.at_risk else ''}{escape(row.why)}")
+        for command in row.fixes[:2]:
+            click.echo(f"{'':<4}fix: {escape(command)}")
 
 
 def _login_name() -> str:

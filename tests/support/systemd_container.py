@@ -21,6 +21,7 @@ for a reason found on the CI VM:
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -34,6 +35,21 @@ Wants=systemd-journald.socket systemd-journald.service
 AllowIsolate=yes
 """
 MASKED = ("auditd.service", "systemd-journald-audit.socket")
+
+
+def readme_blocks(repo: str) -> list[list[str]]:
+    """The shell blocks of the README's "Running as a service" section, as commands."""
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    section = text.split("## Running as a service", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [[line.split("  #")[0].replace("sudo ", "").strip()
+             for line in block.splitlines() if line.strip() and "gputrace report" not in line]
+            for block in blocks]
+
+
+def under_private_tmp(path: str) -> bool:
+    return any(os.path.realpath(path).startswith(top) for top in ("/tmp/", "/var/tmp/"))
 
 
 class SystemdContainer:
@@ -104,6 +120,20 @@ class SystemdContainer:
     def logs(self) -> str:
         return subprocess.run(["podman", "logs", self.name], capture_output=True,
                               text=True).stderr[-3000:]
+
+    def install_gputrace(self, metrics_port: int) -> None:
+        """The README's service install commands, run as written (less `sudo`), with a
+        configuration that only moves /metrics to `metrics_port` (the container shares
+        the host's network); a checkout under /tmp gets the README's drop-in."""
+        self.sh(f"mkdir -p /etc/gputrace && printf 'metrics:\\n  port: {metrics_port}\\n' "
+                "> /etc/gputrace/config.yaml")
+        for command in readme_blocks(self.repo)[0]:
+            if "systemctl daemon-reload" in command and under_private_tmp(self.repo):
+                # README: the unit's PrivateTmp=yes hides a checkout under /tmp; its drop-in
+                self.sh("mkdir -p /etc/systemd/system/gputrace.service.d && printf "
+                        f"'[Service]\\nBindReadOnlyPaths={self.repo}\\n' "
+                        "> /etc/systemd/system/gputrace.service.d/checkout.conf")
+            self.sh(command, timeout=600)
 
     def remove(self) -> None:
         if self.started:

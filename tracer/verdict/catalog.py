@@ -9,7 +9,6 @@ simply not in the group).  `classify` is pure.
 from __future__ import annotations
 
 import errno as errno_mod
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tracer.facts import Facts
@@ -18,19 +17,13 @@ from tracer.verdict import reasons as R
 from tracer.verdict.absent_node import ENOENT_EVIDENCE, classify_enoent, major_names
 from tracer.verdict.unit_policy import unit_refusal
 from tracer.verdict.access_model import Credentials, NodeFacts
+from tracer.verdict.causes_over_time import (acl_mask, dropped_group, revoked_device,
+                                             stale_session)
+from tracer.verdict.classification import Classification
 from tracer.verdict.model_input import ModelRun
 
+__all__ = ["Classification", "classify", "runtime_key", "seccomp_filtered"]
 CAP_DAC_OVERRIDE = 1
-
-
-@dataclass
-class Classification:
-    reason: str
-    confidence: str
-    evidence: list[str]                       # fact names, most telling first
-    context: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    summary: Optional[str] = None             # a story told from the facts, over the template
 
 
 def runtime_key(facts: Facts) -> str:
@@ -42,7 +35,8 @@ def runtime_key(facts: Facts) -> str:
         return "podman-crun" if runtime == "crun" else "podman-runc" if runtime == "runc" else "any"
     if engine == "docker":
         return "docker"
-    if engine is None and int(facts.get("userns.level", 0) or 0) == 0:
+    if engine is None and facts.get("container.id") is None \
+            and int(facts.get("userns.level", 0) or 0) == 0:
         return "host"
     return "any"
 
@@ -66,7 +60,8 @@ def _base_context(facts: Facts, run: ModelRun) -> dict[str, Any]:
         "lsm_label": facts.get("process.lsm_label"), "node_label": facts.get("node.selinux"),
         "major": facts.get("node.major"), "minor": facts.get("node.minor"),
         "in_container": facts.get("container.engine") is not None
-        or int(facts.get("userns.level", 0) or 0) > 0,
+        or facts.get("container.id") is not None or int(facts.get("userns.level", 0) or 0) > 0,
+        "user_groups": facts.get("host.user_groups") or [],
         "check": run.decision.check if run.decision else None,
     }
 
@@ -192,7 +187,13 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
     if first is not None and first.errno == errno_mod.EPERM:
         ctx["device_layer"] = first.layer
         ctx["device_detail"] = first.detail
+        revoked = revoked_device(facts, run, first.layer, ctx)
+        if revoked is not None:  # allowed once, then taken away by a re-apply
+            revoked.notes.append(f"The refusing policy now: {first.detail}.")
+            return revoked
         notes = [f"The refusing policy: {first.detail}."]
+        if ctx.get("never_granted"):
+            notes.append(ctx["never_granted"])
         if first.program:
             ctx["program"] = first.program
             notes.append("Deciding instructions: " + "; ".join(first.deciding) + ".")
@@ -306,6 +307,9 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
                                "supplementary groups and the process had exited); whether it "
                                f"held gid {gid} is unknown."])
     if _group_bits_grant(node, run.mask) and gid not in groups:
+        dropped = dropped_group(facts, gid, ctx, recorded_only=True)
+        if dropped is not None:  # a recorded set*gid call in its container took it away
+            return dropped
         if level > 0 and gid in host_groups:
             gid_map = facts.get("userns.gid_map")
             mapped = facts.get("node.gid_mapped")
@@ -321,6 +325,14 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
                                    "node.group_name", "userns.gid_map", "node.gid_in_container",
                                    "userns.setgroups", "container.engine", "container.runtime",
                                    "container.rootless", "nvidia.params"], ctx, notes)
+        dropped = dropped_group(facts, gid, ctx, recorded_only=False)
+        if dropped is not None:
+            return dropped
+        if gid in host_groups and facts.get("process.host_process") is True:
+            stale = stale_session(facts, gid, ctx)
+            if stale is not None:
+                return stale
+            ctx["member_listed"] = True  # listed in /etc/group, yet its session lacks it
         mismatch = _container_gid_for_name(facts)
         if mismatch is not None:
             ctx["container_gid"] = mismatch
@@ -335,14 +347,22 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
             return Classification(R.SEAT_ACL_ONLY, "high" if ctx["acl_user_names"] else "medium",
                                   ["node.acl", "logind.sessions", "process.groups", "node.gid",
                                    "node.group_name", "host.user_groups"], ctx)
+        notes = ["The user is listed in the group in /etc/group, but /etc/group has not "
+                 "changed since this process's session started: a program set the session's "
+                 "groups without it (a service's User= without SupplementaryGroups=, "
+                 "setpriv, su -g)."] if ctx.get("member_listed") else []
         return Classification(R.NOT_IN_GROUP, "high",
                               ["process.groups", "node.gid", "node.group_name", "node.mode",
-                               "host.user_groups", "container.etc_group"], ctx)
+                               "host.user_groups", "host.etc_group_changed",
+                               "process.session_leader", "container.etc_group"], ctx, notes)
     if _root_in_namespace(creds):
         ctx["cap_held"] = creds.has_cap(CAP_DAC_OVERRIDE)
         return Classification(R.CAPABILITY_REQUIRED, "medium",
                               ["process.cap_effective", "process.fsuid", "userns.uid_map",
                                "userns.gid_map", "node.uid", "node.gid", "node.mode"], ctx)
+    masked = acl_mask(run, ctx)
+    if masked is not None:
+        return masked
     return Classification(R.MODE_RESTRICTIVE, "high",
                           ["node.mode", "node.uid", "node.gid", "node.acl", "process.groups",
                            "nvidia.params"], ctx)

@@ -57,6 +57,18 @@ SUMMARIES = {
         "namespace.",
     R.NODE_MISSING: "{path} does not exist where the process looked for it.",
     R.NODE_NOT_IN_PRIVATE_DEV: "{path} exists on the host but not in the process's own /dev.",
+    # told over time: the catalog tells the story from the facts (Classification.summary);
+    # these stand in only where it could not
+    R.DEVICE_CGROUP_REVOKED:
+        "{path} ({major}:{minor}) was allowed in this container and later taken away by a "
+        "re-apply of its device rules.",
+    R.SESSION_PREDATES_GROUP:
+        "{user} is in group {group} (gid {gid}) in /etc/group, but this process's session "
+        "started without it.",
+    R.GROUP_DROPPED_BY_PROCESS:
+        "Group {group} (gid {gid}), which {path} requires, was granted to the container and "
+        "dropped by a process in it.",
+    R.ACL_MASK_WITHHOLDS: "The ACL mask of {path} withholds the access this process asks for.",
     R.UNKNOWN: "gputrace could not tell why {path} was refused{unknown_why}; the facts it "
                "gathered are listed.",
 }
@@ -75,6 +87,7 @@ LAYER_NAMES = {"nodev": "the nodev mount", "dac": "the file permissions",
                "device_cgroup_v1": "the device cgroup (v1 devices.list)",
                "device_cgroup_v2": "the device cgroup (v2 BPF program)"}
 LAYER_OF_REASON = {R.NODEV_MOUNT: "nodev", R.DEVICE_CGROUP: "device_cgroup",
+                   R.DEVICE_CGROUP_REVOKED: "device_cgroup",
                    R.SECCOMP_DENIED: "seccomp", R.LSM_DENIED: "lsm", R.NODE_MISSING: "none",
                    R.NODE_NOT_IN_PRIVATE_DEV: "none",
                    R.UNKNOWN: "none"}

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 from tracer.verdict import reasons as R
 from tracer.verdict.fix_lines import (apparmor_path, fix_line, modprobe_options, number,
                                       shell_path, shell_word, systemd_device_path, udev_value)
+from tracer.verdict.fixes_over_time import FIXES_OVER_TIME
 from tracer.verdict.reasons import Fix
 from tracer.enrichment.systemd_unit import UNIT_NAME
 
@@ -54,8 +55,8 @@ def _usermod(ctx: dict[str, Any], summary: str) -> list[Fix]:
     """usermod only for a named host account: a host process's user or the owner of
     a rootless container's user namespace, never whoever has the same uid."""
     user = ctx.get("user_name")
-    if not user or ctx.get("gid") == ROOT_GID:
-        return []
+    if not user or ctx.get("gid") == ROOT_GID or ctx.get("gid") in ctx.get("user_groups", ()):
+        return []  # never offer the membership the user already has
     group = _known(ctx["group"])
     return [fix_line(summary, "host", lambda: f"usermod -aG {shell_word(group, 'group')} "
                      f"{shell_word(user, 'user')}")]
@@ -155,7 +156,9 @@ def _device_cgroup_host_fix(ctx: dict[str, Any]) -> Fix:
                         "host", lambda: f"DeviceAllow={systemd_device_path(ctx.get('node_path'))} rw",
                         where="the unit's [Service] section")
     major = ctx.get("major")
-    return fix_line("Allow the device in the cgroup now (lost when the container restarts).", "host",
+    return fix_line("Stop-gap: allow the device in the cgroup now; any re-apply of the "
+                    "container's rules (restart, systemctl daemon-reload, a resource update) "
+                    "drops it again.", "host",
                     lambda: "echo " + shell_word(
                         f"c {'*' if major is None else number(major, 'major')}:* rwm", "rule")
                     # the placeholder is quoted: unquoted, <cgroup> is a redirection
@@ -326,11 +329,17 @@ FIXES: dict[str, Callable[[dict[str, Any]], list[Fix]]] = {
     R.MODE_RESTRICTIVE: _mode_restrictive, R.CAPABILITY_REQUIRED: _capability,
     R.NODE_MISSING: _node_missing, R.SECCOMP_DENIED: _seccomp, R.UNKNOWN: _unknown,
     R.NODE_NOT_IN_PRIVATE_DEV: _node_not_in_private_dev,
+    **FIXES_OVER_TIME,
 }
 
 
 RELATED = {"podman-runc": ("podman-runc", "podman-crun"), "podman-crun": ("podman-crun",)}
 HOST_WIDE = ("host", "any")
+
+
+# reasons whose fixes are already in the order that matters (what survives a re-apply
+# first, the stop-gap last): only filtered by runtime, never reordered
+STORY_ORDER = frozenset(FIXES_OVER_TIME)
 
 
 def ranked_fixes(reason: str, ctx: dict[str, Any]) -> list[Fix]:
@@ -342,6 +351,10 @@ def ranked_fixes(reason: str, ctx: dict[str, Any]) -> list[Fix]:
     runtime = ctx.get("runtime", "any")
     if runtime == "host":
         return [f for f in fixes if f.applies_to in HOST_WIDE]
+    if reason in STORY_ORDER:
+        mine = RELATED.get(runtime, (runtime,))
+        return [f for f in fixes if runtime == "any" or f.applies_to in mine
+                or f.applies_to in HOST_WIDE]
     if runtime == "any":
         return sorted(fixes, key=lambda f: 1 if f.applies_to in HOST_WIDE else 0)
     mine = RELATED.get(runtime, (runtime,))

@@ -24,10 +24,17 @@ UNKNOWN = "unknown"
 # ENOENT although the host has the node: the process's own /dev lacks it (a unit's
 # PrivateDevices=, a runtime that did not pass it, a sandbox's private /dev)
 NODE_NOT_IN_PRIVATE_DEV = "node_not_in_private_dev"
+# told over time (issue 17): granted, then taken away
+DEVICE_CGROUP_REVOKED = "device_cgroup_revoked"
+SESSION_PREDATES_GROUP = "session_predates_group"
+GROUP_DROPPED_BY_PROCESS = "group_dropped_by_process"
+ACL_MASK_WITHHOLDS = "acl_mask_withholds"
 
 REASONS = (GROUP_DROPPED_IN_USERNS, NOT_IN_GROUP, SEAT_ACL_ONLY, GID_MISMATCH_IN_CONTAINER,
            DEVICE_CGROUP, NODEV_MOUNT, LSM_DENIED, MODE_RESTRICTIVE, CAPABILITY_REQUIRED,
-           NODE_MISSING, SECCOMP_DENIED, UNKNOWN, NODE_NOT_IN_PRIVATE_DEV)
+           NODE_MISSING, SECCOMP_DENIED, UNKNOWN, NODE_NOT_IN_PRIVATE_DEV,
+           DEVICE_CGROUP_REVOKED, SESSION_PREDATES_GROUP, GROUP_DROPPED_BY_PROCESS,
+           ACL_MASK_WITHHOLDS)
 
 RUNTIMES = ("podman-runc", "podman-crun", "docker", "kubernetes", "host", "any")
 CONFIDENCES = ("high", "medium", "low")

@@ -6,6 +6,10 @@
  *   syscall_loop open  PATH N        open()+close() of PATH N times
  *   syscall_loop ioctl PATH N        ioctl(FIONREAD) on an open PATH, N times
  *   syscall_loop getppid - N         getppid() N times: a syscall gputrace does not watch
+ *   syscall_loop bpf - N             bpf(BPF_PROG_GET_NEXT_ID) N times: a bpf() command the
+ *                                    access-change probe sees at entry and does not keep
+ *   syscall_loop setgroups - N       setgroups() with the caller's own groups N times (root):
+ *                                    a call the access-change probe records every time
  *       both print "cpu_ns/call wall_ns/call failures": CPU time is the loop's own
  *       (CLOCK_THREAD_CPUTIME_ID), so time other processes take the core is not in it
  *   syscall_loop deny  PATH SECONDS  open() expected to fail, for SECONDS:
@@ -16,6 +20,7 @@
  *                                    EACCES), prints "pid sec.nsec" (CLOCK_REALTIME right
  *                                    after the failing return), stays alive HOLD_MS, exits */
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,6 +98,36 @@ static int loop_getppid(long n)
 	for (long i = 0; i < n; i++)
 		sum += syscall(SYS_getppid);
 	report_loop(c0, t0, n, sum < 0);
+	return 0;
+}
+
+static int loop_bpf(long n)
+{
+	unsigned int attr[4] = {0, 0, 0, 0}; /* start_id, next_id, open_flags */
+	long failures = 0;
+	double t0 = mono_ns(), c0 = cpu_ns();
+	for (long i = 0; i < n; i++)
+		if (syscall(SYS_bpf, 11 /* BPF_PROG_GET_NEXT_ID */, attr, sizeof(attr)) < 0 &&
+		    errno != ENOENT)
+			failures++;
+	report_loop(c0, t0, n, failures);
+	return 0;
+}
+
+static int loop_setgroups(long n)
+{
+	gid_t groups[64];
+	int count = getgroups(64, groups);
+	long failures = 0;
+	if (count < 0) {
+		perror("getgroups");
+		return 1;
+	}
+	double t0 = mono_ns(), c0 = cpu_ns();
+	for (long i = 0; i < n; i++)
+		if (setgroups((size_t)count, groups) != 0)
+			failures++;
+	report_loop(c0, t0, n, failures);
 	return 0;
 }
 
@@ -176,6 +211,10 @@ static int run(int argc, char **argv)
 		return loop_ioctl(path, atol(argv[3]));
 	if (!strcmp(mode, "getppid"))
 		return loop_getppid(atol(argv[3]));
+	if (!strcmp(mode, "bpf"))
+		return loop_bpf(atol(argv[3]));
+	if (!strcmp(mode, "setgroups"))
+		return loop_setgroups(atol(argv[3]));
 	if (!strcmp(mode, "deny"))
 		return loop_deny(path, atof(argv[3]));
 	if (!strcmp(mode, "denyn"))
@@ -190,7 +229,7 @@ int main(int argc, char **argv)
 {
 	int status;
 	if (argc < 4) {
-		fprintf(stderr, "usage: %s open|ioctl|getppid|deny|denyn|probe PATH N [GAP_MS]\n", argv[0]);
+		fprintf(stderr, "usage: %s open|ioctl|getppid|bpf|setgroups|deny|denyn|probe PATH N [GAP_MS]\n", argv[0]);
 		return 2;
 	}
 	fflush(stdout);

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from tracer.errors import EnvironmentProblem
 from tracer.host import HostPaths
-from tracer.sensors import bpf_constants, kernel_headers, preflight
+from tracer.sensors import bpf_constants, compiler_memory, kernel_headers, preflight
 from tracer.sensors.access_change_records import (CHG_EVENT_SIZE, ChangeDecodeError,
                                                   ChangeRecord, decode_change)
 from tracer.sensors.bpf_constants import CHG_STAT_NAMES
@@ -110,6 +110,7 @@ class AccessChangeSensor:
             last = str(exc).splitlines()[-1] if str(exc) else repr(exc)
             raise EnvironmentProblem(f"could not load the access-change probes ({last})") from exc
         self.transport = "ringbuf" if ringbuf else "perf"
+        compiler_memory.release_compiler_memory(self.host.proc)  # as the BPF sensor does
         if ringbuf:
             self.bpf[b"changes"].open_ring_buffer(self._on_ring)
         else:

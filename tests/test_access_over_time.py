@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -217,6 +218,61 @@ def test_a_group_the_runtime_granted_and_the_entrypoint_dropped(
     commands = [f.command for f in verdict.fixes]
     assert not any("--group-add" in c or "supplementalGroups" in c for c in commands), commands
     assert "--keep-groups" in commands[0] and str(group.gr_gid) in commands[1], commands
+
+
+def test_docker_gpu_granted_outside_its_config_is_predicted_lost_then_revoked(
+        bpf_sensor: SensorHarness, probe: Any, docker: PrivateDocker, docker_image: str) -> None:
+    """cgroup v1 with docker's own rule list: the hook's rule is not in the config, so
+    `check --containers` predicts its loss; a re-apply as systemd's reset does it
+    (deny all, then the rules the container started with) takes it away."""
+    history, _ = probe
+    store = SnapshotStore()
+    tracker = ContainerTracker(HostPaths(), store, extra_roots=((docker.runc_root, "runc"),),
+                               history=history).start()
+    name = f"gttest-rev-{random.randint(0, 1 << 30):x}"
+    try:
+        with Scenario("dockrev") as scenario:
+            node = scenario.nvidia_node(0o666)
+            cid = docker.run("run", "-d", "--network", "none", "--name", name, docker_image,
+                             "/bin/sleep", "600").stdout.strip()
+            scenario.undo("docker rm", docker.run, "rm", "-f", name)
+            wait(lambda: store.get(cid) is not None, "the tracker's snapshot")
+            pid = int(docker.run("inspect", "-f", "{{.State.Pid}}", cid).stdout)
+            with open(f"/proc/{pid}/cgroup", encoding="ascii") as cgroups:
+                devices = next(line.split(":", 2)[2] for line in cgroups
+                               if ":devices:" in line).strip()
+            directory = f"/sys/fs/cgroup/devices{devices}"
+            with open(f"{directory}/devices.list", encoding="ascii") as listed:
+                started_with = listed.read().split("\n")
+            make_container_node(pid, node.path, 195, node.minor)   # as the hook does
+            with open(f"{directory}/devices.allow", "w", encoding="ascii") as allow:
+                allow.write(f"c 195:{node.minor} rw")
+            assert "No such device" in docker.run("exec", cid, "cat", node.path, check=False).stderr
+            rows = [r for r in check_containers(HostPaths(), [(docker.runc_root, "runc")])
+                    if r.node == node.path]
+            print("check --containers:", [r.to_json() for r in rows])
+            assert rows and rows[0].at_risk and rows[0].in_config is False \
+                and rows[0].container == name and rows[0].manager == "cgroupfs"
+            reapply = "echo a > devices.deny; " + "; ".join(
+                f"echo {shlex.quote(rule)} > devices.allow" for rule in started_with if rule)
+            subprocess.run(["sh", "-c", reapply], cwd=directory, check=True)
+            time.sleep(0.3)  # the watcher's settle time: the burst is one change
+            started = time.time()
+            assert "Operation not permitted" in docker.run("exec", cid, "cat", node.path,
+                                                           check=False).stderr
+            event = denial(bpf_sensor, node.path, started)
+            verdict = explained(event, store, history)
+    finally:
+        tracker.close()
+    print("verdict:", verdict.reason, "|", verdict.summary, "|", [f.command for f in verdict.fixes])
+    assert verdict.reason == R.DEVICE_CGROUP_REVOKED, verdict.to_json()
+    assert "outside the container's OCI config" in verdict.summary and name in verdict.summary
+    assert any(n.startswith("Dropped at") and f"- c 195:{node.minor} rw" in n
+               for n in verdict.notes), verdict.notes
+    commands = [f.command for f in verdict.fixes]
+    assert commands[:2] == ["docker run --device nvidia.com/gpu=all ...",
+                            f"docker run --device {node.path} ..."], commands
+    assert "devices.allow" in commands[-1] and verdict.fixes[-1].summary.startswith("Stop-gap")
 
 
 # --- 3. a session older than the group -----------------------------------------------

@@ -179,3 +179,20 @@ def test_recorded_history_facts_of_any_shape_never_crash_a_verdict(values: dict[
                   process=Process(pid=5, tid=5), node=Node(path=b"/dev/nvidia0"))
     verdict = explain_facts(event, facts)
     assert verdict.reason in R.REASONS and verdict.summary
+
+
+def test_the_oci_rule_list_is_read_in_order_as_runtimes_apply_it() -> None:
+    """docker's shape: deny all, allows, then a deny of one device; --device appends."""
+    from tracer.enrichment.device_rules import OciDeviceRules
+    rules = OciDeviceRules.from_oci([
+        DENY_ALL, {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+        {"allow": True, "type": "c", "major": None, "minor": None, "access": "m"},
+        {"allow": False, "type": "c", "major": 10, "minor": 229, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 195, "minor": 0, "access": "rw"}])
+    assert rules is not None
+    assert rules.may("c", 195, 0, "rw").allowed is True
+    assert rules.may("c", 195, 1, "rw").allowed is False
+    assert rules.may("c", 195, 1, "m").allowed is True      # mknod of anything: docker's rule
+    assert rules.may("c", 10, 229, "rw").allowed is False   # the later deny wins
+    assert OciDeviceRules.from_oci([{"allow": True, "type": "x"}]) is None
+    assert OciDeviceRules.from_oci("nonsense") is None

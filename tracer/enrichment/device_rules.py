@@ -207,6 +207,50 @@ def access_from_mask(may_mask: int) -> str:
 
 
 @dataclass(frozen=True)
+class OciDeviceRules:
+    """An OCI config's `linux.resources.devices`: what a runtime (or systemd, for the
+    systemd cgroup driver) applies, and re-applies, to the container.  Rules apply
+    in order on a deny-all start; for one device and access the last rule that
+    matches decides (an allow must cover the access, a deny only touch it)."""
+
+    rules: tuple[tuple[bool, DeviceRule], ...]
+    layer: str = "oci_config"
+
+    @classmethod
+    def from_oci(cls, raw: Any) -> Optional["OciDeviceRules"]:
+        """From the config reader's rule dicts; None when they are not a list of rules."""
+        if not isinstance(raw, list):
+            return None
+        out = []
+        for r in raw:
+            if not isinstance(r, dict):
+                return None
+            major, minor = r.get("major"), r.get("minor")
+            rule = parse_rule(f"{r.get('type') or 'a'} {'*' if major is None else major}:"
+                              f"{'*' if minor is None else minor} {r.get('access') or 'rwm'}")
+            if rule is None:
+                return None
+            out.append((bool(r.get("allow")), rule))
+        return cls(tuple(out))
+
+    def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision:
+        where = f"{kind} {major}:{minor} {access}"
+        decided: Optional[tuple[bool, DeviceRule]] = None
+        for allow, rule in self.rules:
+            if not rule.matches(kind, major, minor):
+                continue
+            if allow and set(access) <= set(rule.access):
+                decided = (True, rule)
+            elif not allow and set(access) & set(rule.access):
+                decided = (False, rule)
+        if decided is None:
+            return DeviceDecision(False, self.layer, f"no rule of the OCI config allows {where}")
+        verb = "allows" if decided[0] else "denies"
+        return DeviceDecision(decided[0], self.layer,
+                              f"the OCI config {verb} {where} by '{decided[1]}'")
+
+
+@dataclass(frozen=True)
 class UnreadPolicy:
     """A device cgroup layer that exists but could not be read: never a guess."""
 

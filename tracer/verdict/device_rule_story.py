@@ -17,8 +17,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from tracer.enrichment.container_snapshot import oci_rules_as_devices_list
-from tracer.enrichment.device_rules import DevicePolicy, V1DeviceList, policies_from_facts
+from tracer.enrichment.device_rules import DevicePolicy, OciDeviceRules, policies_from_facts
 from tracer.enrichment.history_facts import changes_of
 from tracer.facts import Facts
 
@@ -44,17 +43,13 @@ def allows(layer: str, rules: Any, kind: str, major: int, minor: int, access: st
 
 def config_grants(facts: Facts, kind: str, major: int, minor: int,
                   access: str) -> tuple[Optional[bool], str]:
-    """Does the OCI config's linux.resources.devices allow the node?  (answer, the rule)"""
+    """Does the OCI config's linux.resources.devices allow the node?  (answer, its rule)"""
     oci = facts.get("container.oci")
-    raw = oci.get("device_rules") if isinstance(oci, dict) else None
-    if not isinstance(raw, list):
+    policy = OciDeviceRules.from_oci(oci.get("device_rules") if isinstance(oci, dict) else None)
+    if policy is None:
         return None, ""
-    rules = oci_rules_as_devices_list([r for r in raw if isinstance(r, dict)])
-    if rules is None:
-        return None, ""
-    policy = V1DeviceList.from_devices_list("\n".join(rules))
     found = policy.may(kind, major, minor, access)
-    rule = next((r for r in rules if found.allowed and r in found.detail), "")
+    rule = found.detail.rsplit("'", 2)[-2] if found.allowed and "'" in found.detail else ""
     return found.allowed, rule
 
 
@@ -114,8 +109,8 @@ class RuleStory:
         if self.manager == "systemd":
             return ("systemd (it manages this container's scope; inferred: the kernel does not "
                     "record who writes v1 device rules)")
-        return ("a re-apply of the container's rules (the kernel does not record who writes "
-                "v1 device rules)")
+        return ("a writer the kernel does not name (it records no author of v1 device "
+                "rules)")
 
 
 def device_rule_story(facts: Facts, layer: str, kind: str, major: int, minor: int,

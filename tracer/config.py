@@ -232,7 +232,11 @@ class _Reader:
     def scalar(self, node: yaml.Node) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, "expected a single value here")
-        return self.constructor.construct_object(node, deep=True)
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # a tag SafeLoader will not build (!!python/object:...)
+            raise self.fail(node, f"not a plain value: {getattr(exc, 'problem', None) or exc}"
+                            .splitlines()[0]) from None
 
     def value(self, hint: Any, fld: dataclasses.Field, node: yaml.Node, full: str) -> Any:
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):

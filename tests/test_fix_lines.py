@@ -30,6 +30,8 @@ from tests.test_enrichment_fixtures import denial, fixture_enricher
 from tracer.verdict import reasons as R
 from tracer.verdict.explain import explain_records
 from tracer.verdict.fixes import FIXES
+from tracer.verdict.fixes_driver_config import STORY_FIXES
+from tracer.verdict.fixes_numbers import FORMS, recreate_node
 
 MARK = {"node_path": "/dev/mkdir/mknode", "group": "mkgroup", "user_name": "mkuser",
         "mount": "/mkmount", "gid": 4242, "unit": "mkunit", "helper": "/mkbin/mkhelper"}
@@ -63,6 +65,26 @@ def _ctx(reason_flags: Flags, values: dict[str, Any]) -> dict[str, Any]:
         ctx.update(modprobe_blockers=["not_setuid_root"], on_host=False,
                    modprobe_path=values.get("helper", MARK["helper"]))
     return ctx
+
+
+def _story_ctx(flags: Flags, values: dict[str, Any]) -> dict[str, Any]:
+    """What config_stories.py and number_mismatch.py add to the context (issue 18)."""
+    return {**_ctx(flags, values), "cdi_spec": "/etc/cdi/nvidia.yaml",
+            "cdi_device": "nvidia.com/gpu=0" if flags[1] else "vendor.example/accel=a",
+            "cdi_host_gid": values["gid"], "cdi_node_path": values["node_path"],
+            "driver_mode_intended": "0666", "driver_mode_source": "/etc/modprobe.d/nv.conf:3",
+            "toolkit_config": "/etc/nvidia-container-runtime/config.toml",
+            "unit": values.get("unit", MARK["unit"]), "container_name": "gpu1", "stale_major": 240,
+            "engine": "docker" if flags[2] else None, "cgroup_version": 2 if flags[1] else 1,
+            "driver_major": None if flags[3] else 508}
+
+
+# every template: the reasons', and those the stories and number forms put first
+TEMPLATES: dict[str, tuple[Any, Any]] = {
+    **{reason: (template, _ctx) for reason, template in FIXES.items()},
+    **{f"story:{key}": (template, _story_ctx) for key, template in STORY_FIXES.items()},
+    **{f"form:{key}": (template, _story_ctx) for key, template in FORMS.items()},
+    "recreate_node": (lambda ctx: recreate_node(ctx, "-u -c=0"), _story_ctx)}
 
 
 ALL_FLAGS = list(itertools.product(("nvidia-gpu", "drm-render"), *[(False, True)] * 7))
@@ -221,9 +243,9 @@ def check_template_lines(flags: Flags,
                          values: dict[str, Any]) -> Counter[str]:
     """Every template's lines for these values, read back; returns lines per syntax."""
     seen: Counter[str] = Counter()
-    for reason, template in FIXES.items():
-        marked = template(_ctx(flags, MARK))
-        hostile = template(_ctx(flags, values))
+    for reason, (template, context) in TEMPLATES.items():
+        marked = template(context(flags, MARK))
+        hostile = template(context(flags, values))
         assert len(marked) == len(hostile), reason
         for plain, fix in zip(marked, hostile):
             kind = _syntax(plain.command)
@@ -309,10 +331,10 @@ def test_shell_lines_run_in_a_real_shell_give_the_value_as_one_argument(tmp_path
         values = {"node_path": "/dev/" + name, "group": name, "user_name": name,
                   "mount": "/" + name, "gid": 44}
         for flags in FLAGS:
-            for template in FIXES.values():
-                for fix in template(_ctx(flags, values)):
-                    if _syntax(fix.command) == "shell" \
-                            and not fix.command.startswith(("RUN ", "echo ", "LANDLOCK_")):
+            for template, context in TEMPLATES.values():
+                for fix in template(context(flags, values)):
+                    if _syntax(fix.command) == "shell" and not fix.command.startswith(
+                            ("RUN ", "echo ", "LANDLOCK_", "gid: ", "major: ", "lxc.", "[")):
                         lines.append(fix.command)
                         words = _shell_words(fix.command)
                         while "&&" in words:  # one call per command of an a && b line

@@ -102,7 +102,8 @@ def test_host_snapshot_of_a_recorded_host(journal):
     assert cdi["nvidia.yaml"]["common"]["additional_gids"] == [27]
     assert cdi["nvidia.yaml"]["devices"][0]["device_nodes"][0]["gid"] == 27
     assert cdi["nvidia-tegra.json"]["devices"][0]["device_nodes"][0] == \
-        {"path": "/dev/nvmap", "gid": 0, "uid": None, "permissions": None}
+        {"path": "/dev/nvmap", "host_path": "/dev/nvmap", "type": None, "major": None,
+         "minor": None, "file_mode": None, "gid": 0, "uid": None, "permissions": None}
     users = {u["name"]: u for u in host["users"]}
     assert set(users) == {"root", "alice", "bob"}  # seen in denials or in video/render
     assert {"gid": 27, "name": "video"} in users["alice"]["groups"]

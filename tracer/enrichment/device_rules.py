@@ -278,3 +278,46 @@ def policies_from_facts(v1_rules: Any, v2_programs: Any, v2_unreadable: Any,
     elif v1_unreadable:
         found.append(UnreadPolicy("device_cgroup_v1", str(v1_unreadable)))
     return tuple(found) or None
+
+
+MAX_NAMED_NUMBERS = 256
+
+
+def numbers_named(policy: DevicePolicy) -> set[int]:
+    """Device numbers a policy names: a v1 list's majors and minors, a v2 program's
+    compare constants.  Candidates for asking `may` about numbers other than a
+    refused node's (a rule for a stale major); no number is invented."""
+    found: set[int] = set()
+    if isinstance(policy, V1DeviceList):
+        for rule in policy.exceptions:
+            found.update(n for n in (rule.major, rule.minor) if n is not None)
+    elif isinstance(policy, V2DevicePrograms):
+        for program in policy.programs:
+            for insn in policy._insns(program) if program.insns else []:
+                compare = insn.cls in (prog.JMP, prog.JMP32) and not insn.code & 0x08 \
+                    and insn.code & 0xF0 not in (prog.JA, prog.CALL, prog.EXIT)
+                if compare and 0 <= insn.imm < 1 << 20:
+                    found.add(insn.imm)
+    return set(sorted(found)[:MAX_NAMED_NUMBERS])
+
+
+def allows_other(policy: DevicePolicy, kind: str, major: int, minor: int,
+                 access: str) -> list[tuple[int, int, str]]:
+    """(major, minor, what allows it) for the numbers, other than (major, minor), that
+    the policy names and allows with `access`: each named number tried as the major
+    (with the node's minor) and as the minor (with the node's major).  What allows
+    it is the v1 rule's text, or the v2 programs' labels."""
+    named = numbers_named(policy)
+    tried = {(m, minor) for m in named if m != major} | {(major, n) for n in named if n != minor}
+    out = []
+    for other_major, other_minor in sorted(tried):
+        if policy.may(kind, other_major, other_minor, access).allowed is not True:
+            continue
+        if isinstance(policy, V1DeviceList):
+            rule = next((r for r in policy.exceptions if r.matches(kind, other_major, other_minor)
+                         and set(access) <= set(r.access)), None)
+            out.append((other_major, other_minor, str(rule) if rule else "devices.list"))
+        elif isinstance(policy, V2DevicePrograms):
+            out.append((other_major, other_minor,
+                        ", ".join(p.label() for p in policy.programs)))
+    return out

@@ -36,6 +36,8 @@ from tracer.enrichment.host_facts import (cgroup2_mount_dir, device_cgroup_facts
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
 from tracer.enrichment.node_facts import node_facts
+from tracer.enrichment.driver_params import device_file_policy_facts
+from tracer.enrichment.toolkit_config import toolkit_config_facts
 from tracer.enrichment.systemd_unit import cgroup_path_by_id, systemd_unit_facts
 from tracer.enrichment.node import NodeStatter, stat_in_root
 from tracer.enrichment.process import (ancestors, cgroup_facts, container_env,
@@ -365,6 +367,8 @@ class Enricher:
         elif host_process:
             owner_user_facts(self.host, proc.uid, facts, "process uid on the host, no container")
         nvidia_params_facts(self.host, facts)
+        device_file_policy_facts(self.host, facts)
+        toolkit_config_facts(self.host, facts)
         logind_session_facts(self.host, facts)
         security_module_facts(self.host, facts)
         if "process.userns" not in event.missing:

@@ -19,9 +19,9 @@ import subprocess
 import sys
 from typing import Any, Callable, Optional
 
-import yaml
-
 from tracer.facts import SkipCounter
+from tracer.enrichment.cdi_specs import read_specs, summary as cdi_summary
+from tracer.enrichment.toolkit_config import read_toolkit_config
 from tracer.enrichment.node import NodeStatter, classify_node, stat_in_root
 from tracer.enrichment.parse_files import (GroupEntry, PasswdEntry, parse_group_file,
                                            parse_nvidia_params, parse_passwd_file, user_gids)
@@ -124,17 +124,14 @@ def gpu_nodes(host: HostPaths, statter: NodeStatter) -> list[dict[str, Any]]:
     return out
 
 
-def _parse_config(path: str, kind: str) -> Optional[dict[str, Any]]:
+def _parse_toml(path: str) -> Optional[dict[str, Any]]:
     text = read_text(path)
     if text is None:
         return None
     entry: dict[str, Any] = {"path": path}
     try:
-        if kind == "toml":
-            entry["content"] = tomllib.loads(text)
-        else:
-            entry["content"] = yaml.safe_load(text)  # JSON is YAML too
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        entry["content"] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         entry["error"] = str(exc).splitlines()[0]
     return entry
 
@@ -150,7 +147,7 @@ def containers_conf(host: HostPaths, homes: list[str]) -> list[dict[str, Any]]:
               for home in homes]
     out = []
     for path in paths:
-        entry = _parse_config(path, "toml")
+        entry = _parse_toml(path)
         if entry is None:
             continue
         content = entry.pop("content", None) or {}
@@ -163,34 +160,8 @@ def containers_conf(host: HostPaths, homes: list[str]) -> list[dict[str, Any]]:
 
 
 def cdi_specs(host: HostPaths) -> list[dict[str, Any]]:
-    out = []
-    dirs = [os.path.join(host.etc, "cdi"), os.path.join(host.var_run, "cdi")]
-    if os.path.realpath(os.path.join(host.run, "cdi")) != os.path.realpath(dirs[1]):
-        dirs.append(os.path.join(host.run, "cdi"))
-    for directory in dirs:
-        for path in sorted(glob.glob(os.path.join(directory, "*.yaml"))
-                           + glob.glob(os.path.join(directory, "*.json"))):
-            entry = _parse_config(path, "yaml")
-            if entry is None:
-                continue
-            spec = entry.pop("content", None)
-            if isinstance(spec, dict):
-                entry.update(_cdi_summary(spec))
-            out.append(entry)
-    return out
-
-
-def _cdi_summary(spec: dict[str, Any]) -> dict[str, Any]:
-    def edits(block: Any) -> dict[str, Any]:
-        block = block if isinstance(block, dict) else {}
-        nodes = [{"path": n.get("path"), "gid": n.get("gid"), "uid": n.get("uid"),
-                  "permissions": n.get("permissions")}
-                 for n in block.get("deviceNodes") or [] if isinstance(n, dict)]
-        return {"device_nodes": nodes, "additional_gids": block.get("additionalGids")}
-    devices = [{"name": d.get("name"), **edits(d.get("containerEdits"))}
-               for d in spec.get("devices") or [] if isinstance(d, dict)]
-    return {"kind": spec.get("kind"), "cdi_version": spec.get("cdiVersion"),
-            "common": edits(spec.get("containerEdits")), "devices": devices}
+    """Every CDI spec as the one CDI model reads it (enrichment/cdi_specs.py)."""
+    return [cdi_summary(spec) for spec in read_specs(host)]
 
 
 def relevant_users(host: HostPaths, uids: set[int]) -> list[dict[str, Any]]:
@@ -212,8 +183,7 @@ def host_snapshot(host: HostPaths, statter: NodeStatter = stat_in_root,
                   ) -> dict[str, Any]:
     users = relevant_users(host, set(uids))
     homes = [u["home"] for u in users if u["home"] not in ("/", "")]
-    runtime_cfg = _parse_config(os.path.join(host.etc, "nvidia-container-runtime/config.toml"),
-                                "toml")
+    runtime_cfg = read_toolkit_config(host)
     tools = {t: versions(t) for t in ENGINES + OCI_RUNTIMES}
     return {
         "hostname": (read_text(os.path.join(host.proc, "sys/kernel/hostname")) or "").strip() or None,

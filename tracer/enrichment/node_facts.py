@@ -10,6 +10,7 @@ import stat
 from typing import Optional
 
 from tracer.enrichment import procfs
+from tracer.enrichment.cdi_facts import cdi_device_facts
 from tracer.enrichment.container_node import container_node_facts
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts
 from tracer.enrichment.node import NodeStat, NodeStatter, host_devname
@@ -22,6 +23,8 @@ from tracer.event import Event
 from tracer.host import HostPaths
 
 OVERFLOW_GID = 65534  # what an unmapped id shows as inside a user namespace
+NUMBER_ERRNOS = (errno.EPERM, errno.ENXIO)
+MAX_CHAR_MAJORS = 512
 
 
 def host_root(host: HostPaths) -> str:
@@ -117,6 +120,10 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
     gpu_majors = {str(k): v for k, v in char_majors.items() if is_gpu_driver(v)}
     if devices_text is not None:
         facts.put("host.gpu_char_majors", gpu_majors, LIVE, devices_path)
+        if event.errno in NUMBER_ERRNOS:  # is the node's number, or a rule's, a driver's?
+            facts.put("host.char_majors", {str(k): v for k, v in
+                                           sorted(char_majors.items())[:MAX_CHAR_MAJORS]},
+                      LIVE, devices_path)
     if event.node.major is not None:
         facts.put("node.major", event.node.major, KERNEL, "event")
         facts.put("node.minor", event.node.minor, KERNEL, "event")
@@ -129,6 +136,7 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
         facts.put("node.class", classify_node(path, facts.get("node.major"),
                                               facts.get("node.minor"), char_majors),
                   INFERRED, "major:minor, /proc/devices and path")
+        _cdi_facts(host, statter, path, facts, char_majors)
         return
     found, seen_from, origin = _stat_node(host, statter, event, path, live)
     facts.put("node.seen_from", seen_from, INFERRED, "process alive" if live else "process gone")
@@ -164,6 +172,14 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
     mounts, mounts_origin = _mount_facts(host, event, path, live, facts, arrival_mounts)
     if event.errno == errno.ENOENT:
         absence_facts(host, statter, path, node_class, mounts, mounts_origin, facts)
+    _cdi_facts(host, statter, path, facts, char_majors)
+
+
+def _cdi_facts(host: HostPaths, statter: NodeStatter, path: str, facts: Facts,
+               char_majors: dict[int, str]) -> None:
+    major, minor = facts.get("node.major"), facts.get("node.minor")
+    number = (major, minor) if isinstance(major, int) and isinstance(minor, int) else None
+    cdi_device_facts(host, statter, path, number, facts, char_majors)
 
 
 def _name_ids(found: NodeStat, facts: Facts) -> None:

@@ -16,6 +16,8 @@ from tracer.enrichment.id_map import IdMap
 from tracer.verdict import reasons as R
 from tracer.verdict.absent_node import ENOENT_EVIDENCE, classify_enoent, major_names
 from tracer.verdict.unit_policy import unit_refusal
+from tracer.verdict.number_mismatch import classify_enxio, tell_mismatch
+from tracer.verdict.config_stories import config_stories
 from tracer.verdict.access_model import Credentials, NodeFacts
 from tracer.verdict.causes_over_time import (acl_mask, dropped_group, revoked_device,
                                              stale_session)
@@ -77,10 +79,21 @@ def _root_in_namespace(creds: Credentials) -> bool:
 
 
 def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
+    """The cause, then what the host's configuration (CDI specs, driver parameters, the
+    container toolkit) says about it."""
+    return config_stories(errno_mod.errorcode.get(errno, str(errno)), facts, run,
+                          _classify(errno, facts, run))
+
+
+def _classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     ctx = _base_context(facts, run)
     if errno == errno_mod.ENOENT:
         reason, confidence, summary, notes = classify_enoent(facts, ctx)
         return Classification(reason, confidence, ["node.exists"] + ENOENT_EVIDENCE, ctx, notes,
+                              summary)
+    if errno == errno_mod.ENXIO:
+        confidence, summary, notes = classify_enxio(facts, ctx)
+        return Classification(R.NO_DRIVER_FOR_NODE, confidence, NUMBER_EVIDENCE, ctx, notes,
                               summary)
     blockers = facts.get("audit.landlock_blockers")
     if isinstance(blockers, list) and blockers:
@@ -94,7 +107,7 @@ def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
         return _node_gone_since(errno, facts, run, ctx)
     decision = run.decision
     if errno == errno_mod.EPERM:
-        return _unit_story(facts, run, _eperm(facts, run, ctx))
+        return _number_story(facts, run, _unit_story(facts, run, _eperm(facts, run, ctx)))
     if decision is None:
         return Classification(R.UNKNOWN, "low", [], ctx,
                               [f"Missing facts: {', '.join(run.missing)}."])
@@ -253,6 +266,27 @@ def _unit_story(facts: Facts, run: ModelRun, found: Classification) -> Classific
     return Classification(R.DEVICE_CGROUP, "high" if shown else "medium",
                           ["systemd.unit", "systemd.unit_properties"] + DEVICE_EVIDENCE, ctx,
                           notes + found.notes, summary)
+
+
+NUMBER_EVIDENCE = ["node.major", "node.minor", "node.path", "node.class", "host.char_majors",
+                   "cdi.devices", "container.oci", "device_cgroup.v1_rules",
+                   "device_cgroup.v2_programs", "container.engine", "systemd.unit"]
+
+
+def _number_story(facts: Facts, run: ModelRun, found: Classification) -> Classification:
+    """A device layer shown to refuse that allows another number meant for this node
+    (a stale major, another GPU driver's, the number before a renumbering)."""
+    if found.reason != R.DEVICE_CGROUP or not found.context.get("device_layer"):
+        return found
+    told = tell_mismatch(facts, run, found.context)
+    if told is None:
+        return found
+    summary, notes = told
+    if found.context.get("unit_prop"):  # the unit's configuration refused: its story stands
+        found.notes += [summary] + notes
+        return found
+    return Classification(R.DEVICE_NUMBER_MISMATCH, "high", NUMBER_EVIDENCE + DEVICE_EVIDENCE,
+                          found.context, notes + found.notes, summary)
 
 
 def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:

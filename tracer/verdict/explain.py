@@ -69,6 +69,10 @@ SUMMARIES = {
         "Group {group} (gid {gid}), which {path} requires, was granted to the container and "
         "dropped by a process in it.",
     R.ACL_MASK_WITHHOLDS: "The ACL mask of {path} withholds the access this process asks for.",
+    R.DEVICE_NUMBER_MISMATCH:
+        "The device cgroup allows another number than {path}'s ({major}:{minor}), so the "
+        "kernel refused it.",
+    R.NO_DRIVER_FOR_NODE: "No driver answers {path}'s device number ({major}:{minor}).",
     R.UNKNOWN: "gputrace could not tell why {path} was refused{unknown_why}; the facts it "
                "gathered are listed.",
 }
@@ -89,7 +93,8 @@ LAYER_NAMES = {"nodev": "the nodev mount", "dac": "the file permissions",
 LAYER_OF_REASON = {R.NODEV_MOUNT: "nodev", R.DEVICE_CGROUP: "device_cgroup",
                    R.DEVICE_CGROUP_REVOKED: "device_cgroup",
                    R.SECCOMP_DENIED: "seccomp", R.LSM_DENIED: "lsm", R.NODE_MISSING: "none",
-                   R.NODE_NOT_IN_PRIVATE_DEV: "none",
+                   R.NODE_NOT_IN_PRIVATE_DEV: "none", R.NO_DRIVER_FOR_NODE: "none",
+                   R.DEVICE_NUMBER_MISMATCH: "device_cgroup",
                    R.UNKNOWN: "none"}
 
 

@@ -11,6 +11,8 @@ from tracer.verdict import reasons as R
 from tracer.verdict.fix_lines import (apparmor_path, fix_line, modprobe_options, number,
                                       shell_path, shell_word, systemd_device_path, udev_value)
 from tracer.verdict.fixes_over_time import FIXES_OVER_TIME
+from tracer.verdict.fixes_driver_config import story_fixes
+from tracer.verdict.fixes_numbers import number_fixes, recreate_node
 from tracer.verdict.reasons import Fix
 from tracer.enrichment.systemd_unit import UNIT_NAME
 
@@ -305,6 +307,30 @@ def _node_not_in_private_dev(ctx: dict[str, Any]) -> list[Fix]:
     return _pass_into_container(ctx)
 
 
+def _device_number_mismatch(ctx: dict[str, Any]) -> list[Fix]:
+    """The device-cgroup fixes for the node's number now (ranked_fixes puts the fix in
+    the form the user used first: fixes_numbers.number_fixes)."""
+    return _device_cgroup(ctx)
+
+
+def _no_driver_for_node(ctx: dict[str, Any]) -> list[Fix]:
+    fixes: list[Fix] = []
+    if ctx.get("number_form") == "host":
+        fixes += recreate_node(ctx, _modprobe_args(ctx) if ctx["node_class"] in NVIDIA_CLASSES
+                               else None)
+    return fixes + [Fix("See which drivers hold which majors now.", "cat /proc/devices", "any")]
+
+
+def _unique(fixes: list[Fix]) -> list[Fix]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for fix in fixes:
+        if (fix.command, fix.applies_to) not in seen:
+            seen.add((fix.command, fix.applies_to))
+            out.append(fix)
+    return out
+
+
 def _seccomp(ctx: dict[str, Any]) -> list[Fix]:
     return [Fix("Find the seccomp filter's refusal (SECCOMP records need audit).",
                 "ausearch -m seccomp -ts recent", "host"),
@@ -330,6 +356,7 @@ FIXES: dict[str, Callable[[dict[str, Any]], list[Fix]]] = {
     R.NODE_MISSING: _node_missing, R.SECCOMP_DENIED: _seccomp, R.UNKNOWN: _unknown,
     R.NODE_NOT_IN_PRIVATE_DEV: _node_not_in_private_dev,
     **FIXES_OVER_TIME,
+    R.DEVICE_NUMBER_MISMATCH: _device_number_mismatch, R.NO_DRIVER_FOR_NODE: _no_driver_for_node,
 }
 
 
@@ -340,23 +367,36 @@ HOST_WIDE = ("host", "any")
 # reasons whose fixes are already in the order that matters (what survives a re-apply
 # first, the stop-gap last): only filtered by runtime, never reordered
 STORY_ORDER = frozenset(FIXES_OVER_TIME)
+NUMBER_REASONS = (R.DEVICE_NUMBER_MISMATCH, R.NO_DRIVER_FOR_NODE)
+
+
+def _for_runtime(fixes: list[Fix], runtime: str) -> list[Fix]:
+    if runtime == "host":
+        return [f for f in fixes if f.applies_to in HOST_WIDE]
+    if runtime == "any":
+        return fixes
+    mine = RELATED.get(runtime, (runtime,))
+    return [f for f in fixes if f.applies_to in mine or f.applies_to in HOST_WIDE]
 
 
 def ranked_fixes(reason: str, ctx: dict[str, Any]) -> list[Fix]:
     """Only fixes that apply to the process's own runtime: a host process gets
     host fixes; a container of a known engine gets that engine's fixes, then the
     host-wide ones (driver, udev, device cgroup).  When the engine is unknown
-    every engine's fix is offered, the process's runtime being unknown."""
+    every engine's fix is offered, the process's runtime being unknown.  Fixes of
+    the configuration a story showed at fault (a CDI spec, driver parameters, the
+    form the device rules were given in) come first, in their own order."""
+    lead = story_fixes(ctx) + (number_fixes(ctx) if reason in NUMBER_REASONS else [])
     fixes = FIXES[reason](ctx)
     runtime = ctx.get("runtime", "any")
     if runtime == "host":
-        return [f for f in fixes if f.applies_to in HOST_WIDE]
-    if reason in STORY_ORDER:
+        ranked = [f for f in fixes if f.applies_to in HOST_WIDE]
+    elif reason in STORY_ORDER:  # already in the order that matters: only filtered
+        ranked = _for_runtime(fixes, runtime)
+    elif runtime == "any":
+        ranked = sorted(fixes, key=lambda f: 1 if f.applies_to in HOST_WIDE else 0)
+    else:
         mine = RELATED.get(runtime, (runtime,))
-        return [f for f in fixes if runtime == "any" or f.applies_to in mine
-                or f.applies_to in HOST_WIDE]
-    if runtime == "any":
-        return sorted(fixes, key=lambda f: 1 if f.applies_to in HOST_WIDE else 0)
-    mine = RELATED.get(runtime, (runtime,))
-    kept = [f for f in fixes if f.applies_to in mine or f.applies_to in HOST_WIDE]
-    return sorted(kept, key=lambda f: 0 if f.applies_to in mine else 1)
+        kept = [f for f in fixes if f.applies_to in mine or f.applies_to in HOST_WIDE]
+        ranked = sorted(kept, key=lambda f: 0 if f.applies_to in mine else 1)
+    return _unique(_for_runtime(lead, runtime) + ranked)

@@ -29,12 +29,17 @@ DEVICE_CGROUP_REVOKED = "device_cgroup_revoked"
 SESSION_PREDATES_GROUP = "session_predates_group"
 GROUP_DROPPED_BY_PROCESS = "group_dropped_by_process"
 ACL_MASK_WITHHOLDS = "acl_mask_withholds"
+# EPERM: the device cgroup allows another number meant for this node (a stale dynamic
+# major, another GPU driver's major, a number from before the node was renumbered)
+DEVICE_NUMBER_MISMATCH = "device_number_mismatch"
+# ENXIO: no driver (or no device of its driver) answers the node's number
+NO_DRIVER_FOR_NODE = "no_driver_for_node"
 
 REASONS = (GROUP_DROPPED_IN_USERNS, NOT_IN_GROUP, SEAT_ACL_ONLY, GID_MISMATCH_IN_CONTAINER,
            DEVICE_CGROUP, NODEV_MOUNT, LSM_DENIED, MODE_RESTRICTIVE, CAPABILITY_REQUIRED,
            NODE_MISSING, SECCOMP_DENIED, UNKNOWN, NODE_NOT_IN_PRIVATE_DEV,
            DEVICE_CGROUP_REVOKED, SESSION_PREDATES_GROUP, GROUP_DROPPED_BY_PROCESS,
-           ACL_MASK_WITHHOLDS)
+           ACL_MASK_WITHHOLDS, DEVICE_NUMBER_MISMATCH, NO_DRIVER_FOR_NODE)
 
 RUNTIMES = ("podman-runc", "podman-crun", "docker", "kubernetes", "host", "any")
 CONFIDENCES = ("high", "medium", "low")

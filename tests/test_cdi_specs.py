@@ -187,3 +187,27 @@ def test_spec_unreadable_by_the_rootless_user() -> None:
     verdict = explained(errno.EACCES, "/dev/nvidia0", (195, 0), 44, [1000],
                         [entry([], gid=44, mode="0600")], rootless=True)
     assert any("cannot be read by the rootless container's user" in n for n in verdict.notes)
+
+
+def test_enxio_from_a_stale_spec_names_it_and_fixes_the_spec() -> None:
+    """The spec writes c 240:0 for /dev/nvidia-uvm (type+major: taken as written); the
+    host node is c 508:0 since the driver was reloaded: the container's node answers
+    nothing (ENXIO)."""
+    stale = {"device": "vendor.example/gpu=0", "spec": "/etc/cdi/vendor.yaml",
+             "node": {"path": "/dev/nvidia-uvm", "host_path": "/dev/nvidia-uvm", "type": "c",
+                      "major": 240, "minor": 0, "gid": None},
+             "host_node": {"major": 508, "minor": 0, "gid": 0, "uid": 0, "mode": "0666"},
+             "stale": ["renumbered", "no_driver"], "spec_file": {"mode": "0644", "uid": 0, "gid": 0},
+             "container_node": {"major": 240, "minor": 0, "gid": None, "uid": None}}
+    verdict = explained(errno.ENXIO, "/dev/nvidia-uvm", (240, 0), 0, [], [stale])
+    assert verdict.reason == "no_driver_for_node" and verdict.confidence == "high"
+    assert "no driver has major 240 now; the spec's host node /dev/nvidia-uvm is c 508:0 " \
+        "(nvidia-uvm): the spec is stale" in verdict.summary
+    assert "(the CDI device vendor.example/gpu=0 in /etc/cdi/vendor.yaml wrote it)" \
+        in verdict.summary
+    assert (verdict.fixes[0].command, verdict.fixes[0].where) == \
+        ("major: 508", "/etc/cdi/vendor.yaml, the deviceNodes entry for the node")
+    assert verdict.fixes[1].command == "podman run --device vendor.example/gpu=0 ..."
+    nvidia = explained(errno.ENXIO, "/dev/nvidia-uvm", (240, 0), 0, [],
+                       [dict(stale, device="nvidia.com/gpu=0", spec="/etc/cdi/nvidia.yaml")])
+    assert nvidia.fixes[0].command == "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"

@@ -183,3 +183,45 @@ def test_posix_acl_round_trip(entries: list[AclEntry]) -> None:
     entries = [AclEntry(e.tag, e.perm, e.id if e.tag in ("user", "group") else None)
                for e in entries] + [AclEntry("user_obj", 6, None)]
     assert parse_posix_acl(build_posix_acl(entries), SkipCounter()) == entries
+
+
+@fuzz(800)
+@given(TEXT | structured(" ", 4).map(lambda t: "options nvidia " + t))
+@example("options nvidia NVreg_DeviceFileMode=²")
+@example("options nvidia NVreg_DeviceFileMode=0x" + "f" * 5000 + " \\")
+def test_modprobe_conf_and_kernel_uint(text: str) -> None:
+    """modprobe.d lines and the kernel's reading of a parameter value (issue 18)."""
+    ran("parse_modprobe_conf + kernel_uint")
+    from tracer.enrichment.driver_params import kernel_uint, parse_modprobe_conf
+    for option in parse_modprobe_conf(text, "/etc/modprobe.d/x.conf", SkipCounter()):
+        assert option.param.startswith("NVreg_") and len(option.raw) <= 64
+        value = kernel_uint(option.raw)
+        assert value is None or 0 <= value < 2**32
+
+
+CDI_KEYS = st.sampled_from(["cdiVersion", "kind", "devices", "name", "containerEdits",
+                            "deviceNodes", "path", "hostPath", "type", "major", "minor", "gid",
+                            "additionalGids", "mounts", "permissions", "fileMode"])
+CDI_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.text(max_size=12)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(CDI_KEYS, inner, max_size=5),
+    max_leaves=40)
+
+
+@fuzz(800)
+@given(st.one_of(TEXT, CDI_VALUES.map(repr), st.dictionaries(CDI_KEYS, CDI_VALUES, max_size=6)
+                 .map(lambda d: __import__("json").dumps(d))))
+@example('{"kind": "a/b", "devices": [{"name": "x", "containerEdits": {"deviceNodes": '
+         '[{"path": "/dev/x", "major": true, "minor": 1e400}]}}]}')
+def test_cdi_spec_parser(text: str) -> None:
+    """Any text as a CDI spec: a spec or an error, never an exception (issue 18)."""
+    ran("cdi_specs.parse_spec")
+    from tracer.enrichment.cdi_specs import devices_naming, parse_spec, summary
+    spec = parse_spec(text, "/etc/cdi/x.yaml")
+    assert spec.error is not None or spec.kind is not None
+    for node in [n for d in spec.devices for n in d.edits.nodes] + list(spec.common.nodes):
+        assert isinstance(node.path, str) and isinstance(node.host_path, str)
+        assert all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                   for v in (node.major, node.minor, node.gid, node.uid, node.file_mode))
+    summary(spec)
+    devices_naming([spec], "/dev/x", [(1, 2)])

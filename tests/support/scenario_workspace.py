@@ -292,6 +292,7 @@ REMOVERS: dict[str, Callable[[str], None]] = {
     "tree": lambda path: shutil.rmtree(path, ignore_errors=True),
     "dir": _rmdir_if_empty,
     "node": _unlink_if_present,
+    "file": _unlink_if_present,
     "mount": _unmount,
     "cgroup": _remove_cgroup,
     "group": _delete_group,

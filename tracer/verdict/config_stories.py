@@ -94,7 +94,8 @@ def _missing_gid(facts: Facts, entry: dict[str, Any], found: "Classification") -
     if not isinstance(inside, int) or inside == host_gid or not isinstance(host_gid, int):
         return
     mode = int(str(host.get("mode", "0")), 8)
-    holds = isinstance(groups, list) and host_gid in groups
+    holds = (isinstance(groups, list) and host_gid in groups) \
+        or facts.get("process.fsgid") == host_gid
     found.context.update(stories=found.context.get("stories", []) + ["cdi_gid"],
                          cdi_host_gid=host_gid, cdi_node_path=node.get("path"))
     grants = "rw" if mode & 0o060 == 0o060 else "r" if mode & 0o040 else "no access"

@@ -11,7 +11,7 @@ from tracer.verdict import reasons as R
 from tracer.verdict.fix_lines import (apparmor_path, fix_line, modprobe_options, number,
                                       shell_path, shell_word, systemd_device_path, udev_value)
 from tracer.verdict.fixes_over_time import FIXES_OVER_TIME
-from tracer.verdict.fixes_driver_config import story_fixes
+from tracer.verdict.fixes_driver_config import exclusive_story, story_fixes
 from tracer.verdict.fixes_numbers import number_fixes, recreate_node
 from tracer.verdict.reasons import Fix
 from tracer.enrichment.systemd_unit import UNIT_NAME
@@ -387,7 +387,7 @@ def ranked_fixes(reason: str, ctx: dict[str, Any]) -> list[Fix]:
     the configuration a story showed at fault (a CDI spec, driver parameters, the
     form the device rules were given in) come first, in their own order."""
     lead = story_fixes(ctx) + (number_fixes(ctx) if reason in NUMBER_REASONS else [])
-    fixes = FIXES[reason](ctx)
+    fixes = [] if exclusive_story(ctx) else FIXES[reason](ctx)
     runtime = ctx.get("runtime", "any")
     if runtime == "host":
         ranked = [f for f in fixes if f.applies_to in HOST_WIDE]

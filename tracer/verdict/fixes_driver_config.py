@@ -33,6 +33,10 @@ def _cdi_gid(ctx: dict[str, Any]) -> list[Fix]:
         fixes.append(fix_line("Or regenerate the spec with a toolkit that writes each node's gid "
                               "(NVIDIA/nvidia-container-toolkit#1631).", "host",
                               lambda: f"nvidia-ctk cdi generate --output={shell_path(spec, 'file')}"))
+    path = ctx.get("node_path")
+    fixes += [fix_line("Or pass the node itself: the runtime copies its host owner, group and "
+                       "mode.", applies, lambda: f"{engine} run --device {shell_path(path)} ...")
+              for engine, applies in (("podman", "podman-crun"), ("docker", "docker"))]
     return fixes
 
 
@@ -78,3 +82,13 @@ def story_fixes(ctx: dict[str, Any]) -> list[Fix]:
     """The fixes of the stories told for this denial, in the order they were told."""
     return [fix for key in ctx.get("stories") or [] if key in STORY_FIXES
             for fix in STORY_FIXES[key](ctx)]
+
+
+# stories whose fix is the only right one: the reason's own fixes would change what is
+# already right (a CDI spec's missing gid: the host node's group is fine, udev or
+# --group-add cannot give the container's node its group)
+EXCLUSIVE = ("cdi_gid",)
+
+
+def exclusive_story(ctx: dict[str, Any]) -> bool:
+    return any(key in EXCLUSIVE for key in ctx.get("stories") or [])

@@ -19,9 +19,15 @@ DYNAMIC = ("nvidia-uvm's and nvidia-caps' majors change when the driver reloads:
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+def _major_now(ctx: dict[str, Any]) -> Any:
+    """The major the node's driver has now (the host node's, where the refused node was
+    made with a stale one)."""
+    return ctx.get("major_now", ctx.get("major"))
+
+
 def _rule(ctx: dict[str, Any]) -> str:
     """`c MAJOR:* rwm` for the node's current major (digits only)."""
-    return shell_word(f"c {number(ctx.get('major'), 'major')}:* rwm", "rule")
+    return shell_word(f"c {number(_major_now(ctx), 'major')}:* rwm", "rule")
 
 
 def _engines(ctx: dict[str, Any]) -> list[tuple[str, str]]:
@@ -40,7 +46,7 @@ def _cdi(ctx: dict[str, Any]) -> list[Fix]:
     else:
         fixes.append(fix_line("Correct the node's number in the CDI spec (or drop type, major "
                               "and minor there, so the runtime reads them from the host node).",
-                              "host", lambda: f"major: {number(ctx.get('major'), 'major')}",
+                              "host", lambda: f"major: {number(_major_now(ctx), 'major')}",
                               where=f"{spec}, the deviceNodes entry for the node"
                               if isinstance(spec, str) else "the CDI spec"))
     fixes += [fix_line(f"Then re-create the container with the CDI device ({device}).", applies,
@@ -73,7 +79,7 @@ def _lxc(ctx: dict[str, Any]) -> list[Fix]:
     where = (f"/var/lib/lxc/{name}/config" if isinstance(name, str) and SAFE_NAME.fullmatch(name)
              else "the container's LXC config") + ", then restart the container"
     return [fix_line("Allow the node's major now in the container's LXC config. " + DYNAMIC,
-                     "host", lambda: f"{key} = c {number(ctx.get('major'), 'major')}:* rwm",
+                     "host", lambda: f"{key} = c {number(_major_now(ctx), 'major')}:* rwm",
                      where=where)]
 
 

@@ -93,7 +93,7 @@ def written_numbers(facts: Facts) -> dict[tuple[int, int], str]:
         node = entry.get("node") or {}
         if isinstance(node.get("major"), int) and isinstance(node.get("minor"), int):
             out[(node["major"], node["minor"])] = \
-                f"the CDI spec {entry.get('spec')} ({entry.get('device')})"
+                f"the CDI device {entry.get('device')} in {entry.get('spec')}"
     given = _oci_device(facts)
     if given is not None and isinstance(given.get("major"), int) \
             and isinstance(given.get("minor"), int):
@@ -248,9 +248,21 @@ def classify_enxio(facts: Facts, ctx: dict[str, Any]) -> tuple[str, str, list[st
         "host" if facts.get("container.engine") is None and facts.get("container.id") is None \
         else "unknown"
     context_for(facts, ctx, form, major)
+    host_node = (entry.get("host_node") or {}) if entry is not None else {}
+    if isinstance(host_node.get("major"), int):
+        ctx["major_now"] = host_node["major"]
+    elif current is not None:
+        ctx["major_now"] = current[0]
     if current is not None:
         ctx["driver_major"] = current[0]
     if major not in names:
+        if entry is not None and host_node and isinstance(host_node.get("major"), int):
+            node = entry.get("node") or {}
+            return "high", (f"{path} is c {major}:{minor}{made}, but no driver has major {major} "
+                            f"now; the spec's host node {node.get('host_path')} is c "
+                            f"{host_node['major']}:{host_node.get('minor')}"
+                            f"{_named(host_node['major'], names)}: the spec is stale, and a "
+                            "runtime makes the node with the number a spec writes."), notes
         if current is not None and current[0] != major:
             return "high", (f"{path} is c {major}:{minor}{made}, but no driver has major {major} "
                             f"now; {current[1]} is major {current[0]}: the node was made with a "

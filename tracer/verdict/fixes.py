@@ -315,9 +315,13 @@ def _device_number_mismatch(ctx: dict[str, Any]) -> list[Fix]:
 
 def _no_driver_for_node(ctx: dict[str, Any]) -> list[Fix]:
     fixes: list[Fix] = []
-    if ctx.get("number_form") == "host":
+    if ctx.get("number_form") == "host" and ctx.get("stale_node") is not False:
         fixes += recreate_node(ctx, _modprobe_args(ctx) if ctx["node_class"] in NVIDIA_CLASSES
                                else None)
+    elif ctx.get("stale_node") is False and ctx["node_class"] in NVIDIA_CLASSES:
+        fixes.append(Fix("See which GPUs the driver has (a GPU that fell off the bus is in the "
+                         "kernel log: NVRM lines of dmesg).", "ls /proc/driver/nvidia/gpus/",
+                         "host"))
     return fixes + [Fix("See which drivers hold which majors now.", "cat /proc/devices", "any")]
 
 

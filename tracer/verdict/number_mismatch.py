@@ -98,7 +98,7 @@ def written_numbers(facts: Facts) -> dict[tuple[int, int], str]:
     if given is not None and isinstance(given.get("major"), int) \
             and isinstance(given.get("minor"), int):
         out.setdefault((given["major"], given["minor"]),
-                       "the container's OCI config (linux.devices), written when it was created")
+                       "the container's OCI config (linux.devices) written when it was created")
     return out
 
 
@@ -167,11 +167,12 @@ def mismatch_sentence(path: str, number: tuple[int, int], other: OtherNumber,
                       names: dict[int, str]) -> str:
     major, minor = number
     node = f"{path} is c {major}:{minor}{_named(major, names)}"
-    rule = f"The device cgroup allows {other.allowed_by}"
+    rule = (f"The device cgroup's {other.allowed_by} allows c {other.major}:{other.minor}"
+            if other.allowed_by.startswith("program ") else
+            f"The device cgroup allows {other.allowed_by}")
     if other.why == "renumbered":
-        return (f"{rule}, the number {other.origin} gave {path} (c {other.major}:{other.minor}), "
-                f"but {node} now, which no rule allows: the node was renumbered after that "
-                f"({DYNAMIC_NOTE}).")
+        return (f"{rule}, the number {other.origin} gave {path}, but {node} now, which no "
+                f"rule allows: the node was renumbered since ({DYNAMIC_NOTE}).")
     if other.why == "no_driver":
         return (f"{rule}, but /proc/devices gives major {other.major} to no driver now, and "
                 f"{node}, which no rule allows: the rule names a stale major ({DYNAMIC_NOTE}).")
@@ -255,6 +256,7 @@ def classify_enxio(facts: Facts, ctx: dict[str, Any]) -> tuple[str, str, list[st
         ctx["major_now"] = current[0]
     if current is not None:
         ctx["driver_major"] = current[0]
+    ctx["stale_node"] = major not in names or (current is not None and current[0] != major)
     if major not in names:
         if entry is not None and host_node and isinstance(host_node.get("major"), int):
             node = entry.get("node") or {}

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="containers started at a time (2 saturates this VM's runc)")
     ap.add_argument("--churn-long", type=int, default=10_000,
                     help="containers through one daemon for memory (runc; 0: skip)")
+    ap.add_argument("--churn-long-quiet", type=int, default=10_000,
+                    help="...the same with containers refused nothing (starts alone; 0: skip)")
     ap.add_argument("--quick", action="store_true", help="3 rounds, 2 s storms, 60 samples")
     ap.add_argument("--out-dir", default="bench-results")
     args = ap.parse_args(argv)
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds, args.seconds, args.latency_samples, args.startup_runs = 3, 2.0, 60, 1
         args.macro_files, args.getppid_iterations = 60, 300_000
         args.churn_rounds, args.churn_per_round, args.churn_long = 1, "runc:40,docker:5", 300
+        args.churn_long_quiet = 300
     args.parts = args.parts or list(PARTS)
     return args
 
@@ -138,7 +141,10 @@ def run_churn(host: Any, kind: str, args: argparse.Namespace) -> dict:
                for engine in args.churn_engines.split(",") if engine]
     long = churn.long_run(host, kind, "runc", args.churn_long, args.churn_workers, exe, say) \
         if args.churn_long else None
-    return {"engines": results, "long": long, "text": churn.churn_table(results, long)}
+    quiet = churn.long_run(host, kind, "runc", args.churn_long_quiet, args.churn_workers, exe,
+                           say, refused=False) if args.churn_long_quiet else None
+    return {"engines": results, "long": long, "quiet": quiet,
+            "text": churn.churn_table(results, long, quiet)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,11 +213,15 @@ def summarise(engine_name: str, workers: int, series: dict[str, list]) -> dict:
 
 
 def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: int,
-             open_once: str, say: Callable[[str], None], chunk: int = 500) -> dict:
+             open_once: str, say: Callable[[str], None], chunk: int = 500,
+             refused: bool = True) -> dict:
     """One daemon through `total` containers: RSS before and after, and everything
-    the interleaved rounds count, over the whole run."""
-    node = host.make_node(f"churn-long-{engine_name}")
+    the interleaved rounds count, over the whole run.  `refused=False`: containers
+    that are refused nothing, so what grows is what container starts cost alone."""
+    node = host.make_node(f"churn-long-{engine_name}{'' if refused else '-quiet'}")
     engine = ENGINES[engine_name](host.workdir, node, open_once, workers)
+    if not refused:
+        engine.open_path = QUIET_PATH
     gt = Gputrace(kind, host.workdir, tag=f"churn-long-{engine_name}")
     tap = ChurnTap()
     totals = {"refused": 0, "caught": 0, "with_id": 0, "with_id_and_name": 0}
@@ -256,7 +260,8 @@ def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: 
     finally:
         gt.stop()
         engine.close()
-    return {"engine": engine_name, "containers": total, "per_s": round(total / seconds, 1),
+    return {"engine": engine_name, "refused_once": refused, "containers": total,
+            "per_s": round(total / seconds, 1),
             **totals, "cpu_ms_per_container": round(1000 * cpu / total, 2),
             "rss_mib_before": round(rss[0][1], 1), "rss_mib_after": round(rss[-1][1], 1),
             "rss_mib_after_1000": round(warm, 1) if warm is not None else None,
@@ -265,7 +270,7 @@ def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: 
                         if k.startswith("gputrace_container_tracker_total{")}}
 
 
-def churn_table(results: list[dict], long: Optional[dict]) -> str:
+def churn_table(results: list[dict], long: Optional[dict], quiet: Optional[dict] = None) -> str:
     """Markdown: one block per engine (interleaved rounds), then the long run."""
     lines = ["| engine | configuration | containers | per s | start ms (median) | CPU ms per container "
              "| denials caught | with id | with id and name |", "|---|---|---|---|---|---|---|---|---|"]
@@ -293,4 +298,9 @@ def churn_table(results: list[dict], long: Optional[dict]) -> str:
                  f"samples by containers started: {samples}); caught {long['caught']}/{long['refused']}, "
                  f"with id {long['with_id']}, with id and name {long['with_id_and_name']}; "
                  f"CPU {long['cpu_ms_per_container']} ms per container (each refused once).")
+    if quiet:
+        text += (f"\n\nThe same through {quiet['containers']:,} containers refused nothing (what "
+                 f"starts alone cost): RSS {quiet['rss_mib_before']} MiB before, "
+                 f"{quiet['rss_mib_after_1000']} MiB after the first 1,000, {quiet['rss_mib_after']} MiB "
+                 f"after all; CPU {quiet['cpu_ms_per_container']} ms per container start.")
     return text

@@ -113,7 +113,10 @@ def run_without_session(scenario: Scenario, watch_argv: list[str], label: str) -
     assert facts.get("container.engine") == "podman", facts
     assert facts.get("container.name") == name, {k: v for k, v in facts.items()
                                                  if k.startswith("container.")}
-    assert verdict.get("reason") == "group_dropped_in_userns", verdict
+    # runc drops the user's groups in the user namespace (CAUSES #1); with the setgroups
+    # probe the story may be told as the runtime's init dropping them: either names it
+    assert verdict.get("reason") in ("group_dropped_in_userns", "group_dropped_by_process"), \
+        verdict
 
 
 def test_rootless_podman_without_xdg_runtime_dir_is_named_under_watch():

@@ -196,3 +196,15 @@ def test_the_oci_rule_list_is_read_in_order_as_runtimes_apply_it() -> None:
     assert rules.may("c", 10, 229, "rw").allowed is False   # the later deny wins
     assert OciDeviceRules.from_oci([{"allow": True, "type": "x"}]) is None
     assert OciDeviceRules.from_oci("nonsense") is None
+
+
+def test_the_runtime_s_own_setgroups_is_not_a_process_dropping_a_grant() -> None:
+    """Rootless runc's init replaces the host groups with the container's (the gid is not
+    mapped): that is CAUSES #1, group_dropped_in_userns, not group_dropped_by_process."""
+    facts = Facts()
+    facts.put("process.group_changes", [
+        {"time": 5.0, "call": "setgroups", "by": {"pid": 3, "comm": "runc:[2:INIT]"},
+         "before": {"gid": 1000, "egid": 1000, "fsgid": 1000, "groups": [44, 1000], "ngroups": 2},
+         "after": {"gid": 1000, "egid": 1000, "fsgid": 1000, "groups": [1000], "ngroups": 1}}],
+              CACHED)
+    assert group_drop_story(facts, 44) is None

@@ -97,6 +97,18 @@ def _complete(side: Any) -> bool:
     return isinstance(groups, list) and side.get("ngroups") == len(groups)
 
 
+# the OCI runtime's own init sets the container's groups before it runs the entrypoint:
+# its setgroups is the runtime applying the config (in a rootless user namespace it
+# drops host groups that cannot be mapped: CAUSES #1), not a process dropping a grant
+RUNTIME_INIT_COMMS = ("runc:", "crun", "runc", "youki", "runsc", "conmon")
+
+
+def _by_runtime(call: dict[str, Any]) -> bool:
+    by = call.get("by")
+    comm = by.get("comm") if isinstance(by, dict) else None
+    return isinstance(comm, str) and comm.startswith(RUNTIME_INIT_COMMS)
+
+
 def group_drop_story(facts: Facts, gid: int) -> Optional[DropStory]:
     """The grant and the drop of `gid` in the process's container; None without a grant."""
     story = DropStory()
@@ -112,7 +124,7 @@ def group_drop_story(facts: Facts, gid: int) -> Optional[DropStory]:
         story.granted_by.append("the container's init, which held it when the container started")
     calls = facts.get("process.group_changes")
     for call in calls if isinstance(calls, list) else []:
-        if isinstance(call, dict) and _holds(call.get("before"), gid) \
+        if isinstance(call, dict) and not _by_runtime(call) and _holds(call.get("before"), gid) \
                 and not _holds(call.get("after"), gid) and _complete(call.get("before")) \
                 and _complete(call.get("after")):
             story.dropped_by = call   # the latest one wins

@@ -133,6 +133,19 @@ def test_stale_spec_missing_gid_and_gone_node(tmp_path) -> None:
     assert gone["host_node"] is None
 
 
+def test_a_spec_writing_the_host_nodes_own_number_is_not_stale_without_a_driver(tmp_path) -> None:
+    """No driver has major 195 (none loaded): the spec writes c 195:0 and the host node
+    is c 195:0, so the spec is right; the driver is what is missing."""
+    host, statter = host_tree(tmp_path, {"etc/cdi/nvidia.yaml": SPEC.replace(
+        "    - path: /dev/nvidia0\n",
+        "    - path: /dev/nvidia0\n      type: c\n      major: 195\n      minor: 0\n      gid: 44\n")})
+    facts = Facts()
+    cdi_device_facts(host, statter, "/dev/nvidia0", (195, 0), facts, {1: "mem", 508: "nvidia-uvm"})
+    entry = facts.get("cdi.devices")[0]
+    assert entry["node"]["major"] == 195 and entry["host_node"]["major"] == 195
+    assert "no_driver" not in entry["stale"] and "renumbered" not in entry["stale"]
+
+
 def test_no_spec_names_the_node(tmp_path) -> None:
     assert cdi_facts_for(tmp_path, "/dev/dri/renderD128", (226, 128)) is None
 
@@ -179,7 +192,7 @@ def test_a_spec_with_the_gid_is_not_blamed() -> None:
     verdict = explained(errno.EACCES, "/dev/nvidia0", (195, 0), 44, [1000],
                         [entry([], gid=44)])
     assert "without a gid" not in verdict.summary
-    assert any("comes from the CDI device nvidia.com/gpu=0" in n for n in verdict.notes)
+    assert any("the node the CDI device nvidia.com/gpu=0" in n for n in verdict.notes)
     assert not verdict.fixes[0].command.startswith("gid:")
 
 
@@ -211,3 +224,24 @@ def test_enxio_from_a_stale_spec_names_it_and_fixes_the_spec() -> None:
     nvidia = explained(errno.ENXIO, "/dev/nvidia-uvm", (240, 0), 0, [],
                        [dict(stale, device="nvidia.com/gpu=0", spec="/etc/cdi/nvidia.yaml")])
     assert nvidia.fixes[0].command == "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
+
+
+def test_enxio_when_the_spec_and_the_host_node_agree_blames_the_driver_not_the_spec() -> None:
+    """Seen by hand (podman --device KIND=0, a spec writing c 195:174 for a host node
+    that is c 195:174, no NVIDIA driver loaded): the verdict called the spec stale and
+    offered 'major: 195', the number it already has.  A journal from then carries
+    "no_driver" in the entry's stale list; the verdict must not follow it."""
+    agree = {"device": "vendor.example/gpu=0", "spec": "/etc/cdi/vendor.yaml",
+             "node": {"path": "/dev/nvidia0", "host_path": "/dev/nvidia-gt174", "type": "c",
+                      "major": 195, "minor": 174, "gid": 44},
+             "host_node": {"major": 195, "minor": 174, "gid": 44, "uid": 0, "mode": "0660"},
+             "stale": ["no_driver"], "spec_file": {"mode": "0644", "uid": 0, "gid": 0}}
+    facts = {"node.mode": "0666", "node.gid": 0, "node.class": "nvidia-gpu",
+             "host.char_majors": {"1": "mem", "5": "/dev/tty"}, "container.engine": "podman",
+             "container.runtime": "runc", "cdi.devices": [agree],
+             "device_cgroup.v1_rules": ["c 195:174 rwm"]}
+    verdict = denial_with_facts("/dev/nvidia0", 195, 174, errno.ENXIO, facts, uid=1000)[2]
+    assert verdict.reason == "no_driver_for_node"
+    assert "its driver is not loaded" in verdict.summary, verdict.summary
+    assert "stale" not in verdict.summary
+    assert not any(f.command.startswith("major:") for f in verdict.fixes), verdict.fixes

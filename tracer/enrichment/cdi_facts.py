@@ -7,7 +7,10 @@ Stale means, per node entry:
 * `renumbered`: the spec writes a major:minor that the host node no longer has
   (a runtime takes a fully specified number as written, so the container gets
   a node for the old number);
-* `no_driver`: the number it writes belongs to no driver in /proc/devices now;
+* `no_driver`: the number it writes belongs to no driver in /proc/devices now, and
+  the host node has another number or is gone (a spec whose number is the host
+  node's is not stale when the driver is not loaded: the host node answers
+  nothing either);
 * `no_gid`: the host node has a group (`gid`) the spec does not carry, so the
   container's node gets group 0 or the container user's (NVIDIA/
   nvidia-container-toolkit#1631);
@@ -59,8 +62,8 @@ def _match_facts(match: CdiMatch, host: HostPaths, statter: NodeStatter, facts: 
     if written is not None and host_node is not None \
             and written != (host_node["major"], host_node["minor"]):
         stale.append("renumbered")
-    if written is not None and node.type in ("c", "u") and written[0] not in char_majors \
-            and char_majors:
+    if written is not None and node.type in ("c", "u") and char_majors \
+            and written[0] not in char_majors and ("renumbered" in stale or host_node is None):
         stale.append("no_driver")
     if node.gid is None and host_node is not None and host_node["gid"] != 0:
         stale.append("no_gid")

@@ -71,9 +71,12 @@ def cdi_story(facts: Facts, errno_name: str, found: "Classification") -> None:
     ctx.setdefault("cdi_spec", entry.get("spec"))
     node = entry.get("node") or {}
     stale = _stale_words(entry)
-    note = (f"{node.get('path')} comes from the CDI device {entry.get('device')} "
-            f"({entry.get('spec')})" + (": the spec is stale: " + "; ".join(stale) if stale else "")
-            + ".")
+    # "the node ... gives", not "comes from": a runtime records no CDI request in the
+    # OCI config (podman 4 writes the node as it writes --device), so a spec naming
+    # the same node is a match, not proof
+    note = (f"{node.get('path')} is the node the CDI device {entry.get('device')} "
+            f"({entry.get('spec')}) gives" + (": the spec is stale: " + "; ".join(stale)
+                                               if stale else "") + ".")
     if not any(str(entry.get("spec")) in n for n in found.notes):
         found.notes.append(note)
     if facts.get("container.rootless") and _readable(entry, facts.get("host.user_uid"),

@@ -77,9 +77,17 @@ def _oci_device(facts: Facts) -> Optional[dict[str, Any]]:
 
 
 def stale_cdi(facts: Facts) -> Optional[dict[str, Any]]:
-    """The CDI device entry for this node whose written number is stale."""
+    """The CDI device entry for this node whose written number is stale: not the host
+    node's number now (a number no driver has is the spec's fault only when the host
+    node's differs; with the same number the driver is simply not loaded)."""
     for entry in facts.get("cdi.devices") or []:
-        if isinstance(entry, dict) and {"renumbered", "no_driver"} & set(entry.get("stale") or []):
+        if not isinstance(entry, dict):
+            continue
+        stale = set(entry.get("stale") or [])
+        node, host = entry.get("node"), entry.get("host_node")
+        same = isinstance(node, dict) and isinstance(host, dict) and node.get("major") is not None \
+            and (node.get("major"), node.get("minor")) == (host.get("major"), host.get("minor"))
+        if "renumbered" in stale or "no_driver" in stale and not same:
             return entry
     return None
 

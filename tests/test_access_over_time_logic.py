@@ -124,15 +124,59 @@ def test_history_keeps_changes_not_repeats() -> None:
 
 def test_session_story_compares_the_group_file_with_the_session() -> None:
     facts = Facts()
-    facts.put("process.session_leader", {"pid": 9, "comm": "sshd", "started": 100.0,
-                                         "groups": [1000]}, CACHED)
+    facts.put("process.uid", 1000, CACHED)
+    facts.put("process.session_leader", {"pid": 9, "comm": "bash", "started": 100.0,
+                                         "uid": 1000, "groups": [1000]}, CACHED)
     facts.put("host.etc_group_changed", 200.0, CACHED)
     story = session_story(facts, 44)
     assert story is not None and story.after_session is True
     facts.put("host.etc_group_changed", 50.0, CACHED)
     assert session_story(facts, 44).after_session is False  # type: ignore[union-attr]
-    facts.put("process.parent", {"pid": 10, "groups": [44], "started": 101.0}, CACHED)
+    facts.put("process.parent", {"pid": 10, "groups": [44], "started": 101.0, "uid": 1000},
+              CACHED)
     assert session_story(facts, 44) is None  # its parent holds it: the process dropped it
+
+
+def _switched(parent_started: float) -> Facts:
+    """uid 1001 run by root's shell (setpriv --reuid ... --clear-groups), gone at once."""
+    facts = Facts()
+    for name, value in {"process.uid": 1001, "host.etc_group_changed": 200.0,
+                        "process.parent": {"pid": 10, "comm": "bash", "started": parent_started,
+                                           "uid": 0, "groups": [0]},
+                        "process.session_leader": {"pid": 9, "comm": "bash", "started": 50.0,
+                                                   "uid": 0, "groups": [0]}}.items():
+        facts.put(name, value, CACHED)
+    return facts
+
+
+def test_a_session_of_another_user_is_not_this_users_login() -> None:
+    """Seen by hand: root's shell (started before usermod) ran `setpriv --reuid=U
+    --clear-groups cat NODE`; the verdict said U was added to the group 'only after this
+    process's session started (bash ...)', a session of root's, and offered newgrp."""
+    story = session_story(_switched(100.0), 44)
+    assert story is not None and story.session is None and story.after_session is None
+    assert story.switched_from is not None and story.switched_from["pid"] == 10
+    later = session_story(_switched(300.0), 44)  # switched after the group file changed
+    assert later is not None and later.after_session is False
+    base = {"node.mode": "0660", "node.uid": 0, "node.gid": 44, "node.major": 195,
+            "node.minor": 0, "node.path": "/dev/nvidia0", "node.mount_nodev": False,
+            "node.group_name": "gpu", "process.fsuid": 1001, "process.fsgid": 1001,
+            "process.groups": [1001], "process.cap_effective": "0", "userns.level": 0,
+            "host.user_groups": [1001, 44], "host.user_name": "late",
+            "process.host_process": True}
+    facts = _switched(100.0)
+    for name, value in base.items():
+        facts.put(name, value, CACHED)
+    event = Event(time=250.0, sensor="bpf", syscall="openat", errno=13,
+                  process=Process(pid=5, tid=5, uid=1001), node=Node(path=b"/dev/nvidia0"))
+    verdict = explain_facts(event, facts)
+    assert verdict.reason == R.NOT_IN_GROUP, verdict.to_json()
+    assert verdict.summary.startswith("late is listed in group gpu (gid 44) in /etc/group, but "
+                                      "this process does not carry it: its parent bash (pid 10)"
+                                      " runs as another user"), verdict.summary
+    commands = [f.command for f in verdict.fixes]
+    assert commands[0] == "runuser -u late -- '<command>'", commands
+    assert not any(c.startswith(("usermod", "newgrp", "sg ")) for c in commands), commands
 
 
 def test_group_drop_story_needs_a_grant_and_finds_the_dropper() -> None:

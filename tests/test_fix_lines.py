@@ -43,11 +43,11 @@ NASTY = ['x";id>f;"', "a;reboot", "$(touch pwned)", "`id`", "a\nb", "a\\b", "a\\
 LINES: Counter[str] = Counter()   # how many lines of each syntax were checked, for the note
 
 
-Flags = tuple[str, bool, bool, bool, bool, bool, bool, bool]
+Flags = tuple[str, bool, bool, bool, bool, bool, bool, bool, bool]
 
 
 def _ctx(reason_flags: Flags, values: dict[str, Any]) -> dict[str, Any]:
-    node_class, v2, landlock, selinux, cap_held, root_gid, unit, blocked = reason_flags
+    node_class, v2, landlock, selinux, cap_held, root_gid, unit, blocked, listed = reason_flags
     ctx = {"path": values["node_path"], "node_path": values["node_path"],
            "node_class": node_class, "gid": 0 if root_gid else values["gid"],
            "group": values["group"], "user_name": values["user_name"], "user": "x",
@@ -64,6 +64,10 @@ def _ctx(reason_flags: Flags, values: dict[str, Any]) -> dict[str, Any]:
     if blocked:  # nvidia-modprobe present but not setuid root: its path goes into chmod
         ctx.update(modprobe_blockers=["not_setuid_root"], on_host=False,
                    modprobe_path=values.get("helper", MARK["helper"]))
+    if listed:  # the user is in the group in /etc/group (issue 17), and the container's
+        # user is named from the image's /etc/passwd: both as hostile as the rest
+        ctx.update(member_listed=True, user_groups=[ctx["gid"]],
+                   container_user=values["user_name"], dropper="gosu")
     return ctx
 
 
@@ -87,7 +91,7 @@ TEMPLATES: dict[str, tuple[Any, Any]] = {
     "recreate_node": (lambda ctx: recreate_node(ctx, "-u -c=0"), _story_ctx)}
 
 
-ALL_FLAGS = list(itertools.product(("nvidia-gpu", "drm-render"), *[(False, True)] * 7))
+ALL_FLAGS = list(itertools.product(("nvidia-gpu", "drm-render"), *[(False, True)] * 8))
 # every branch of every template: all flags off, each one on alone, all on
 FLAGS = [ALL_FLAGS[0]] + [f for f in ALL_FLAGS if sum(map(bool, f[1:])) == 1
                           or f[0] == "drm-render" and not any(f[1:])] + [ALL_FLAGS[-1]]
@@ -216,6 +220,9 @@ def _expected(marked: list[Any], values: dict[str, Any], kind: str) -> list[Any]
         if isinstance(word, tuple):
             return tuple(one(w) for w in word)
         if isinstance(word, str):
+            option, eq, value = word.partition("=")
+            if eq and option.startswith("--") and value in swap:  # --reuid=USER
+                return option + eq + swap[value]
             return swap.get(word, word.replace(MARK["node_path"], swap[MARK["node_path"]]))
         return word
     return [one(w) for w in marked]
@@ -314,7 +321,7 @@ def test_the_issue_s_two_injections_are_inert() -> None:
     """A node named x";id>f;" must not add udev keys; a symlink a;reboot must not run."""
     node = {"node_path": '/dev/x";id>f;"', "group": "video", "user_name": "al",
             "mount": "/m", "gid": 44}
-    flags: Flags = ("drm-render", False, False, False, False, False, False, False)
+    flags: Flags = ("drm-render", False, False, False, False, False, False, False, False)
     udev = next(f for f in FIXES[R.MODE_RESTRICTIVE](_ctx(flags, node)))
     assert udev.command.startswith("# rename the node") and "id>f" not in udev.command
     reboot = dict(node, node_path="/dev/a;reboot")

@@ -37,14 +37,16 @@ def boot_time(host: HostPaths, facts: Facts) -> Optional[float]:
 
 
 def _process(host: HostPaths, pid: int, boot: float, facts: Facts) -> Optional[dict[str, Any]]:
-    """pid, comm, start (epoch), session id and groups of a live process."""
+    """pid, comm, start (epoch), session id, real uid and groups of a live process."""
     stat = parse_proc_stat(procfs.read_text(host.proc_pid(pid, "stat")) or "", facts.skips)
     status = procfs.read_text(host.proc_pid(pid, "status"))
     if stat is None or status is None:
         return None
-    groups = status_ints(parse_status(status, facts.skips), "Groups", facts.skips)
+    fields = parse_status(status, facts.skips)
+    groups = status_ints(fields, "Groups", facts.skips)
+    uids = status_ints(fields, "Uid", facts.skips)
     return {"pid": pid, "comm": stat.comm, "started": round(boot + stat.start_ticks / TICKS, 3),
-            "session": stat.session, "ppid": stat.ppid,
+            "session": stat.session, "ppid": stat.ppid, "uid": uids[0] if uids else None,
             "groups": sorted(groups) if groups is not None else None}
 
 

@@ -381,14 +381,23 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
             return Classification(R.SEAT_ACL_ONLY, "high" if ctx["acl_user_names"] else "medium",
                                   ["node.acl", "logind.sessions", "process.groups", "node.gid",
                                    "node.group_name", "host.user_groups"], ctx)
-        notes = ["The user is listed in the group in /etc/group, but /etc/group has not "
-                 "changed since this process's session started: a program set the session's "
-                 "groups without it (a service's User= without SupplementaryGroups=, "
-                 "setpriv, su -g)."] if ctx.get("member_listed") else []
+        summary: Optional[str] = None
+        if ctx.get("member_listed"):
+            why = (f"its parent {ctx['groups_set_by']} runs as another user, so its groups were "
+                   "set when it was switched to this user, without this group"
+                   if ctx.get("groups_set_by") else
+                   "its session holds the group, so this process, or a program between them, "
+                   "set its groups without it" if ctx.get("session_holds") else
+                   "/etc/group has not changed since its session started, so a program set "
+                   "the session's groups without it")
+            summary = (f"{ctx['user']} is listed in group {ctx['group']} (gid {gid}) in "
+                       f"/etc/group, but this process does not carry it: {why} (setpriv "
+                       "--clear-groups or --groups, su -g, a setgroups() call).")
         return Classification(R.NOT_IN_GROUP, "high",
                               ["process.groups", "node.gid", "node.group_name", "node.mode",
                                "host.user_groups", "host.etc_group_changed",
-                               "process.session_leader", "container.etc_group"], ctx, notes)
+                               "process.session_leader", "process.parent",
+                               "container.etc_group"], ctx, summary=summary)
     if _root_in_namespace(creds):
         ctx["cap_held"] = creds.has_cap(CAP_DAC_OVERRIDE)
         return Classification(R.CAPABILITY_REQUIRED, "medium",

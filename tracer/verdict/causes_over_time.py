@@ -107,12 +107,17 @@ def _gid_text(ctx: dict[str, Any]) -> str:
 def stale_session(facts: Facts, gid: int, ctx: dict[str, Any]) -> Optional[Classification]:
     """A host process lacking a group /etc/group lists its user in."""
     story = session_story(facts, gid)
-    if story is None or story.after_session is False:
+    ctx["unit"] = _unit(facts)
+    ctx["session_holds"] = story is None  # its session holds it: dropped on the way
+    if story is not None and story.switched_from is not None and not story.after_session:
+        by = story.switched_from
+        ctx["groups_set_by"] = f"{str(by.get('comm'))[:64]} (pid {by.get('pid')})"
+    if story is None or not story.after_session and (story.after_session is False
+                                                     or story.switched_from is not None):
         return None
     evidence = ["host.user_groups", "process.groups", "host.etc_group_changed",
                 "process.session_leader", "process.parent", "process.started", "node.gid",
                 "node.group_name", "cgroup.paths"]
-    ctx["unit"] = _unit(facts)
     who = story.session
     if story.after_session:
         summary = (

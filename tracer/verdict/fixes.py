@@ -98,7 +98,23 @@ def _group_add(ctx: dict[str, Any], summary: str) -> list[Fix]:
 
 
 def _not_in_group(ctx: dict[str, Any]) -> list[Fix]:
-    return _add_group(ctx) + _device_file_mode(ctx)
+    return _listed_member(ctx) + _add_group(ctx) + _device_file_mode(ctx)
+
+
+def _listed_member(ctx: dict[str, Any]) -> list[Fix]:
+    """The user is in the group in /etc/group; the process was started without it."""
+    user, unit = ctx.get("user_name"), ctx.get("unit")
+    if not ctx.get("member_listed") or not user:
+        return []
+    fixes = [fix_line("Start the program through a tool that gives the user its /etc/group "
+                      "groups (runuser, su and sudo -u call initgroups; setpriv needs "
+                      "--init-groups).", "host",
+                      lambda: f"runuser -u {shell_word(user, 'user')} -- '<command>'")]
+    if unit:
+        fixes.insert(0, fix_line("Restart the service: systemd gives a unit's User= the user's "
+                                 "/etc/group groups when it starts.", "host",
+                                 lambda: f"systemctl restart {shell_word(unit, 'unit')}"))
+    return fixes
 
 
 def _seat_acl_only(ctx: dict[str, Any]) -> list[Fix]:

@@ -30,6 +30,10 @@ class SessionStory:
     session: Optional[dict[str, Any]]     # the earliest known process of the session
     after_session: Optional[bool]         # the group file changed after it started
     process_started: Optional[float] = None
+    # no process of the session is known to run as the user, but its parent (or
+    # session leader) runs as another: a program switched to the user (su, setpriv,
+    # runuser, a service manager) and set the groups then, at a time not known
+    switched_from: Optional[dict[str, Any]] = None
 
 
 def _lacks(entry: Any, gid: int) -> bool:
@@ -37,26 +41,37 @@ def _lacks(entry: Any, gid: int) -> bool:
     return isinstance(groups, list) and gid not in groups
 
 
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
 def session_story(facts: Facts, gid: int) -> Optional[SessionStory]:
     """For a process lacking `gid` whose user /etc/group lists in it; None when a live
-    ancestor of its session holds the gid (then the process dropped it itself)."""
-    leader, parent = facts.get("process.session_leader"), facts.get("process.parent")
-    for entry in (leader, parent):
-        if isinstance(entry, dict) and isinstance(entry.get("groups"), list) \
-                and gid in entry["groups"]:
-            return None
-    session = next((e for e in (leader, parent) if isinstance(e, dict) and _lacks(e, gid)
-                    and isinstance(e.get("started"), (int, float))
-                    and not isinstance(e.get("started"), bool)), None)
-    started = facts.get("process.started")
-    start = session["started"] if session else started if isinstance(started, (int, float)) \
-        else None
-    changed = facts.get("host.etc_group_changed")
-    after = None
-    if isinstance(changed, (int, float)) and start is not None:
-        after = changed > start + SLACK_S
-    return SessionStory(changed if isinstance(changed, (int, float)) else None, session, after,
-                        started if isinstance(started, (int, float)) else None)
+    ancestor of its session running as the same user holds the gid (then the process
+    dropped it itself).  Only the process's own uid's ancestors are its login session:
+    a parent of another user (root's shell that ran setpriv or su) says nothing of
+    when this user's groups were set."""
+    uid = facts.get("process.uid")
+    known = [e for e in (facts.get("process.session_leader"), facts.get("process.parent"))
+             if isinstance(e, dict)]
+    same = [e for e in known if isinstance(uid, int) and e.get("uid") == uid]
+    if any(isinstance(e.get("groups"), list) and gid in e["groups"] for e in same):
+        return None
+    session = next((e for e in same if _lacks(e, gid) and _number(e.get("started")) is not None),
+                   None)
+    started = _number(facts.get("process.started"))
+    start = _number(session["started"]) if session else started
+    changed = _number(facts.get("host.etc_group_changed"))
+    after = None if changed is None or start is None else changed > start + SLACK_S
+    switched = None
+    if session is None and known and not same:
+        switched = known[-1]  # the parent, else the session leader
+        begun = _number(switched.get("started"))
+        if after is None and changed is not None and begun is not None \
+                and changed + SLACK_S < begun:
+            after = False  # the switch came after the group file changed
+    return SessionStory(changed, session, after, started, switched)
 
 
 @dataclass

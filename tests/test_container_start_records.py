@@ -147,3 +147,62 @@ def test_book_is_bounded_and_counts_what_it_forgets():
     gone = Facts()
     add_start_facts(book, Process(pid=1, tid=1, cgroup_id=1000), 10.0, gone)
     assert gone.get("container.id") is None
+
+
+class _Tracker:
+    """What StartFollower asks of the tracker, recorded: no thread, no inotify."""
+
+    def __init__(self) -> None:
+        from tracer.enrichment.container_store import SnapshotStore
+        self.store = SnapshotStore()
+        self.work: list = []
+        self.roots: list[tuple[str, str]] = []
+
+    def submit(self, work) -> None:
+        self.work.append(work)
+
+    def add_root(self, directory: str, runtime: str, why: str) -> None:
+        self.roots.append((directory, runtime))
+
+    def take(self, state_root: str, cid: str, runtime: str) -> None:
+        pass
+
+
+def test_follower_wakes_the_tracker_only_for_what_is_new(tmp_path):
+    """A cgroup maker whose named root (--root, in a mount namespace of the host's)
+    is watched already, and an exec of a container the tracker has read, are filed
+    in the book but give the tracker's thread no work: follow() would do nothing."""
+    import os
+    from tracer.enrichment.container_store import ContainerSnapshot
+    from tracer.enrichment.start_follower import StartFollower
+    from tracer.host import HostPaths
+
+    own_mntns = os.stat("/proc/self/ns/mnt").st_ino
+    state = str(tmp_path / "state")
+    os.mkdir(state)
+
+    def mkdir(cid: str, cgroup_id: int, mntns: int = own_mntns) -> ContainerStart:
+        start = decode_start(raw_start(cgroup_id=cgroup_id, pid=os.getpid(),
+                                       line=f"runc --root {state} run --bundle /b {cid}"), 0)
+        return ContainerStart(**{**start.__dict__, "mntns": mntns})
+
+    tracker = _Tracker()
+    follower = StartFollower(HostPaths(), tracker)  # type: ignore[arg-type]
+    follower.on_start(mkdir("c1", 601))
+    assert len(tracker.work) == 1  # a root not watched yet
+    tracker.work.pop()()
+    assert tracker.roots == [(state, "runc")]
+    follower.on_start(mkdir("c2", 602))
+    assert tracker.work == []  # the same root: nothing to follow
+    follower.on_start(mkdir("c3", 603, mntns=12345))
+    assert len(tracker.work) == 1  # another mount namespace (not the host's): followed
+    tracker.work.clear()
+    # the exec of c2's init: read already -> no work; not read yet -> followed
+    follower.on_start(exec_start(pidns=4026532600, cgroup_id=602))
+    assert len(tracker.work) == 1
+    tracker.work.clear()
+    tracker.store.add(ContainerSnapshot(id="c1", runtime="runc", created=0.0))
+    follower.on_start(exec_start(pidns=4026532601, cgroup_id=601))
+    assert tracker.work == []
+    stats = follower.stats()
+    assert stats["start_follow_skipped"] == 2 and stats["starts_exec"] == 2

@@ -161,3 +161,41 @@ def test_text_parsers_never_raise(text: str) -> None:
 @given(st.binary(max_size=80))
 def test_acl_parser_never_raises(raw: bytes) -> None:
     parse_posix_acl(raw, SkipCounter())
+
+
+def test_text_memo_parses_a_text_once_and_counts_its_skips_for_every_caller() -> None:
+    from tracer.enrichment.parse_files import TextMemo
+    calls: list[str] = []
+
+    def pairs(text: str, skips: SkipCounter) -> tuple[tuple[str, int], ...]:
+        calls.append(text)
+        return tuple((g.name, g.gid) for g in parse_group_file(text, skips))
+    memo = TextMemo(pairs, max_entries=2, max_bytes=1 << 10)
+    text = "video:x:44:\nbad line\nrender:x:105:\n"
+    first, second = SkipCounter(), SkipCounter()
+    assert memo(text, first) == (("video", 44), ("render", 105))
+    assert memo(text, second) == (("video", 44), ("render", 105))
+    assert calls == [text]  # parsed once
+    assert first.counts == second.counts == {"group:bad_line": 1}  # each caller's own count
+    assert memo(text + "gpu:x:7:\n", SkipCounter())[-1] == ("gpu", 7)  # another text: parsed
+    memo("a:x:1:\n", SkipCounter())  # a third text: the oldest goes (2 entries)
+    memo(text, SkipCounter())
+    assert calls.count(text) == 2 and len(memo) == 2
+    big = "g:x:1:\n" * 2000  # larger than the memo keeps: parsed every time, never held
+    memo(big, SkipCounter())
+    memo(big, SkipCounter())
+    assert calls.count(big) == 2 and big not in memo._items
+
+
+def test_procfs_reads_to_the_end_or_the_limit(tmp_path) -> None:
+    from tracer.enrichment import procfs
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 300  # larger than one read
+    path.write_bytes(data)
+    assert procfs.read_bytes(str(path)) == data
+    assert procfs.read_bytes(str(path), 1000) == data[:1000]
+    assert procfs.read_bytes(str(path), 70000) == data[:70000]
+    assert procfs.read_bytes(str(tmp_path / "absent")) is None
+    assert procfs.read_bytes(str(tmp_path)) is None  # a directory
+    status = procfs.read_text("/proc/self/status")
+    assert status is not None and status.startswith("Name:") and "\nGroups:" in status

@@ -91,3 +91,27 @@ def test_snapshot_of_an_exited_init_reads_the_rules_where_the_runtime_put_them(
     assert rules.value == ["c 195:0 r"], (rules, snap.facts.get("cgroup.paths"))
     assert snap.facts["cgroup.paths"].value["devices"] == "/" + os.path.basename(cg)
     assert "runtime state" in snap.facts["cgroup.paths"].origin
+
+
+def test_a_reaped_init_answers_nothing_through_the_snapshots_proc_descriptor():
+    """The snapshot reads the init through one descriptor of /proc/PID: once that
+    task is reaped, nothing more is read through it, even if its pid is reused, so
+    no other process's facts can enter the container's snapshot."""
+    from tracer.enrichment.container_init import ProcDir
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    proc = ProcDir(HostPaths(), pid)
+    try:
+        assert proc.text("status", 4096) is not None and proc.link("ns/mnt") is not None
+        os.write(write_end, b"x")
+        os.waitpid(pid, 0)
+        assert proc.text("status", 4096) is None and proc.text("cgroup") is None
+        assert proc.link("ns/mnt") is None
+    finally:
+        proc.close()
+        os.close(write_end)

@@ -172,12 +172,20 @@ def open_in_root(root: str, path: str, flags: int) -> Optional[int]:
     except OSError:
         return None
     try:
-        fd = _openat2_in_root(root_fd, path, flags | os.O_CLOEXEC)
-        if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
-            return walk_in_root(root_fd, path, flags)
-        return fd if fd >= 0 else None
+        return open_in_root_fd(root_fd, path, flags)
     finally:
         os.close(root_fd)
+
+
+def open_in_root_fd(root_fd: int, path: str, flags: int) -> Optional[int]:
+    """`open_in_root` from a root directory fd already held (several files of one root)."""
+    fd = _openat2_in_root(root_fd, path, flags | os.O_CLOEXEC)
+    if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
+        try:
+            return walk_in_root(root_fd, path, flags)
+        except OSError:
+            return None
+    return fd if fd >= 0 else None
 
 
 def read_in_root(root: str, path: str, limit: int = MAX_FILE_BYTES,
@@ -186,7 +194,18 @@ def read_in_root(root: str, path: str, limit: int = MAX_FILE_BYTES,
     a symlink swapped in after any check still cannot lead outside the container.
     Regular files only (no fifo can block us), non-blocking, at most `limit` bytes;
     with `owner`, only a file that uid owns."""
-    fd = open_in_root(root, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    return _read_fd(open_in_root(root, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK),
+                    limit, owner)
+
+
+def read_in_root_fd(root_fd: int, path: str, limit: int = MAX_FILE_BYTES,
+                    owner: Optional[int] = None) -> Optional[str]:
+    """`read_in_root` from a root directory fd already held."""
+    return _read_fd(open_in_root_fd(root_fd, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK),
+                    limit, owner)
+
+
+def _read_fd(fd: Optional[int], limit: int, owner: Optional[int]) -> Optional[str]:
     if fd is None:
         return None
     try:
@@ -195,7 +214,10 @@ def read_in_root(root: str, path: str, limit: int = MAX_FILE_BYTES,
             return None
         if owner is not None and st.st_uid != owner:
             return None
-        return os.read(fd, limit).decode("utf-8", "replace")
+        data = os.read(fd, min(st.st_size, limit) + 1)  # read() allocates what it is asked for
+        if len(data) > st.st_size:  # it grew since the fstat
+            data += os.read(fd, max(0, limit - len(data)))
+        return data[:limit].decode("utf-8", "replace")
     except OSError:
         return None
     finally:

@@ -42,6 +42,14 @@ def userns_chain(ns_path: str) -> Optional[UsernsChain]:
     except OSError:
         return None
     try:
+        return userns_chain_of(fd)
+    finally:
+        os.close(fd)
+
+
+def userns_chain_of(fd: int) -> Optional[UsernsChain]:
+    """`userns_chain` of an open user namespace fd (not closed here)."""
+    try:
         owners = [_owner_uid(fd)]  # from this namespace up to the initial one
         current = os.dup(fd)
         try:
@@ -60,8 +68,6 @@ def userns_chain(ns_path: str) -> Optional[UsernsChain]:
                            owners[-2] if level else owners[0])
     except OSError:
         return None
-    finally:
-        os.close(fd)
 
 
 def userns_level_and_owner(ns_path: str) -> Optional[tuple[int, int]]:

@@ -12,7 +12,6 @@ import os
 import time
 from typing import Optional
 
-from tracer.enrichment import procfs
 from tracer.enrichment.container_state import (ROOT_STATE, RuntimeState, docker_identity, host_file,
                                                kubernetes_from_annotations,
                                                kubernetes_from_cgroup, podman_identity,
@@ -22,22 +21,8 @@ from tracer.enrichment.state_files import StateFiles
 from tracer.facts import LIVE, Facts
 from tracer.enrichment.host_facts import device_cgroup_facts
 from tracer.in_root import read_in_root
-from tracer.enrichment.parse_files import parse_group_file, parse_passwd_file
-from tracer.enrichment.process import cgroup_facts, groups_facts, lsm_facts, userns_facts
-from tracer.enrichment.backfill import userns_level_and_owner
+from tracer.enrichment.container_init import etc_table, read_init
 from tracer.host import HostPaths
-
-MAX_ETC_ENTRIES = 256
-
-
-def _etc_table(root: str, name: str, facts: Facts,
-               owner: Optional[int] = None) -> Optional[dict[str, int]]:
-    text = read_in_root(root, "/etc/" + name, owner=owner)
-    if text is None:
-        return None
-    if name == "group":
-        return {g.name: g.gid for g in parse_group_file(text, facts.skips)[:MAX_ETC_ENTRIES]}
-    return {u.name: u.uid for u in parse_passwd_file(text, facts.skips)[:MAX_ETC_ENTRIES]}
 
 
 def _cgroup_id(host: HostPaths, paths: dict[str, str], facts: Facts) -> Optional[int]:
@@ -83,24 +68,20 @@ def runtime_v1_paths(host: HostPaths, state: RuntimeState, facts: Facts) -> dict
     return out
 
 
-def _container_cgroup_paths(host: HostPaths, state: RuntimeState, pid: int, live: Facts) -> None:
-    """cgroup.paths of the container's init; the v1 ones /proc could not give (the
-    init had already exited) come from the runtime's own record of them."""
-    seen = Facts()
-    cgroup_facts(host, pid, seen)
-    live.skips.merge(seen.skips)
-    fact = seen.fact("cgroup.paths")
+def _runtime_cgroup_paths(host: HostPaths, state: RuntimeState, pid: int, live: Facts) -> None:
+    """The v1 cgroup.paths /proc could not give (the init had already exited) come
+    from the runtime's own record of them."""
+    fact = live.fact("cgroup.paths")
     paths = dict(fact.value) if fact is not None else {}
-    from_state: dict[str, str] = {}
-    if len(paths) <= 1 and state.cgroup_paths:  # only the v2 line: the init had exited
-        from_state = {k: v for k, v in runtime_v1_paths(host, state, live).items()
-                      if not any(k in key.split(",") for key in paths)}
-    paths.update(from_state)
-    if not paths:
+    if len(paths) > 1 or not state.cgroup_paths:  # more than the v2 line: the init's own
         return
+    from_state = {k: v for k, v in runtime_v1_paths(host, state, live).items()
+                  if not any(k in key.split(",") for key in paths)}
+    if not from_state:
+        return
+    paths.update(from_state)
     origin = fact.origin if fact is not None else host.proc_pid(pid, "cgroup")
-    if from_state:
-        origin += f"; v1 {', '.join(sorted(from_state))} from the runtime state in {state.state_dir}"
+    origin += f"; v1 {', '.join(sorted(from_state))} from the runtime state in {state.state_dir}"
     live.put("cgroup.paths", paths, LIVE, origin)
 
 
@@ -116,44 +97,23 @@ def snapshot_container(host: HostPaths, state: RuntimeState, owner_uid: int = 0,
     snap.put("container.runtime", state.runtime, where)
     config = read_oci_config(host, state.bundle, files) if state.bundle else None
     live = Facts()
+    root_seen = False  # the init's own root was looked in: its /etc files are its word
     if state.pid:
         pid = state.pid
-        for kind in ("mnt", "pid", "user"):
-            inum = procfs.ns_inum(procfs.read_link(host.proc_pid(pid, "ns", kind)))
-            if inum in procfs.host_namespaces(host.proc, kind):
-                # --pid=host and the like: every host process has it, so it is no key
-                # to this container (a host process would be taken for the container)
-                snap.put(f"container.host_{kind}ns", True, f"/proc/{pid}/ns/{kind} is the host's")
-                inum = None
-            setattr(snap, {"mnt": "mntns", "pid": "pidns", "user": "userns"}[kind], inum)
-        found = userns_level_and_owner(host.proc_pid(pid, "ns", "user"))
-        if found is not None:
-            level, owner_uid = found
-            snap.put("userns.level", level, f"/proc/{pid}/ns/user")
-            snap.put("userns.owner_uid", owner_uid, f"/proc/{pid}/ns/user")
-            snap.put("container.rootless", level > 0 and owner_uid != 0, "userns level and owner")
-            if level == 0:
-                snap.userns = None  # the initial userns is everyone's: not a container key
-        userns_facts(host, pid, live)
-        lsm_facts(host, pid, live)
-        _container_cgroup_paths(host, state, pid, live)
-        groups_facts(host, pid, live, "container.init_groups")
-        root = host.proc_pid(pid, "root")
-        for name in ("group", "passwd"):
-            table = _etc_table(root, name, live)
-            if table is not None:
-                live.put(f"container.etc_{name}", table, "live", f"/proc/{pid}/root/etc/{name}")
+        root_seen = read_init(host, pid, snap, live)
+        _runtime_cgroup_paths(host, state, pid, live)
         paths = live.get("cgroup.paths") or {}
         if _own_cgroup(state, config, str(paths.get("unified", ""))):
             snap.cgroup_id = _cgroup_id(host, paths, live)
         device_cgroup_facts(host, paths, live, snap.cgroup_id or 0)
         snap.add_facts(live, f"container init pid {pid} at start")
-    if "container.etc_group" not in snap.facts and state.rootfs:
+    if not root_seen and "container.etc_group" not in snap.facts and state.rootfs:
         for name in ("group", "passwd"):
             # a rootfs a user's state names: only that user's own files are read
-            table = _etc_table(host_file(host, state.rootfs), name, live,
-                               files.owner if files.rootless else None)
-            snap.put(f"container.etc_{name}", table, f"{state.rootfs}/etc/{name}")
+            text = read_in_root(host_file(host, state.rootfs), "/etc/" + name,
+                                owner=files.owner if files.rootless else None)
+            snap.put(f"container.etc_{name}", etc_table(text, name, live),
+                     f"{state.rootfs}/etc/{name}")
     if config is not None:
         _config_facts(host, snap, config, state, owner_uid, files)
         _requested_device_rules(host, snap, config, live)
@@ -172,7 +132,7 @@ def _config_facts(host: HostPaths, snap: ContainerSnapshot, config: dict[str, ob
         podman_identity(host, config, state.id, owner_uid, files)
     kube = kubernetes_from_annotations(annotations)
     paths = snap.facts.get("cgroup.paths")
-    for path in (paths.value.values() if paths else []):
+    for path in dict.fromkeys(paths.value.values() if paths else ()):  # each once, in order
         for key, value in kubernetes_from_cgroup(str(path)).items():
             kube.setdefault(key, value)
     if identity:

@@ -310,6 +310,8 @@ def kubernetes_from_cgroup(path: str) -> dict[str, str]:
     """Pod uid, QoS class, container id and runtime from a kubepods cgroup path
     (systemd driver: kubepods.slice/...-pod<uid>.slice/<rt>-<id>.scope;
     cgroupfs driver: /kubepods/<qos>/pod<uid>/<id>)."""
+    if "kubepods" not in path:  # both layouts name it: most cgroups are no pod's
+        return {}
     match = _KUBE_SYSTEMD.search(path)
     if match:
         out = {"pod_uid": match["uid"].replace("_", "-"), "qos": match["qos"] or "guaranteed"}

@@ -26,6 +26,7 @@ DEFAULT_MAX_BYTES = 8 << 20      # all snapshots together, as approx_bytes() (he
 MAX_FACTS_PER_SNAPSHOT = 64
 CREATED_SLACK_S = 0.05   # event and runtime clocks: both CLOCK_REALTIME, read apart
 DIED_SLACK_S = 0.05   # we see the state go after the container is gone: never early
+EXPIRY_SCAN_S = 1.0   # dead snapshots are looked for at most this often on add (O(n) scan)
 MAX_FACT_JSON_BYTES = 64 << 10   # a fact larger than this is dropped (counted)
 
 
@@ -105,6 +106,8 @@ class SnapshotStore:
         self.retention_s = retention_s
         self.max_bytes = max_bytes
         self._bytes: dict[str, int] = {}
+        self._total_bytes = 0
+        self._scanned = float("-inf")  # when dead snapshots were last looked for
         self._items: OrderedDict[str, ContainerSnapshot] = OrderedDict()
         # namespace inodes are reused once freed: a key may name several containers
         self._index: dict[tuple[str, int], list[str]] = {}
@@ -131,15 +134,16 @@ class SnapshotStore:
                 return False
             old = self._items.pop(snap.id, None)
             if old is not None:
-                self._bytes.pop(snap.id, None)
+                self._total_bytes -= self._bytes.pop(snap.id, 0)
                 self._unindex(old)
             self._items[snap.id] = snap
-            self._bytes[snap.id] = snap.approx_bytes()
+            self._bytes[snap.id] = size = snap.approx_bytes()
+            self._total_bytes += size
             for key in snap.keys():
                 self._index.setdefault(key, []).append(snap.id)
             self.counters["snapshots_taken"] += 1
             self.counters["snapshot_facts_dropped"] += snap.dropped_facts
-            self._bound(time.time())
+            self._bound(time.time(), scan=False)
             return True
 
     def get(self, cid: str) -> Optional[ContainerSnapshot]:
@@ -164,16 +168,20 @@ class SnapshotStore:
 
     def _drop(self, cid: str, why: str) -> None:
         snap = self._items.pop(cid)
-        self._bytes.pop(cid, None)
+        self._total_bytes -= self._bytes.pop(cid, 0)
         self._unindex(snap)
         self.counters[why] += 1
 
-    def _bound(self, now: float) -> None:
-        for cid in [c for c, s in self._items.items()
-                    if s.died is not None and now - s.died > self.retention_s]:
-            self._drop(cid, "snapshots_expired")
+    def _bound(self, now: float, scan: bool = True) -> None:
+        """Expire the dead past their retention (on add: at most once a second, the
+        scan is over every snapshot), then evict down to the bounds."""
+        if scan or now - self._scanned >= EXPIRY_SCAN_S or now < self._scanned:
+            self._scanned = now
+            for cid in [c for c, s in self._items.items()
+                        if s.died is not None and now - s.died > self.retention_s]:
+                self._drop(cid, "snapshots_expired")
         while len(self._items) > self.capacity or \
-                (len(self._items) > 1 and sum(self._bytes.values()) > self.max_bytes):
+                (len(self._items) > 1 and self._total_bytes > self.max_bytes):
             dead = next((c for c, s in self._items.items() if s.died is not None), None)
             self._drop(dead if dead is not None else next(iter(self._items)),
                        "snapshots_evicted")
@@ -237,13 +245,13 @@ class SnapshotStore:
 
     def approx_bytes(self) -> int:
         with self._lock:
-            return sum(self._bytes.values())
+            return self._total_bytes
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self.counters)
             out["snapshots_held"] = len(self._items)
-            out["snapshot_bytes"] = sum(self._bytes.values())
+            out["snapshot_bytes"] = self._total_bytes
             return out
 
 

@@ -23,7 +23,7 @@ from tracer.enrichment import procfs
 from tracer.enrichment.access_history import (V1, V2, AccessHistory, RuleState, v1_key,
                                               v2_key)
 from tracer.enrichment.container_store import ContainerSnapshot
-from tracer.enrichment.device_rules import parse_devices_list
+from tracer.enrichment.device_rules import devices_list_texts
 from tracer.enrichment.host_facts import v1_devices_dir
 from tracer.facts import Facts
 from tracer.host import HostPaths
@@ -141,6 +141,6 @@ class DeviceRuleWatch:
         text = procfs.read_text(os.path.join(directory, "devices.list"))
         if text is None:
             return  # removed meanwhile
-        rules = tuple(r.to_text() for r in parse_devices_list(text, Facts().skips))
+        rules = devices_list_texts(text, Facts().skips)
         self.history.observe(v1_key(cgroup_path), RuleState(time.time(), V1, cgroup_path, rules),
                              V1_HOW)

@@ -18,6 +18,7 @@ from typing import Any, Optional, Protocol
 
 from tracer.enrichment import device_program as prog
 from tracer.facts import SkipCounter
+from tracer.enrichment.parse_files import TextMemo
 from tracer.enrichment.parse_proc import decimal
 
 
@@ -73,6 +74,15 @@ def parse_devices_list(text: str, skips: SkipCounter) -> list[DeviceRule]:
             continue
         out.append(rule)
     return out
+
+
+def _rule_texts(text: str, skips: SkipCounter) -> tuple[str, ...]:
+    return tuple(r.to_text() for r in parse_devices_list(text, skips))
+
+
+# devices.list as its rules' texts, by the list's text: a runtime gives every
+# container the same default list, read again at each start (parse_files.TextMemo)
+devices_list_texts: TextMemo[tuple[str, ...]] = TextMemo(_rule_texts)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from tracer.enrichment.backfill import backfill_process
 from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.access_history import AccessHistory
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
-from tracer.enrichment.device_rules import parse_devices_list
+from tracer.enrichment.device_rules import devices_list_texts
 from tracer.enrichment.history_facts import history_facts
 from tracer.enrichment.session_facts import session_facts
 from tracer.facts import CACHED, INFERRED, KERNEL, LIVE, Facts, SkipCounter
@@ -275,9 +275,8 @@ class Enricher:
             return
         where = os.path.join(directory, "devices.list")
         facts.put("device_cgroup.version", 1, LIVE, where)
-        facts.put("device_cgroup.v1_rules", [r.to_text() for r in parse_devices_list(
-            text, facts.skips)], LIVE, f"{where} (the container's cgroup, read after the process "
-                                      "exited)")
+        facts.put("device_cgroup.v1_rules", list(devices_list_texts(text, facts.skips)), LIVE,
+                  f"{where} (the container's cgroup, read after the process exited)")
 
     @staticmethod
     def _init_groups_from_config(facts: Facts) -> None:

@@ -15,7 +15,7 @@ from tracer.facts import LIVE, Facts
 from tracer.enrichment.parse_files import (parse_group_file, parse_logind_session,
                                            parse_nvidia_params, parse_passwd_file, user_gids)
 from tracer.enrichment.device_cgroup_v2 import device_program_facts
-from tracer.enrichment.device_rules import parse_devices_list
+from tracer.enrichment.device_rules import devices_list_texts
 from tracer.enrichment.parse_proc import Mount, parse_mountinfo
 from tracer.host import HostPaths
 
@@ -120,7 +120,7 @@ _mount_tables: dict[str, _WatchedMountTable] = {}
 
 def cgroup_mounts(host: HostPaths, facts: Facts) -> list[Mount]:
     path = os.path.join(host.proc, "self/mountinfo")
-    if os.path.realpath(host.proc) == "/proc":  # procfs tells us when to read it again
+    if procfs.is_live_proc(host.proc):  # procfs tells us when to read it again
         table = _mount_tables.get(path)
         if table is None:
             try:
@@ -188,9 +188,9 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
         list_path = os.path.join(cg_dir, "devices.list") if cg_dir else None
         text = procfs.read_text(list_path) if list_path else None
         if text is not None and list_path is not None:
-            rules = parse_devices_list(text, facts.skips)
+            rules = devices_list_texts(text, facts.skips)
             facts.put("device_cgroup.version", 1, LIVE, list_path)
-            facts.put("device_cgroup.v1_rules", [r.to_text() for r in rules], LIVE, list_path)
+            facts.put("device_cgroup.v1_rules", list(rules), LIVE, list_path)
 
 
 def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts) -> None:

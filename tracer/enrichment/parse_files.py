@@ -2,12 +2,23 @@
 
 Each takes the raw content and a `SkipCounter`; malformed input is skipped and
 counted with a bounded reason, never raised.
+
+`TextMemo` keeps what such a parser made of a text, by the exact text: every
+container start reads files whose text repeats from one container to the next
+(the runtime's default `devices.list`, one image's `/etc/group`).  The file is
+still read each time (what it holds now is the fact); only parsing the very
+same text again is skipped, and the malformed lines the parser counted are
+counted again for each caller, so nothing about a file is borrowed from
+another.  Bounded in entries and in text bytes; results must be immutable (a
+tuple) or copied by the caller.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from tracer.facts import SkipCounter
 from tracer.enrichment.parse_proc import decimal
@@ -103,3 +114,53 @@ def parse_logind_session(text: str, skips: SkipCounter) -> dict[str, str]:
             continue
         out[key] = value
     return out
+
+
+T = TypeVar("T")
+MEMO_ENTRIES = 32
+MEMO_TEXT_BYTES = 256 << 10   # all kept texts together
+MEMO_ONE_TEXT = 64 << 10      # a larger text is parsed every time, never kept
+
+
+class TextMemo(Generic[T]):
+    """`memo(text, skips)` is `parse(text, skips)`, parsed once per distinct text."""
+
+    def __init__(self, parse: Callable[[str, SkipCounter], T], max_entries: int = MEMO_ENTRIES,
+                 max_bytes: int = MEMO_TEXT_BYTES) -> None:
+        self.parse = parse
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[T, dict[str, int]]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __call__(self, text: str, skips: SkipCounter) -> T:
+        with self._lock:
+            kept = self._items.get(text)
+            if kept is not None:
+                self._items.move_to_end(text)
+                self.hits += 1
+        if kept is None:
+            own = SkipCounter()
+            kept = (self.parse(text, own), dict(own.counts))
+            self._keep(text, kept)
+        value, skipped = kept
+        if skipped:
+            skips.counts.update(skipped)
+        return value
+
+    def _keep(self, text: str, kept: tuple[T, dict[str, int]]) -> None:
+        with self._lock:
+            self.misses += 1
+            if len(text) > MEMO_ONE_TEXT or text in self._items:
+                return
+            self._items[text] = kept
+            self._bytes += len(text)
+            while self._items and (len(self._items) > self.max_entries
+                                   or self._bytes > self.max_bytes):
+                old, _ = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -143,26 +143,44 @@ def lsm_facts(host: HostPaths, pid: int, facts: Facts) -> None:
 
 def task_exited(host: HostPaths, pid: int) -> bool:
     """The task has exited (a zombie not yet reaped, or gone): `State:` in /proc/PID/status."""
-    text = procfs.read_text(host.proc_pid(pid, "status"), 4096)
-    if text is None:
+    return status_says_exited(procfs.read_text(host.proc_pid(pid, "status"), 4096))
+
+
+def status_says_exited(status: Optional[str]) -> bool:
+    """/proc/PID/status text (None: unreadable) of a task that has exited."""
+    if status is None:
         return True
-    state = text.partition("\nState:")[2].split(None, 1)[:1]
+    state = status.partition("\nState:")[2].split(None, 1)[:1]
     return not state or state[0] in ("Z", "X", "x")
 
 
+def status_groups(status: str, skips: SkipCounter) -> Optional[list[int]]:
+    """The `Groups:` line of /proc/PID/status text (kernel ids)."""
+    line = status.partition("\nGroups:")[2].partition("\n")[0]
+    if not line and "\nGroups:" not in status:
+        return None
+    return status_ints({"Groups": line.strip()}, "Groups", skips)
+
+
+def cgroup_paths(text: str, status: Optional[str], skips: SkipCounter) -> tuple[dict[str, str], bool]:
+    """(cgroup.paths, exited) from /proc/PID/cgroup text and the status text read
+    after it.  An exited task not yet reaped shows `/` for every v1 hierarchy (its
+    v2 line stays right), so the v1 lines of a task that had exited when they were
+    read are left out: the root's devices.list is not the container's (measured on
+    this kernel)."""
+    exited = status_says_exited(status)  # read after: a task is a zombie for good
+    return {",".join(ln.controllers) or "unified": ln.path
+            for ln in parse_proc_cgroup(text, skips) if not (exited and ln.controllers)}, exited
+
+
 def cgroup_facts(host: HostPaths, pid: int, facts: Facts) -> None:
-    """cgroup.paths from /proc/PID/cgroup.  An exited task not yet reaped shows `/`
-    for every v1 hierarchy (its v2 line stays right), so the v1 lines of a task
-    that had exited when they were read are left out: the root's devices.list is
-    not the container's (measured on this kernel)."""
+    """cgroup.paths from /proc/PID/cgroup (`cgroup_paths`)."""
     path = host.proc_pid(pid, "cgroup")
     text = procfs.read_text(path)
     if text is None:
         return
-    lines = parse_proc_cgroup(text, facts.skips)
-    exited = task_exited(host, pid)  # read after: a task is a zombie for good
-    paths = {",".join(ln.controllers) or "unified": ln.path for ln in lines
-             if not (exited and ln.controllers)}
+    paths, exited = cgroup_paths(text, procfs.read_text(host.proc_pid(pid, "status"), 4096),
+                                 facts.skips)
     if paths:
         facts.put("cgroup.paths", paths, LIVE,
                   path + (" (task had exited: v1 lines not its own)" if exited else ""))

@@ -16,12 +16,14 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Optional
 
+from tracer.enrichment import procfs
 from tracer.enrichment.container_tracker import shared_tracker
 from tracer.enrichment.kernel_starts import StartBook, StartRecord
 from tracer.enrichment.state_roots import (RootReacher, argv_of, engine_roots, root_of_monitor,
                                            root_of_runtime)
 from tracer.host import HostPaths
-from tracer.sensors.container_starts import ContainerStart, monitor_command, runtime_command
+from tracer.sensors.container_starts import (ContainerStart, RuntimeCommand, monitor_command,
+                                             runtime_command)
 
 if TYPE_CHECKING:
     from tracer.enrichment.container_tracker import ContainerTracker
@@ -35,6 +37,9 @@ class StartFollower:
         self.book = book if book is not None else StartBook()
         self.reacher = RootReacher(host)
         self._roots: set[tuple[str, str]] = set()  # (directory, runtime) handed to the tracker
+        # (mount ns, named root, runtime) of cgroup makers whose root is watched already,
+        # for the host's own mount namespaces only (they never go, so no inode reuse)
+        self._watched: set[tuple[int, str, str]] = set()
 
     def on_start(self, start: ContainerStart) -> None:
         """The sensor's thread: file it; an exec no cgroup maker told us about (a
@@ -44,7 +49,29 @@ class StartFollower:
         record = self.book.add(start)
         if start.how == "exec" and record.runtime is None:
             self._describe(start, record)
+        if self._nothing_to_follow(start, record):
+            self.book.counters["start_follow_skipped"] += 1
+            return  # what follow() would find is done: no wake-up of the tracker's thread
         self.tracker.submit(lambda: self.follow(start, record))
+
+    def _nothing_to_follow(self, start: ContainerStart, record: StartRecord) -> bool:
+        """follow() would do nothing: no runtime made the cgroup, or its named root is
+        watched already; an exec whose container the tracker has read (its state is
+        written before the exec)."""
+        cmd = record.runtime
+        if start.how == "mkdir":
+            return cmd is None or self._watch_key(start, cmd) in self._watched
+        cid = cmd.container_id if cmd is not None else None
+        return cid is not None and self._snapshotted(cid)
+
+    def _watch_key(self, start: ContainerStart, cmd: RuntimeCommand) -> Optional[tuple[int, str, str]]:
+        """Where a cgroup maker keeps its state, when its record alone says it: --root,
+        or root's default; in a mount namespace of the host's."""
+        if not (cmd.root or (start.uid == 0 and start.userns.level == 0)) \
+                or start.mntns not in procfs.host_namespaces(self.host.proc, "mnt"):
+            return None
+        named, _ = root_of_runtime(self.host, cmd, start.pid, start.uid, start.userns.level)
+        return (start.mntns, named, cmd.runtime)
 
     def _describe(self, start: ContainerStart, record: StartRecord) -> None:
         argv = argv_of(self.host, start.ppid)
@@ -61,7 +88,9 @@ class StartFollower:
             if cmd is not None:
                 named, why = root_of_runtime(self.host, cmd, start.pid, start.uid,
                                              start.userns.level)
-                self._use(start.pid, named, cmd.runtime, why, None)
+                key = self._watch_key(start, cmd)
+                if self._use(start.pid, named, cmd.runtime, why, None) and key is not None:
+                    self._watched.add(key)
             return
         known = record.runtime
         if known is not None and known.container_id and self._snapshotted(known.container_id):
@@ -84,16 +113,18 @@ class StartFollower:
     def _snapshotted(self, cid: str) -> bool:
         return self.tracker.store.get(cid) is not None
 
-    def _use(self, pid: int, named: str, runtime: str, why: str, cid: Optional[str]) -> None:
+    def _use(self, pid: int, named: str, runtime: str, why: str, cid: Optional[str]) -> bool:
+        """The root watched (and the container read, with `cid`); False: unreachable."""
         directory = self.reacher.reach(pid, named)
         if directory is None:
             self.book.counters["state_root_unreachable"] += 1
-            return
+            return False
         if (directory, runtime) not in self._roots:
             self._roots.add((directory, runtime))
             self.tracker.add_root(directory, runtime, why)
         if cid and not self._snapshotted(cid):
             self.tracker.take(directory, cid, runtime)
+        return True
 
     def stats(self) -> dict[str, int]:
         return {**self.book.stats(), **self.reacher.counters}

@@ -34,6 +34,18 @@ def _no_count(_reason: str) -> None:
     return None
 
 
+def read_sized(fd: int, size: int, limit: int) -> bytes:
+    """Up to `limit` + 1 bytes of a regular file whose fstat said `size`: what
+    it holds, plus whatever it grew by (so a caller sees it passed `limit`).
+    One read of the size it has, not of the limit: read() allocates what it is
+    asked for (4 MiB per state.json, ~100 us a file measured)."""
+    want = min(size, limit) + 1
+    data = os.read(fd, want)
+    if len(data) < want or len(data) > limit:
+        return data
+    return data + os.read(fd, limit + 1 - len(data))  # it grew since the fstat
+
+
 class StateFiles:
     """Reads for one state directory, trusted as far as its owner is: root's
     (the runtime's own) or a user's (that user's word only about that user)."""
@@ -81,7 +93,7 @@ class StateFiles:
                 return None
             if tail and st.st_size > limit:
                 os.lseek(fd, st.st_size - limit, os.SEEK_SET)
-            data = os.read(fd, limit + 1)
+            data = read_sized(fd, st.st_size, limit)
             if len(data) > limit and not tail:  # grew since the fstat
                 self.count("state_too_large")
                 return None

@@ -30,9 +30,13 @@
  *   CONTAINER_STARTS    also the container-start signals: bpf/container_start.bpf.c is
  *                       appended to this file (BCC only generates tracepoint argument
  *                       structs for the main source, so it cannot be #included)
+ *   HAVE_DEV_PROGS      read the refused task's effective cgroup v2 device programs
+ *                       (ids in the event, instructions once per program id)
+ *   HAVE_V1_DEVICES     read the id of the task's cgroup in the v1 devices hierarchy
  *
- * The event layout below is mirrored by tracer/sensors/bpf_event.py; its size
- * is checked at compile time against EVENT_SIZE from Python.
+ * The event layout below is mirrored by tracer/sensors/bpf_event.py; the offset
+ * of its variable tail (groups) is checked at compile time against
+ * EVENT_GROUPS_OFFSET from Python.
  */
 #include <uapi/linux/ptrace.h>
 #include "kernel_read.h"
@@ -80,6 +84,7 @@ struct gpu_event {
 	struct agg_key key;
 	/* GT_EV_UPDATE events end here */
 	u64 cgroup_id;
+	u64 devices_cgroup_id; /* the task's cgroup in the v1 devices hierarchy (kernfs id); 0: not read */
 	u64 flags_or_cmd;
 	u64 cap_eff;
 	u32 dev;
@@ -99,7 +104,8 @@ struct gpu_event {
 	u32 seccomp_filters; /* task->seccomp.filter_count: filters attached */
 	s32 dirfd;
 	u32 path_len;
-	u32 groups[MAX_GROUPS];
+	u32 dev_prog_count;  /* effective device programs (GT_F_DEV_PROGS_KNOWN); > GT_MAX_DEV_PROGS: more */
+	u32 dev_prog_ids[GT_MAX_DEV_PROGS];
 	char comm[16];
 	char path[PATH_CAP];  /* normalised: no //, no . or .. segments */
 	char given[PATH_CAP]; /* the path as the process passed it */
@@ -107,12 +113,29 @@ struct gpu_event {
 	 * docker-<id>.scope, libpod-<id>, cri-containerd-<id>.scope, docker + <id> */
 	char cgroup_leaf[GT_CGROUP_NAME_CAP];
 	char cgroup_parent[GT_CGROUP_NAME_CAP];
+	/* variable tail: min(ngroups, MAX_GROUPS) are sent, in the kernel's (ascending) order */
+	u32 groups[MAX_GROUPS];
 };
 
 #define UPDATE_SIZE (offsetof(struct gpu_event, cgroup_id))
-#ifdef EVENT_SIZE
-_Static_assert(sizeof(struct gpu_event) == EVENT_SIZE, "event layout differs from bpf_event.py");
+#ifdef EVENT_GROUPS_OFFSET
+_Static_assert(offsetof(struct gpu_event, groups) == EVENT_GROUPS_OFFSET,
+	       "event layout differs from bpf_event.py");
 #endif
+
+/* The instructions of one device program, sent once per program id (before the
+ * first event naming it); mirrored by tracer/sensors/bpf_event.py. */
+struct dev_prog_record {
+	u32 kind; /* GT_EV_DEV_PROG */
+	u32 id;
+	u32 type;
+	u32 len;    /* instructions the program has */
+	u32 copied; /* instructions that follow (len, or GT_MAX_PROG_INSNS when longer) */
+	u32 pad;
+	u8 tag[8];
+	char name[16];
+	u64 insns[GT_MAX_PROG_INSNS];
+};
 
 struct prefix_key { /* LPM trie key: the longest configured prefix of the path wins */
 	u32 prefixlen; /* bits */
@@ -154,6 +177,10 @@ BPF_LPM_TRIE(prefixes, struct prefix_key, u8, GT_MAX_PREFIXES);
 BPF_HASH(gpu_devs, u32, u8, GT_GPU_DEVS_MAX);
 BPF_TABLE("lru_hash", struct not_gpu_key, u64, not_gpu, GT_NOT_GPU_MAX); /* value: valid until (ns) */
 BPF_PERCPU_ARRAY(cand_bucket, struct bucket, 1);
+#ifdef HAVE_DEV_PROGS
+BPF_PERCPU_ARRAY(prog_scratch, struct dev_prog_record, 1);
+BPF_TABLE("lru_hash", u32, u64, dev_progs_sent, GT_DEV_PROGS_SENT_MAX); /* id -> struct bpf_prog * */
+#endif
 
 static __always_inline void stat_add(u32 idx)
 {
@@ -283,7 +310,79 @@ static __always_inline void fill_cgroup_names(void *task, char *leaf, char *pare
 }
 #endif
 
-static __always_inline void fill_task(struct gpu_event *ev)
+#ifdef HAVE_DEV_PROGS
+/* Send a device program's instructions unless this very program was sent already. */
+static __always_inline void send_dev_prog(void *ctx, void *prog, u32 id)
+{
+	u64 *sent = dev_progs_sent.lookup(&id);
+	if (sent && *sent == (u64)prog)
+		return;
+	u32 zero = 0;
+	struct dev_prog_record *r = prog_scratch.lookup(&zero);
+	if (!r)
+		return;
+	r->kind = GT_EV_DEV_PROG;
+	r->id = id;
+	r->type = rd_u32(prog, OFF_PROG_TYPE);
+	u32 len = rd_u32(prog, OFF_PROG_LEN);
+	r->len = len;
+	if (len > GT_MAX_PROG_INSNS)
+		len = GT_MAX_PROG_INSNS;
+	barrier_var(len);
+	if (len > GT_MAX_PROG_INSNS)
+		return;
+	r->copied = len;
+	r->pad = 0;
+	bpf_probe_read_kernel(r->tag, sizeof(r->tag), (char *)prog + OFF_PROG_TAG);
+	bpf_probe_read_kernel(r->name, sizeof(r->name), (char *)rd_ptr(prog, OFF_PROG_AUX) + OFF_PROG_AUX_NAME);
+	if (bpf_probe_read_kernel(r->insns, len * 8, (char *)prog + OFF_PROG_INSNSI) != 0) {
+		stat_add(GT_ST_DEV_PROGS_UNREADABLE);
+		return;
+	}
+	if (emit(ctx, r, offsetof(struct dev_prog_record, insns) + len * 8) == 0) {
+		u64 p = (u64)prog;
+		dev_progs_sent.update(&id, &p);
+		stat_add(GT_ST_DEV_PROGS_SENT);
+	} else {
+		stat_add(GT_ST_DEV_PROGS_DROPPED); /* sent again with the next denial naming it */
+	}
+}
+
+/* task->cgroups->dfl_cgrp->bpf.effective[CGROUP_DEVICE]: the programs
+ * devcgroup_check_permission() ran for this task, as they are now. */
+static __always_inline void fill_dev_progs(void *ctx, void *task, struct gpu_event *ev)
+{
+	ev->dev_prog_count = 0;
+	void *cgrp = rd_ptr(rd_ptr(task, OFF_TASK_CGROUPS), OFF_CSS_SET_DFL_CGRP);
+	if (!cgrp)
+		return;
+	void *array = rd_ptr(cgrp, OFF_CGROUP_BPF_EFFECTIVE + CGROUP_DEVICE_SLOT * 8);
+	if (!array)
+		return;
+	u32 n = 0;
+	for (u32 i = 0; i <= GT_MAX_DEV_PROGS; i++) {
+		void *prog = rd_ptr(array, OFF_PROG_ARRAY_ITEMS + i * SIZEOF_PROG_ARRAY_ITEM +
+				    OFF_PROG_ARRAY_ITEM_PROG);
+		if (!prog)
+			break;
+		if (n >= GT_MAX_DEV_PROGS) {
+			n = GT_MAX_DEV_PROGS + 1; /* more than the event holds */
+			break;
+		}
+		u32 id = rd_u32(rd_ptr(prog, OFF_PROG_AUX), OFF_PROG_AUX_ID);
+		if (!id)
+			continue; /* the kernel's dummy placeholder: it allows */
+		ev->dev_prog_ids[n & (GT_MAX_DEV_PROGS - 1)] = id;
+		send_dev_prog(ctx, prog, id);
+		n++;
+	}
+	ev->dev_prog_count = n;
+	ev->path_flags |= GT_F_DEV_PROGS_KNOWN;
+}
+#endif
+
+/* Fill the task's credentials and namespaces; returns the bytes of `ev` to send. */
+static __always_inline u32 fill_task(void *ctx, struct gpu_event *ev)
 {
 	void *task = (void *)bpf_get_current_task();
 	void *cred = rd_ptr(task, OFF_TASK_CRED);
@@ -300,11 +399,13 @@ static __always_inline void fill_task(struct gpu_event *ev)
 	void *gi = rd_ptr(cred, OFF_CRED_GROUP_INFO);
 	u32 ng = rd_u32(gi, OFF_GI_NGROUPS);
 	ev->ngroups = ng;
-	for (u32 i = 0; i < MAX_GROUPS; i++) {
-		if (i >= ng)
-			break;
-		ev->groups[i] = rd_u32(gi, OFF_GI_GID + i * 4);
-	}
+	u32 copy = ng < MAX_GROUPS ? ng : MAX_GROUPS;
+	barrier_var(copy);
+	if (copy > MAX_GROUPS)
+		copy = MAX_GROUPS;
+	/* group_info keeps them sorted: a longer list is still decided up to its last copied gid */
+	if (bpf_probe_read_kernel(ev->groups, copy * 4, (char *)gi + OFF_GI_GID) != 0)
+		copy = 0;
 
 	void *uns = rd_ptr(cred, OFF_CRED_USER_NS);
 	ev->userns_inum = rd_u32(uns, OFF_USERNS_INUM);
@@ -349,6 +450,21 @@ static __always_inline void fill_task(struct gpu_event *ev)
 #ifdef HAVE_CGROUP_NAMES
 	fill_cgroup_names(task, ev->cgroup_leaf, ev->cgroup_parent, &ev->path_flags);
 #endif
+#ifdef HAVE_V1_DEVICES
+	/* task->cgroups->subsys[devices_cgrp_id]->cgroup->kn->id: its devices.list can be
+	 * read after the task exited, while that cgroup lives */
+	void *devcss = rd_ptr(rd_ptr(task, OFF_TASK_CGROUPS), OFF_CSS_SET_SUBSYS + DEVICES_CGRP_ID * 8);
+	ev->devices_cgroup_id = rd_u64(rd_ptr(rd_ptr(devcss, OFF_CSS_CGROUP), OFF_CGROUP_KN),
+				       OFF_KERNFS_NODE_ID);
+#else
+	ev->devices_cgroup_id = 0;
+#endif
+#ifdef HAVE_DEV_PROGS
+	fill_dev_progs(ctx, task, ev);
+#else
+	ev->dev_prog_count = 0;
+#endif
+	return offsetof(struct gpu_event, groups) + copy * 4;
 }
 
 /* Count the denial; send the full event the first time, count updates after. */
@@ -390,8 +506,11 @@ static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *
 	ev->count = count;
 	__builtin_memcpy(&ev->key, key, sizeof(*key));
 	if (full) {
-		fill_task(ev);
-		if (emit(ctx, ev, sizeof(*ev)) == 0) {
+		u32 size = fill_task(ctx, ev);
+		barrier_var(size);
+		if (size > sizeof(*ev))
+			size = sizeof(*ev);
+		if (emit(ctx, ev, size) == 0) {
 			stat_add(GT_ST_EMITTED);
 		} else {
 			stat_add(GT_ST_DROPPED_BUFFER_FULL);

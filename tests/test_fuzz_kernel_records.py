@@ -25,7 +25,7 @@ from tracer.sensors.bpf_constants import SYSCALL_NAMES
 from tracer.sinks.console import denial_line, update_line
 from tests.test_hostile_strings import assert_terminal_safe
 
-DECODE_REASONS = {"short_record", "bad_syscall", "bad_kind"}
+DECODE_REASONS = {"short_record", "bad_syscall", "bad_kind", "bad_dev_prog"}
 NO_PROC = HostPaths(proc="/nonexistent-gttest-proc", dev="/nonexistent-gttest-dev")
 
 
@@ -37,17 +37,20 @@ NO_PROC = HostPaths(proc="/nonexistent-gttest-proc", dev="/nonexistent-gttest-de
 def gpu_event_bytes(draw: st.DrawFn) -> bytes:
     """Random bytes shaped like a record: plausible kind and syscall most of the
     time, random NUL placement in comm/path, any length around the two sizes."""
-    size = draw(st.sampled_from([bpf_event.EVENT_SIZE, bpf_event.UPDATE_SIZE])
-                | st.integers(0, bpf_event.EVENT_SIZE + 16))
+    fixed = bpf_event.EVENT_GROUPS_OFFSET
+    size = draw(st.sampled_from([fixed, fixed + 4 * 40, bpf_event.UPDATE_SIZE,
+                                 bpf_event.DEV_PROG.size + 8 * 12])
+                | st.integers(0, fixed + 4 * 64))
     raw = bytearray(draw(st.binary(min_size=size, max_size=size)))
     if size >= 8:
-        kind = draw(st.sampled_from([1, 2]) | st.integers(0, 2**32 - 1))
+        kind = draw(st.sampled_from([1, 2, 3]) | st.integers(0, 2**32 - 1))
         sys_id = draw(st.sampled_from(sorted(SYSCALL_NAMES)) | st.integers(0, 2**32 - 1))
         struct.pack_into("<II", raw, 0, kind, sys_id)
-    if size == bpf_event.EVENT_SIZE and draw(st.booleans()):
-        # a path of the drawn length at the tail, as the probe writes it
+    if size >= fixed and draw(st.booleans()):
+        # ngroups within the tail sent, and a path of the drawn length, as the probe writes them
+        struct.pack_into("<I", raw, 120, draw(st.integers(0, (size - fixed) // 4)))
         path = draw(st.binary(max_size=256))
-        raw[-256:-256 + len(path)] = path
+        raw[fixed - 512:fixed - 512 + len(path)] = path
     return bytes(raw)
 
 
@@ -63,13 +66,16 @@ def test_bpf_decode_any_bytes(data: bytes, offset: float) -> None:
     if isinstance(record, bpf_event.Update):
         assert record.count >= 0 and record.key.label()  # the key is checked when counted
         return
+    if isinstance(record, bpf_event.DevProgRecord):
+        assert len(record.insns) % 8 == 0 and len(record.insns) <= 8 * bpf_event.MAX_PROG_INSNS
+        return
     assert isinstance(record, bpf_event.Denial) and isinstance(record.event, Event)
     assert record.event.key == record.key.label()
     record = record.event
     assert record.syscall in SYSCALL_NAMES.values()
     assert len(record.process.comm) <= 16 and b"\0" not in record.process.comm
     assert record.node.path is None or (len(record.node.path) <= 256 and b"\0" not in record.node.path)
-    assert len(record.process.groups) <= bpf_event.MAX_GROUPS
+    assert len(record.process.groups or []) <= bpf_event.MAX_GROUPS
     # whatever the kernel sent must render and survive the JSON journal
     wire = json.loads(json.dumps(record.to_json()))
     back = Event.from_json(wire)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import pytest
 
@@ -18,22 +19,59 @@ from tracer.sinks.terminal_text import escape
 
 def raw_event(**over) -> bytes:
     f = dict(kind=1, sys=3, err=13, tgid=10, tid=11, ppid=1, ts=2_000_000_000, count=1,
-             ktgid=10, ksys=3, kerr=13, target=0xABC, cgroup=77, flags=2, cap=0, dev=0,
+             ktgid=10, ksys=3, kerr=13, target=0xABC, cgroup=77, devcg=0, flags=2, cap=0, dev=0,
              path_flags=0, ids=(1000, 1001, 1002, 1003, 1004, 1005), ngroups=2, uns=(4026531837, 0, 0),
              ns=(1, 2, 3, 10), audit=(1000, 5), seccomp=(0, 0), dirfd=-100, path_len=12,
-             groups=[27, 44] + [0] * 30, comm=b"cat", path=b"/dev/nvidia0", given=b"/dev/nvidia0",
+             progs=(0,) + (0,) * bpf_event.MAX_DEV_PROGS,
+             groups=[27, 44], comm=b"cat", path=b"/dev/nvidia0", given=b"/dev/nvidia0",
              cgroup_leaf=b"", cgroup_parent=b"")
     f.update(over)
     return bpf_event.FULL.pack(
         f["kind"], f["sys"], f["err"], f["tgid"], f["tid"], f["ppid"], f["ts"], f["count"],
-        f["ktgid"], f["ksys"], f["kerr"], f["target"], f["cgroup"], f["flags"], f["cap"],
+        f["ktgid"], f["ksys"], f["kerr"], f["target"], f["cgroup"], f["devcg"], f["flags"], f["cap"],
         f["dev"], f["path_flags"], *f["ids"], f["ngroups"], *f["uns"], *f["ns"], *f["audit"],
-        *f["seccomp"], f["dirfd"], f["path_len"], *f["groups"], f["comm"], f["path"], f["given"],
-        f["cgroup_leaf"], f["cgroup_parent"])
+        *f["seccomp"], f["dirfd"], f["path_len"], *f["progs"], f["comm"], f["path"],
+        f["given"], f["cgroup_leaf"], f["cgroup_parent"]) + struct.pack(
+            f"<{len(f['groups'])}I", *f["groups"])
 
 
 def test_layout_sizes_match_the_c_struct():
-    assert bpf_event.EVENT_SIZE == 1080 and bpf_event.UPDATE_SIZE == 56
+    # the C side asserts offsetof(struct gpu_event, groups) == EVENT_GROUPS_OFFSET
+    assert bpf_event.EVENT_GROUPS_OFFSET == 996 and bpf_event.UPDATE_SIZE == 56
+    assert bpf_event.EVENT_MAX_SIZE == 996 + 4 * bpf_event.MAX_GROUPS
+
+
+def test_decode_groups_tail_up_to_the_true_count():
+    many = list(range(5000, 5040))
+    ev = bpf_event.decode(raw_event(ngroups=40, groups=many), 0).event
+    assert ev.process.groups == many and ev.process.ngroups == 40
+    capped = bpf_event.decode(raw_event(ngroups=70000, groups=list(range(bpf_event.MAX_GROUPS))),
+                              0).event
+    assert len(capped.process.groups or []) == bpf_event.MAX_GROUPS  # the lowest ones
+    assert capped.process.ngroups == 70000
+    with pytest.raises(DecodeError):  # a tail shorter than ngroups says
+        bpf_event.decode(raw_event(ngroups=40, groups=many[:39]), 0)
+
+
+def test_decode_device_programs_named_by_the_probe():
+    ids = (7, 9) + (0,) * (bpf_event.MAX_DEV_PROGS - 2)
+    named = bpf_event.decode(raw_event(progs=(2,) + ids, path_flags=bpf_event.F_DEV_PROGS_KNOWN), 0)
+    assert isinstance(named, bpf_event.Denial)
+    assert named.dev_prog_ids == (7, 9) and not named.dev_progs_over
+    unread = bpf_event.decode(raw_event(progs=(2,) + ids), 0)
+    assert isinstance(unread, bpf_event.Denial) and unread.dev_prog_ids is None  # flag unset
+    over = bpf_event.decode(raw_event(progs=(bpf_event.MAX_DEV_PROGS + 1,) + ids,
+                                      path_flags=bpf_event.F_DEV_PROGS_KNOWN), 0)
+    assert isinstance(over, bpf_event.Denial) and over.dev_progs_over
+    insns = bytes(range(16))
+    record = bpf_event.DEV_PROG.pack(bpf_event.EV_DEV_PROG, 7, 15, 2, 2, 0, b"\x01" * 8,
+                                     b"sd_devices") + insns
+    prog = bpf_event.decode(record, 0)
+    assert isinstance(prog, bpf_event.DevProgRecord)
+    assert (prog.id, prog.type, prog.name, prog.tag, prog.insns, prog.truncated) == \
+        (7, 15, "sd_devices", "01" * 8, insns, False)
+    with pytest.raises(DecodeError):  # claims more instructions than it carries
+        bpf_event.decode(bpf_event.DEV_PROG.pack(3, 7, 15, 5, 5, 0, b"", b"") + insns, 0)
 
 
 def test_decode_cgroup_names_only_when_the_kernel_named_them():

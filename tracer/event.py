@@ -16,7 +16,7 @@ import re
 import datetime as _dt
 import errno as _errno
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from tracer.facts import Facts
 
@@ -130,32 +130,44 @@ def _cgroup_hierarchy(value: Any) -> Optional[str]:
 
 @dataclass
 class UserNs:
-    inum: int = 0
-    level: int = 0
-    owner_uid: int = 0
+    inum: Optional[int] = None  # None: the sensor could not know (audit)
+    level: Optional[int] = None
+    owner_uid: Optional[int] = None
+
+
+# Fields a sensor cannot know are None (JSON null), never a default: a missing fsuid
+# is not root, missing groups are not "no groups".  `Event.missing` names them too.
+ID_FIELDS = ("uid", "gid", "euid", "egid", "fsuid", "fsgid")
+NS_FIELDS = ("mntns", "pidns", "cgroupns", "cgroup_id", "ns_pid")
+# `missing` entries of journals written before unknown fields were null -> the fields
+MISSING_FIELDS = {"process.tid": ("tid",), "process.groups": ("groups",),
+                  "process.ngroups": ("ngroups",), "process.cap_effective": ("cap_effective",),
+                  "process.credentials": ID_FIELDS + ("groups", "ngroups", "cap_effective"),
+                  **{f"process.{name}": (name,) for name in NS_FIELDS}}
 
 
 @dataclass
 class Process:
     pid: int
-    tid: int
-    ppid: int = 0
+    tid: Optional[int] = None
+    ppid: Optional[int] = None
     comm: bytes = b""
-    uid: int = 0
-    gid: int = 0
-    euid: int = 0
-    egid: int = 0
-    fsuid: int = 0
-    fsgid: int = 0
-    groups: list[int] = field(default_factory=list)
-    ngroups: int = 0  # true count; `groups` holds at most 32
-    cap_effective: int = 0
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    euid: Optional[int] = None
+    egid: Optional[int] = None
+    fsuid: Optional[int] = None
+    fsgid: Optional[int] = None
+    # ascending, as the kernel keeps them; the lowest MAX_GROUPS when `ngroups` is larger
+    groups: Optional[list[int]] = None
+    ngroups: Optional[int] = None  # the true count
+    cap_effective: Optional[int] = None
     userns: UserNs = field(default_factory=UserNs)
-    mntns: int = 0
-    pidns: int = 0
-    cgroupns: int = 0
-    cgroup_id: int = 0
-    ns_pid: int = 0  # pid as seen inside its own pid namespace
+    mntns: Optional[int] = None
+    pidns: Optional[int] = None
+    cgroupns: Optional[int] = None
+    cgroup_id: Optional[int] = None
+    ns_pid: Optional[int] = None  # pid as seen inside its own pid namespace
     loginuid: Optional[int] = None
     sessionid: Optional[int] = None
     # task->seccomp at the denial (BPF sensor): 0 off, 1 strict, 2 filter; None: not captured
@@ -178,8 +190,8 @@ class Process:
         out.update({
             "uid": self.uid, "gid": self.gid, "euid": self.euid, "egid": self.egid,
             "fsuid": self.fsuid, "fsgid": self.fsgid,
-            "groups": list(self.groups), "ngroups": self.ngroups,
-            "cap_effective": f"{self.cap_effective:016x}",
+            "groups": None if self.groups is None else list(self.groups), "ngroups": self.ngroups,
+            "cap_effective": None if self.cap_effective is None else f"{self.cap_effective:016x}",
             "userns": {"inum": self.userns.inum, "level": self.userns.level,
                        "owner_uid": self.userns.owner_uid},
             "mntns": self.mntns, "pidns": self.pidns, "cgroupns": self.cgroupns,
@@ -198,29 +210,36 @@ class Process:
         return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Process":
+    def from_json(cls, d: dict[str, Any], missing: Iterable[str] = ()) -> "Process":
+        """A key that is absent or null is unknown (None), never a default.  `missing`:
+        the event's list of fields its sensor could not provide (journals written
+        before those fields were null held 0 or [] there)."""
         d = _obj(d, "process")
         uns = _obj(d.get("userns") or {}, "process.userns")
-        groups = d.get("groups", [])
-        if not isinstance(groups, list):
+        groups = d.get("groups")
+        if groups is not None and not isinstance(groups, list):
             raise TypeError("process.groups must be a list")
+        unknown = {f for m in missing for f in MISSING_FIELDS.get(m, ())}
 
-        def num(key: str, default: Any = 0) -> int:
-            return _int(d.get(key, default), f"process.{key}")
+        def num(key: str) -> Optional[int]:
+            return None if key in unknown else _opt_int(d.get(key), f"process.{key}")
+
+        def ns(key: str) -> Optional[int]:
+            if "process.userns" in missing:
+                return None
+            return _opt_int(uns.get(key), f"process.userns.{key}")
+        cap = d.get("cap_effective")
         return cls(
-            pid=num("pid", d["pid"]), tid=num("tid", d["pid"]), ppid=num("ppid"),
+            pid=_int(d["pid"], "process.pid"), tid=num("tid"), ppid=num("ppid"),
             comm=get_bytes(d, "comm") or b"",
-            uid=num("uid"), gid=num("gid"),
-            euid=num("euid", d.get("uid", 0)), egid=num("egid", d.get("gid", 0)),
-            fsuid=num("fsuid", d.get("uid", 0)), fsgid=num("fsgid", d.get("gid", 0)),
-            groups=[_int(g, "process.groups") for g in groups],
-            ngroups=num("ngroups", len(groups)),
-            cap_effective=_hex(d.get("cap_effective", 0), "process.cap_effective"),
-            userns=UserNs(_int(uns.get("inum", 0), "userns.inum"),
-                          _int(uns.get("level", 0), "userns.level"),
-                          _int(uns.get("owner_uid", 0), "userns.owner_uid")),
-            mntns=num("mntns"), pidns=num("pidns"), cgroupns=num("cgroupns"),
-            cgroup_id=num("cgroup_id"), ns_pid=num("ns_pid"),
+            **{name: num(name) for name in ID_FIELDS},
+            groups=None if groups is None or "groups" in unknown
+            else [_int(g, "process.groups") for g in groups],
+            ngroups=num("ngroups"),
+            cap_effective=None if cap is None or "cap_effective" in unknown
+            else _hex(cap, "process.cap_effective"),
+            userns=UserNs(ns("inum"), ns("level"), ns("owner_uid")),
+            **{name: num(name) for name in NS_FIELDS},
             loginuid=_opt_int(d.get("loginuid"), "process.loginuid"),
             sessionid=_opt_int(d.get("sessionid"), "process.sessionid"),
             seccomp_mode=_opt_int(d.get("seccomp_mode"), "process.seccomp_mode"),
@@ -331,7 +350,8 @@ class Event:
         return cls(
             time=_epoch(d["time"]), sensor=str(d.get("sensor", "replay")), syscall=syscall,
             errno=errno_number(err) if err is not None else 0,
-            process=Process.from_json(d["process"]), node=Node.from_json(d.get("node") or {}),
+            process=Process.from_json(d["process"], missing),
+            node=Node.from_json(d.get("node") or {}),
             kind=kind, count=_int(d.get("count", 1), "count"),
             open_flags=_opt_int(d.get("open_flags"), "open_flags"),
             ioctl_cmd=None if cmd is None else _hex(cmd, "ioctl_cmd"),

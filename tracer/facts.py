@@ -232,6 +232,12 @@ class Facts:
                 raise ValueError(f"fact {name[:60]!r} must be an object with a value")
         return out
 
+    def without(self, names: "set[str] | frozenset[str]") -> "Facts":
+        """These facts less `names` (skips kept)."""
+        out = Facts({name: fact for name, fact in self._facts.items() if name not in names})
+        out.skips.merge(self.skips)
+        return out
+
     def from_sensor(self) -> "Facts":
         """Only the facts the sensor reported with the event (a `sensor.*` fact may
         be cached: a node identity the sensor took from a container snapshot)."""

@@ -18,11 +18,11 @@ from tracer.event import Event
 def bucket_key(event: Event) -> Hashable:
     """The container an event belongs to: its cgroup, else its user namespace, else its uid."""
     p = event.process
-    if p.cgroup_id > 1:
+    if p.cgroup_id is not None and p.cgroup_id > 1:
         return ("cgroup", p.cgroup_id)
-    if p.userns.level > 0 and p.userns.inum:
+    if p.userns.level is not None and p.userns.level > 0 and p.userns.inum:
         return ("userns", p.userns.inum)
-    return ("uid", p.uid)
+    return ("uid", p.uid)  # None (unknown) is one bucket of its own
 
 
 class RateLimiter:

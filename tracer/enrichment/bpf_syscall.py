@@ -42,8 +42,29 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
+# The capability each call needs, measured on Linux 6.18 under `setpriv --bounding-set`
+# (tests/test_unit_capabilities.py re-measures it): what the unit would need to ask.
+CAPABILITY_NEEDED = {
+    "BPF_PROG_QUERY": "CAP_NET_ADMIN or CAP_SYS_ADMIN",
+    "BPF_PROG_GET_FD_BY_ID": "CAP_SYS_ADMIN",
+    "BPF_PROG_GET_NEXT_ID": "CAP_SYS_ADMIN",
+    "BPF_OBJ_GET_INFO_BY_FD": "CAP_BPF (for the instructions)",
+    "BPF_PROG_LOAD": "CAP_BPF and CAP_NET_ADMIN (a cgroup device program)",
+    "BPF_PROG_ATTACH": "CAP_NET_ADMIN (with CAP_BPF to load the program)",
+    "open_by_handle_at": "CAP_DAC_READ_SEARCH",
+}
+
+
 class BpfCallFailed(OSError):
-    """A bpf() or open_by_handle_at() call failed; `errno` says why."""
+    """A bpf() or open_by_handle_at() call failed; `errno` says why, `command` which."""
+
+    command = ""
+
+    def needs(self) -> str:
+        """For EPERM, the capability the call needs (one line), else ''."""
+        if self.errno != 1 or self.command not in CAPABILITY_NEEDED:
+            return ""
+        return f"{self.command} needs {CAPABILITY_NEEDED[self.command]}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,9 @@ def _call(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     ret = _libc.syscall(_SYS_BPF, ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
     if ret < 0:
         err = ctypes.get_errno()
-        raise BpfCallFailed(err, f"bpf({what}): {os.strerror(err)}")
+        failed = BpfCallFailed(err, f"bpf({what}): {os.strerror(err)}")
+        failed.command = what
+        raise failed
     return int(ret)
 
 
@@ -108,8 +131,10 @@ def prog_type_count(prog_type: int) -> int:
     for prog_id in prog_ids():
         try:
             fd = prog_get_fd_by_id(prog_id)
-        except BpfCallFailed:
-            continue
+        except BpfCallFailed as exc:
+            if exc.errno == 2:  # ENOENT: unloaded since it was listed
+                continue
+            raise  # EPERM is not "no such program": the count is not known
         try:
             info = ctypes.create_string_buffer(PROG_INFO_SIZE)
             _info(fd, info)
@@ -189,7 +214,9 @@ def open_cgroup_by_id(cgroup2_mount: str, cgroup_id: int) -> int:
                            ctypes.c_int(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         if fd < 0:
             err = ctypes.get_errno()
-            raise BpfCallFailed(err, f"open_by_handle_at(cgroup id {cgroup_id}): {os.strerror(err)}")
+            failed = BpfCallFailed(err, f"open_by_handle_at(cgroup id {cgroup_id}): {os.strerror(err)}")
+            failed.command = "open_by_handle_at"
+            raise failed
         return int(fd)
     finally:
         os.close(mount_fd)

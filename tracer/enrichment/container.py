@@ -40,8 +40,8 @@ class ContainerClues:
     env_container: Optional[str] = None
     containerenv: Optional[dict[str, str]] = None  # /run/.containerenv key=value
     state_dirs: dict[str, str] = field(default_factory=dict)  # runtime -> dir holding the id
-    userns_level: int = 0
-    userns_owner_uid: int = 0
+    userns_level: Optional[int] = None  # None: the sensor could not capture it
+    userns_owner_uid: Optional[int] = None
 
 
 Answer = tuple[object, str]  # (value, the clue it came from)
@@ -119,9 +119,9 @@ def detect_container(clues: ContainerClues) -> dict[str, Answer]:
         out.setdefault("engine", (engine, f"environ container={clues.env_container}"))
     for runtime, where in sorted(clues.state_dirs.items()):
         out.setdefault("runtime", (runtime, f"runtime state dir {where}"))
-    if "engine" in out or "id" in out:
-        rootless = clues.userns_level > 0 and clues.userns_owner_uid != 0
-        out.setdefault("rootless", (rootless, "userns level and owner uid (kernel)"))
+    level, owner = clues.userns_level, clues.userns_owner_uid
+    if ("engine" in out or "id" in out) and level is not None and owner is not None:
+        out.setdefault("rootless", (level > 0 and owner != 0, "userns level and owner uid (kernel)"))
     return out
 
 

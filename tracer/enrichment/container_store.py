@@ -204,10 +204,12 @@ class SnapshotStore:
                 candidates.append(("mntns", proc.mntns))
             if "process.pidns" not in absent and proc.pidns:
                 candidates.append(("pidns", proc.pidns))
-            if "process.cgroup_id" not in absent and proc.cgroup_id > 1:
+            if "process.cgroup_id" not in absent and proc.cgroup_id is not None \
+                    and proc.cgroup_id > 1:
                 candidates.append(("cgroup_id", proc.cgroup_id))
-            if "process.userns" not in absent and proc.userns.level > 0 and proc.userns.inum:
-                candidates.append(("userns", proc.userns.inum))
+            level, inum = proc.userns.level, proc.userns.inum
+            if "process.userns" not in absent and level is not None and level > 0 and inum:
+                candidates.append(("userns", inum))
             for key in candidates:
                 alive = [s for s in (self._items.get(c) for c in self._index.get(key, []))
                          if s is not None and s.alive_at(when) and _same_cgroup(s, proc)]

@@ -5,10 +5,17 @@ or the process's `0::/path` line, open the v2 cgroup, query its effective device
 programs (own and inherited) and fetch each one's xlated instructions, name and
 tag.  The programs vanish with the cgroup (a `--rm` container), so the container
 tracker should call `snapshot_device_programs` when a container starts.
+
+A failed bpf() call is never "no program attached": EPERM means gputrace may not
+ask (BPF_PROG_QUERY needs CAP_NET_ADMIN or CAP_SYS_ADMIN, BPF_PROG_GET_FD_BY_ID
+CAP_SYS_ADMIN, which the systemd unit does not grant; its BPF sensor reads the
+programs at the denial instead, tracer/sensors/kernel_device_programs.py), and the
+fact says so, with the capability.  Only ENOENT (detached since the query) skips.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import replace
 from typing import Optional
@@ -27,8 +34,10 @@ def read_device_programs(cgroup_fd: int, cgroup: str = "") -> V2DevicePrograms:
     for prog_id in bpf.prog_query(cgroup_fd, bpf.BPF_CGROUP_DEVICE, effective=True)[:MAX_EFFECTIVE]:
         try:
             fd = bpf.prog_get_fd_by_id(prog_id)
-        except bpf.BpfCallFailed:
-            continue  # detached since the query: it no longer applies
+        except bpf.BpfCallFailed as exc:
+            if exc.errno == errno.ENOENT:
+                continue  # detached since the query: it no longer applies
+            raise
         try:
             info = bpf.prog_info(fd)
         finally:
@@ -68,25 +77,34 @@ def snapshot_device_programs(mount: str, cgroup_id: Optional[int] = None,
         os.close(fd)
 
 
+def _why(exc: OSError) -> str:
+    """One line: what failed and, for EPERM, the capability it needs."""
+    text = str(exc.strerror or exc)
+    if isinstance(exc, bpf.BpfCallFailed) and exc.needs():
+        return f"{text} ({exc.needs()}; the BPF sensor reads them at the denial without it)"
+    return text
+
+
 def device_program_facts(mount: str, cgroup_id: Optional[int], path: Optional[str],
                          facts: Facts) -> None:
     """device_cgroup.v2_programs (list of programs, JSON) and device_cgroup.v2_cgroup."""
     try:
         fd, where = open_v2_cgroup(mount, cgroup_id, path)
     except OSError as exc:
-        facts.put("device_cgroup.v2_unreadable", f"cannot open the v2 cgroup: {exc.strerror or exc}",
+        facts.put("device_cgroup.v2_unreadable", f"cannot open the v2 cgroup: {_why(exc)}",
                   LIVE, mount)
         return
+    facts.put("device_cgroup.v2_cgroup", where, LIVE,
+              f"cgroup id {cgroup_id} (open_by_handle_at)" if cgroup_id else "/proc/PID/cgroup")
     try:
         found = read_device_programs(fd, where)
     except OSError as exc:
-        facts.put("device_cgroup.v2_unreadable", f"BPF_PROG_QUERY failed: {exc.strerror or exc}",
-                  LIVE, where)
+        facts.put("device_cgroup.v2_unreadable", f"its device programs could not be read: "
+                  f"{_why(exc)}", LIVE, where)
         return
     finally:
         os.close(fd)
     origin = f"bpf(BPF_PROG_QUERY, effective) on {where}"
-    facts.put("device_cgroup.v2_cgroup", where, LIVE, origin)
     # a program too large to carry with every event is named, and left undecided
     kept = [p if len(p.insns) <= MAX_RECORDED_INSN_BYTES else replace(p, insns=b"")
             for p in found.programs]

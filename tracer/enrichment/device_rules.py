@@ -98,6 +98,11 @@ class DevicePolicy(Protocol):
     @property
     def layer(self) -> str: ...
 
+    @property
+    def allows_every_device(self) -> bool:
+        """Allows any device whatever its number (decides even without the number)."""
+        ...
+
     def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision: ...
 
 
@@ -122,6 +127,10 @@ class V1DeviceList:
     @classmethod
     def from_devices_list(cls, text: str, skips: Optional[SkipCounter] = None) -> "V1DeviceList":
         return cls.from_rules(parse_devices_list(text, skips or SkipCounter()))
+
+    @property
+    def allows_every_device(self) -> bool:
+        return self.default_allow and not self.exceptions
 
     @property
     def hides_denials(self) -> bool:
@@ -178,6 +187,10 @@ class V2DevicePrograms:
     cgroup: str = ""
     layer: str = "device_cgroup_v2"
     _decoded: dict[int, list[prog.Insn]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def allows_every_device(self) -> bool:
+        return not self.programs
 
     def _insns(self, program: DeviceProgram) -> list[prog.Insn]:
         if program.id not in self._decoded:
@@ -266,6 +279,7 @@ class UnreadPolicy:
 
     layer: str
     why: str
+    allows_every_device = False
 
     def may(self, kind: str, major: int, minor: int, access: str) -> DeviceDecision:
         return DeviceDecision(None, self.layer, f"not known: {self.why}")

@@ -193,12 +193,44 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
             facts.put("device_cgroup.v1_rules", list(rules), LIVE, list_path)
 
 
-def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts) -> None:
-    """An exited process: v2 device programs of the cgroup with this id (it may outlive
-    the process); its v1 devices cgroup is only known from /proc/PID/cgroup."""
+def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
+                    facts: Facts) -> bool:
+    """devices.list of the v1 devices cgroup whose kernfs id the sensor captured."""
+    base = _under_sys(host, mount.mount_point)
+    try:
+        fd = bpf.open_cgroup_by_id(base, devices_cgroup_id)
+    except OSError as exc:
+        facts.put("device_cgroup.v1_unreadable", f"the process's v1 devices cgroup (id "
+                  f"{devices_cgroup_id}) could not be opened: {exc.strerror or exc}", LIVE, base)
+        return True
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        text = procfs.read_text(f"/proc/self/fd/{fd}/devices.list")
+    except OSError:
+        text = None
+    finally:
+        os.close(fd)
+    if text is None:
+        return False
+    origin = f"{where}/devices.list (cgroup id {devices_cgroup_id}, captured at the denial)"
+    facts.put("device_cgroup.version", 1, LIVE, origin)
+    facts.put("device_cgroup.v1_rules", [r.to_text() for r in parse_devices_list(text, facts.skips)],
+              LIVE, origin)
+    if "cgroup.paths" not in facts:
+        facts.put("cgroup.paths", {"devices": where[len(base):] or "/"}, LIVE, origin)
+    return True
+
+
+def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts,
+                                 devices_cgroup_id: Optional[int] = None) -> None:
+    """An exited process: v2 device programs of the cgroup with this id, and the v1
+    devices.list of the devices cgroup whose id the sensor captured (both may outlive
+    the process)."""
     mounts = cgroup_mounts(host, facts)
-    if any(m.fstype == "cgroup" and "devices" in m.super_options for m in mounts) \
-            and "device_cgroup.v1_rules" not in facts:
+    v1_mount = next((m for m in mounts if m.fstype == "cgroup" and "devices" in m.super_options),
+                    None)
+    if v1_mount is not None and "device_cgroup.v1_rules" not in facts and not (
+            devices_cgroup_id and _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts)):
         facts.put("device_cgroup.v1_unreadable", "the process exited before its v1 devices "
                   "cgroup was read", "inferred", "no /proc/PID/cgroup")
     if cgroup_id < 1:
@@ -209,7 +241,7 @@ def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts) 
 
 
 LSM_FACTS_TTL_S = 5.0  # host-wide and slow to change; a storm must not walk every BPF program
-_lsm_cache: dict[str, tuple[float, Optional[list[str]], Optional[int]]] = {}
+_lsm_cache: dict[str, tuple[float, Optional[list[str]], "int | str | None"]] = {}
 
 
 def security_module_facts(host: HostPaths, facts: Facts) -> None:
@@ -222,12 +254,13 @@ def security_module_facts(host: HostPaths, facts: Facts) -> None:
         text = procfs.read_text(path)
         names = None if text is None else \
             [n for n in text.strip().split(",") if n and n.replace("_", "").isalnum()][:16]
-        count: Optional[int] = None
+        count: "int | str | None" = None  # str: why it is not known
         if names is not None and "bpf" in names:  # refuses only through loaded LSM programs
             try:
                 count = bpf.prog_type_count(bpf.BPF_PROG_TYPE_LSM)
-            except OSError:
-                count = None
+            except OSError as exc:
+                needs = exc.needs() if isinstance(exc, bpf.BpfCallFailed) else ""
+                count = f"{exc.strerror or exc}" + (f" ({needs})" if needs else "")
         cached = (now, names, count)
         if names is not None:  # not mounted yet is not cached: a mount shows at once
             _lsm_cache[path] = cached
@@ -237,5 +270,8 @@ def security_module_facts(host: HostPaths, facts: Facts) -> None:
                   + os.path.join(host.sys, "kernel/security"), LIVE, path)
         return
     facts.put("lsm.active", names, LIVE, path)
-    if count is not None:
+    if isinstance(count, int):
         facts.put("lsm.bpf_programs", count, LIVE, "bpf(BPF_PROG_GET_NEXT_ID)")
+    elif count is not None:
+        facts.put("lsm.bpf_programs_unknown", f"BPF LSM programs could not be counted: {count}",
+                  LIVE, "bpf(BPF_PROG_GET_NEXT_ID)")

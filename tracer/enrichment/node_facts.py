@@ -95,7 +95,12 @@ def _mount_table(host: HostPaths, event: Event, live: bool, facts: Facts,
     mountinfo_path = host.proc_pid(pid, "mountinfo") if live else None
     if mountinfo_path is None:
         # the process is gone: any live member of its mount namespace has its mount table
-        mntns = event.process.mntns if "process.mntns" not in event.missing else 0
+        mntns = event.process.mntns if "process.mntns" not in event.missing else None
+        if not mntns and facts.get("process.host_process") is True:
+            mntns = procfs.host_mount_namespace(host.proc)
+            if mntns:
+                facts.put("node.mount_ns_inferred", True, INFERRED,
+                          "the host's mount table: the process is inferred to be a host process")
         if not mntns:
             return arrival
         prefer = tuple(p for p in (1, facts.get("container.init_pid")) if isinstance(p, int))
@@ -139,7 +144,12 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
         _cdi_facts(host, statter, path, facts, char_majors)
         return
     found, seen_from, origin = _stat_node(host, statter, event, path, live)
-    facts.put("node.seen_from", seen_from, INFERRED, "process alive" if live else "process gone")
+    why = "process alive" if live else "process gone"
+    if found is None and live and procfs.read_text(host.proc_pid(event.process.pid, "status")) is None:
+        # it exited while being enriched, and its root with it: not a sign the node is gone
+        live, why = False, "process exited while it was being enriched"
+        found, seen_from, origin = _stat_node(host, statter, event, path, live)
+    facts.put("node.seen_from", seen_from, INFERRED, why)
     facts.put("node.exists", found is not None, LIVE, origin)
     major, minor = event.node.major, event.node.minor
     source = LIVE

@@ -43,8 +43,9 @@ def kernel_facts(proc: Process, facts: Facts, missing: Iterable[str] = (),
     for name in ("uid", "gid", "euid", "egid", "fsuid", "fsgid", "ngroups",
                  "cgroup_id", "mntns", "pidns", "cgroupns", "ns_pid"):
         put(f"process.{name}", getattr(proc, name))
-    put("process.groups", sorted(proc.groups))
-    put("process.cap_effective", f"{proc.cap_effective:016x}")
+    put("process.groups", None if proc.groups is None else sorted(proc.groups))
+    put("process.cap_effective", None if proc.cap_effective is None
+        else f"{proc.cap_effective:016x}")
     put("userns.inum", proc.userns.inum)
     put("userns.level", proc.userns.level)
     put("userns.owner_uid", proc.userns.owner_uid)

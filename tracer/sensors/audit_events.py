@@ -175,8 +175,8 @@ def chosen_path_item(items: Iterable[AuditRecord]) -> Optional[AuditRecord]:
 def process_from(sc: AuditRecord) -> Process:
     pid = sc.number("pid")
     auid, ses = sc.number("auid"), sc.number("ses")
-    return Process(
-        pid=pid, tid=pid, ppid=sc.number("ppid"), comm=sc.get("comm") or b"",
+    return Process(  # what audit cannot know stays None (JSON null): see AUDIT_MISSING
+        pid=pid, ppid=sc.number("ppid"), comm=sc.get("comm") or b"",
         uid=sc.number("uid"), gid=sc.number("gid"), euid=sc.number("euid"),
         egid=sc.number("egid"), fsuid=sc.number("fsuid"), fsgid=sc.number("fsgid"),
         loginuid=None if auid == UNSET_ID else auid,

@@ -24,15 +24,19 @@ STAT_NAMES = (
     "candidates_rate_limited",  # ...new ones refused by the candidate rate bound
     "container_starts",        # container-start signals handed to the buffer
     "container_starts_dropped",  # ...refused by the buffer (the tracker's inotify remains)
+    "dev_progs_sent",          # device programs' instructions handed to the buffer
+    "dev_progs_dropped",       # ...refused by the buffer (sent again with the next denial)
+    "dev_progs_unreadable",    # ...whose instructions could not be read
 )
 
 PATH_CAP = 256          # bytes of a path in an event (normalised, and as given)
 NORM_IN_CAP = 512       # bytes of the absolute path the kernel normalises
-MAX_GROUPS = 32         # supplementary groups copied per event
+MAX_GROUPS = 1024       # supplementary groups copied per event (the event's variable tail);
+                        # beyond it the kernel's sorted order decides (tracer/verdict/groups.py)
 MAX_PREFIXES = 32       # GPU path prefixes (LPM trie entries)
 PREFIX_CAP = 32         # bytes of one prefix
 NORM_DEPTH = 32         # path segments `..` can climb back over
-RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~3,900 distinct denials (1,080 B each)
+RINGBUF_PAGES = 1024    # default ring buffer: 4 MiB, a burst of ~4,000 distinct denials (~1,000 B each)
 GPU_DEVS_MAX = 256      # device numbers / majors in the `gpu_devs` map
 NOT_GPU_MAX = 8192      # (mount ns, path hash) pairs known not to be GPU nodes
 NOT_GPU_TTL_S = 10      # ...for this long: a path may become a GPU node (symlink, mount) later
@@ -41,8 +45,11 @@ CANDIDATE_BURST = 4000  # ...and its token bucket depth
 CGROUP_NAME_CAP = 128   # bytes of one cgroup directory name (cri-containerd-<64 hex>.scope: 85)
 START_PATH_CAP = 256    # bytes of a new cgroup's path in a container-start signal
 START_ARGV_CAP = 512    # bytes of the runtime's command line in it (docker's runc create: ~450)
+MAX_DEV_PROGS = 8       # effective BPF_CGROUP_DEVICE programs named per event
+MAX_PROG_INSNS = 4000   # instructions of one device program copied (a per-CPU value: < 32 KiB)
+DEV_PROGS_SENT_MAX = 1024  # program ids whose instructions the kernel already sent
 
-EV_DENIAL, EV_UPDATE = 1, 2
+EV_DENIAL, EV_UPDATE, EV_DEV_PROG = 1, 2, 3
 EV_START = 4             # a container-start signal (bpf/container_start.bpf.c)
 START_EXEC, START_MKDIR = 1, 2  # ...its kind: a pid namespace's init exec'd; a cgroup made
 
@@ -61,6 +68,7 @@ F_CGROUP_NAMED = 2048  # cgroup_leaf/cgroup_parent hold the names of the task's 
 F_CGROUP_V1 = 4096     # ...of its v1 devices cgroup (its v2 cgroup was the root)
 F_START_PATH_CUT = 8192    # start signal: the cgroup's path was longer than START_PATH_CAP
 F_START_ARGV_CUT = 16384   # start signal: the command line was longer than START_ARGV_CAP
+F_DEV_PROGS_KNOWN = 1024  # dev_prog_count/dev_prog_ids hold the task's effective device programs
 
 # Aggregation key target bits: bit 63 = ioctl (target holds the dev),
 # bit 62 = candidate (target holds the path hash).
@@ -80,7 +88,9 @@ def cflags() -> dict[str, object]:
                  GT_MAX_PREFIXES=MAX_PREFIXES, GT_PREFIX_CAP=PREFIX_CAP, GT_NORM_DEPTH=NORM_DEPTH,
                  GT_GPU_DEVS_MAX=GPU_DEVS_MAX, GT_NOT_GPU_MAX=NOT_GPU_MAX,
                  GT_CANDIDATE_RATE=CANDIDATE_RATE, GT_CANDIDATE_BURST=CANDIDATE_BURST,
-                 GT_EV_DENIAL=EV_DENIAL, GT_EV_UPDATE=EV_UPDATE,
+                 GT_EV_DENIAL=EV_DENIAL, GT_EV_UPDATE=EV_UPDATE, GT_EV_DEV_PROG=EV_DEV_PROG,
+                 GT_MAX_DEV_PROGS=MAX_DEV_PROGS, GT_MAX_PROG_INSNS=MAX_PROG_INSNS,
+                 GT_DEV_PROGS_SENT_MAX=DEV_PROGS_SENT_MAX, GT_F_DEV_PROGS_KNOWN=F_DEV_PROGS_KNOWN,
                  GT_F_RELATIVE=F_RELATIVE, GT_F_TRUNCATED=F_TRUNCATED,
                  GT_F_DIR_UNRESOLVED=F_DIR_UNRESOLVED, GT_F_DEV_VALID=F_DEV_VALID,
                  GT_F_UNAGGREGATED=F_UNAGGREGATED, GT_F_REEMITTED=F_REEMITTED,

@@ -1,4 +1,5 @@
-"""Decode the raw records bpf/gputrace.bpf.c sends (struct gpu_event)."""
+"""Decode the raw records bpf/gputrace.bpf.c sends: struct gpu_event (a denial or a
+count update) and struct dev_prog_record (a cgroup device program's instructions)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,28 @@ from dataclasses import dataclass
 from tracer.event import Event, Node, Process, UserNs
 from tracer.facts import SENSOR
 from tracer.sensors.bpf_constants import (
-    CGROUP_NAME_CAP, EV_DENIAL, EV_UPDATE, F_CANDIDATE, F_CGROUP_NAMED, F_CGROUP_V1, F_DEV_VALID,
-    F_DIR_UNRESOLVED, F_NNP_KNOWN, F_NO_NEW_PRIVS, F_REEMITTED, F_RELATIVE, F_SECCOMP_KNOWN,
-    F_TRUNCATED, F_UNAGGREGATED, MAX_GROUPS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
+    CGROUP_NAME_CAP, EV_DENIAL, EV_DEV_PROG, EV_UPDATE, F_CANDIDATE, F_CGROUP_NAMED, F_CGROUP_V1,
+    F_DEV_PROGS_KNOWN, F_DEV_VALID, F_DIR_UNRESOLVED, F_NNP_KNOWN, F_NO_NEW_PRIVS, F_REEMITTED,
+    F_RELATIVE, F_SECCOMP_KNOWN, F_TRUNCATED, F_UNAGGREGATED, MAX_DEV_PROGS, MAX_GROUPS,
+    MAX_PROG_INSNS, PATH_CAP, SYSCALL_NAMES, TARGET_CANDIDATE)
 
-__all__ = ["EV_DENIAL", "EV_UPDATE", "F_CANDIDATE", "F_DEV_VALID", "F_DIR_UNRESOLVED",
-           "F_REEMITTED", "F_RELATIVE", "F_SECCOMP_KNOWN", "F_TRUNCATED", "F_UNAGGREGATED",
-           "F_CGROUP_NAMED", "F_CGROUP_V1", "MAX_GROUPS"]
+__all__ = ["EV_DENIAL", "EV_DEV_PROG", "EV_UPDATE", "F_CANDIDATE", "F_DEV_PROGS_KNOWN",
+           "F_DEV_VALID", "F_DIR_UNRESOLVED", "F_REEMITTED", "F_RELATIVE", "F_SECCOMP_KNOWN",
+           "F_TRUNCATED", "F_UNAGGREGATED", "F_CGROUP_NAMED", "F_CGROUP_V1", "MAX_DEV_PROGS",
+           "MAX_GROUPS", "MAX_PROG_INSNS"]
 
-# Mirrors struct gpu_event; the C side asserts sizeof() == EVENT_SIZE.
+# Mirrors struct gpu_event up to its variable tail (groups, min(ngroups, MAX_GROUPS)
+# of them); the C side asserts offsetof(groups) == EVENT_GROUPS_OFFSET.
 _HEADER = "IIiIIIQQIHHQ"
-_BODY = ("QQQII" "IIIIII" "I" "III" "IIII" "II" "II" "iI" f"{MAX_GROUPS}I" "16s"
+_BODY = ("QQQQII" "IIIIII" "I" "III" "IIII" "II" "II" "iI" f"I{MAX_DEV_PROGS}I" "16s"
          f"{PATH_CAP}s" f"{PATH_CAP}s" f"{CGROUP_NAME_CAP}s" f"{CGROUP_NAME_CAP}s")
 HEADER = struct.Struct("<" + _HEADER)
-FULL = struct.Struct("<" + _HEADER + _BODY)
-EVENT_SIZE = FULL.size
+FULL = struct.Struct("<" + _HEADER + _BODY)  # the fixed part; the groups follow
+EVENT_GROUPS_OFFSET = FULL.size
+EVENT_MAX_SIZE = FULL.size + 4 * MAX_GROUPS
 UPDATE_SIZE = HEADER.size
+# Mirrors struct dev_prog_record up to its instructions (`copied` of them follow).
+DEV_PROG = struct.Struct("<IIIIII8s16s")
 
 
 class DecodeError(ValueError):
@@ -59,10 +66,26 @@ class Update:
 
 @dataclass(frozen=True)
 class Denial:
-    """A full event and its aggregation key, typed (`event.key` is its label)."""
+    """A full event and its aggregation key, typed (`event.key` is its label).
+    `dev_prog_ids`: the refused task's effective cgroup v2 device programs, read in
+    the kernel at the denial (None: not read; more than MAX_DEV_PROGS: `dev_progs_over`)."""
 
     key: AggKey
     event: Event
+    dev_prog_ids: "tuple[int, ...] | None" = None
+    dev_progs_over: bool = False
+
+
+@dataclass(frozen=True)
+class DevProgRecord:
+    """A device program's instructions as the kernel holds them (xlated)."""
+
+    id: int
+    type: int
+    name: str
+    tag: str
+    insns: bytes
+    truncated: bool  # longer than MAX_PROG_INSNS: only the first ones were copied
 
 
 def dev_major(dev: int) -> int:
@@ -78,8 +101,21 @@ def _cstr(raw: bytes) -> bytes:
     return raw if end < 0 else raw[:end]
 
 
-def decode(data: bytes, clock_offset: float) -> "Denial | Update":
+def decode_dev_prog(data: bytes) -> DevProgRecord:
+    if len(data) < DEV_PROG.size:
+        raise DecodeError("short_record")
+    _kind, prog_id, prog_type, length, copied, _pad, tag, name = DEV_PROG.unpack_from(data)
+    if copied > min(length, MAX_PROG_INSNS) or len(data) < DEV_PROG.size + 8 * copied:
+        raise DecodeError("bad_dev_prog")
+    insns = data[DEV_PROG.size:DEV_PROG.size + 8 * copied]
+    return DevProgRecord(prog_id, prog_type, _cstr(name).decode("ascii", "replace"), tag.hex(),
+                         insns, copied < length)
+
+
+def decode(data: bytes, clock_offset: float) -> "Denial | Update | DevProgRecord":
     """`clock_offset` turns the kernel's CLOCK_MONOTONIC ns into epoch seconds."""
+    if len(data) >= 4 and struct.unpack_from("<I", data)[0] == EV_DEV_PROG:
+        return decode_dev_prog(data)
     if len(data) < UPDATE_SIZE:
         raise DecodeError("short_record")
     head = HEADER.unpack_from(data)
@@ -91,20 +127,24 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
         return Update(key=key, count=count, ts_ns=ts_ns)
     if kind != EV_DENIAL:
         raise DecodeError("bad_kind")
-    if len(data) < EVENT_SIZE:
+    if len(data) < FULL.size:
         raise DecodeError("short_record")
     f = FULL.unpack_from(data)
-    (cgroup_id, flags_or_cmd, cap_eff, dev, path_flags, uid, gid, euid, egid, fsuid, fsgid,
-     ngroups, uns_inum, uns_level, uns_owner, mntns, pidns, cgroupns, ns_pid, loginuid,
-     sessionid, seccomp_mode, seccomp_filters, _dirfd, path_len) = f[12:37]
-    groups = list(f[37:37 + MAX_GROUPS])[:min(ngroups, MAX_GROUPS)]
-    comm = _cstr(f[37 + MAX_GROUPS])
-    raw_path = _cstr(f[38 + MAX_GROUPS])[:path_len] if path_len else _cstr(f[38 + MAX_GROUPS])
-    given = _cstr(f[39 + MAX_GROUPS])
+    (cgroup_id, devices_cgroup_id, flags_or_cmd, cap_eff, dev, path_flags, uid, gid, euid, egid,
+     fsuid, fsgid, ngroups, uns_inum, uns_level, uns_owner, mntns, pidns, cgroupns, ns_pid,
+     loginuid, sessionid, seccomp_mode, seccomp_filters, _dirfd, path_len, prog_count) = f[12:39]
+    prog_ids = f[39:39 + MAX_DEV_PROGS]
+    comm, path_field, given, leaf, parent = (
+        _cstr(v) for v in f[39 + MAX_DEV_PROGS:44 + MAX_DEV_PROGS])
+    copied = min(ngroups, MAX_GROUPS)
+    if len(data) < FULL.size + 4 * copied:  # (a perf buffer may pad the record: >= )
+        raise DecodeError("short_record")
+    groups = list(struct.unpack_from(f"<{copied}I", data, FULL.size))
+    raw_path = path_field[:path_len] if path_len else path_field
     flags = path_flags
     named = bool(flags & F_CGROUP_NAMED)
-    cgroup_leaf = _cstr(f[40 + MAX_GROUPS]) if named else None
-    cgroup_parent = _cstr(f[41 + MAX_GROUPS]) if named else None
+    cgroup_leaf = leaf if named else None
+    cgroup_parent = parent if named else None
     syscall = SYSCALL_NAMES[sys_id]
 
     node = Node(path=raw_path or None, path_truncated=bool(flags & F_TRUNCATED))
@@ -131,9 +171,15 @@ def decode(data: bytes, clock_offset: float) -> "Denial | Update":
         open_flags=None if syscall == "ioctl" else flags_or_cmd,
         ioctl_cmd=flags_or_cmd if syscall == "ioctl" else None,
     )
+    if devices_cgroup_id:
+        event.facts.put("sensor.devices_cgroup_id", devices_cgroup_id, SENSOR,
+                        "the task's cgroup in the v1 devices hierarchy, read at the denial")
     if flags & F_UNAGGREGATED:
         event.facts.put("sensor.unaggregated", True, SENSOR, "BPF event flag: table full")
     if flags & F_DIR_UNRESOLVED:
         event.facts.put("sensor.path_unresolved", True, SENSOR,
                         "BPF event flag: directory fd not resolved")
+    if flags & F_DEV_PROGS_KNOWN:
+        return Denial(key, event, tuple(prog_ids[:min(prog_count, MAX_DEV_PROGS)]),
+                      prog_count > MAX_DEV_PROGS)
     return Denial(key, event)

@@ -121,6 +121,42 @@ def cgroup_name_flags(btf: KernelBtf) -> dict[str, int]:
     return flags
 
 
+# The refused task's effective cgroup v2 device programs, read at the denial
+# (task->cgroups->dfl_cgrp->bpf.effective[CGROUP_DEVICE]): the unit cannot ask bpf()
+# for them (systemd/gputrace.service), the probe can read them with CAP_PERFMON.
+DEV_PROG_OFFSETS: dict[str, str] = {
+    "OFF_CGROUP_BPF_EFFECTIVE": "cgroup.bpf.effective",
+    "OFF_PROG_ARRAY_ITEMS": "bpf_prog_array.items",
+    "OFF_PROG_ARRAY_ITEM_PROG": "bpf_prog_array_item.prog",
+    "OFF_PROG_TYPE": "bpf_prog.type",
+    "OFF_PROG_LEN": "bpf_prog.len",
+    "OFF_PROG_TAG": "bpf_prog.tag",
+    "OFF_PROG_AUX": "bpf_prog.aux",
+    "OFF_PROG_INSNSI": "bpf_prog.insnsi",
+    "OFF_PROG_AUX_ID": "bpf_prog_aux.id",
+    "OFF_PROG_AUX_NAME": "bpf_prog_aux.name",
+}
+
+
+def dev_prog_flags(btf: KernelBtf, names: dict[str, int]) -> dict[str, int]:
+    """HAVE_DEV_PROGS and its offsets (with the cgroup offsets of `names`, the
+    cgroup_name_flags), when this kernel's BTF has every member; else {}.  With the
+    v1 devices controller, HAVE_V1_DEVICES too: the id of the task's devices cgroup."""
+    slot = btf.enum_value("cgroup_bpf_attach_type", "CGROUP_DEVICE")
+    if "HAVE_CGROUP_NAMES" not in names or slot is None:
+        return {}
+    flags: dict[str, int] = {}
+    try:
+        flags.update({macro: btf.member(dotted).offset for macro, dotted in DEV_PROG_OFFSETS.items()})
+        flags["SIZEOF_PROG_ARRAY_ITEM"] = btf.size_of("bpf_prog_array_item")
+    except KeyError:
+        return {}
+    flags.update(CGROUP_DEVICE_SLOT=slot, HAVE_DEV_PROGS=1)
+    if "DEVICES_CGRP_ID" in names and btf.has_member("kernfs_node.id"):
+        flags.update(OFF_KERNFS_NODE_ID=btf.member("kernfs_node.id").offset, HAVE_V1_DEVICES=1)
+    return flags
+
+
 def current_arch(machine: str | None = None) -> Arch:
     return arch_for(machine, "bpf")
 
@@ -143,5 +179,7 @@ def offset_flags(btf: KernelBtf, arch: Arch) -> dict[str, int]:
         flags["HAVE_AUDIT_IDS"] = 1
     if "OFF_TASK_SECCOMP_MODE" in flags and "OFF_TASK_SECCOMP_FILTER_COUNT" in flags:
         flags["HAVE_SECCOMP"] = 1
-    flags.update(cgroup_name_flags(btf))
+    names = cgroup_name_flags(btf)
+    flags.update(names)
+    flags.update(dev_prog_flags(btf, names))
     return flags

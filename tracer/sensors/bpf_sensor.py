@@ -32,12 +32,13 @@ from tracer.sensors import bpf_constants, bpf_event, compiler_memory, gpu_nodes,
 from tracer.sensors import preflight
 from tracer.sensors.bpf_constants import (HASH_MASK, MAX_PREFIXES, NOT_GPU_TTL_S, PREFIX_CAP,
                                           RINGBUF_PAGES, STAT_NAMES, SYSCALL_NAMES)
-from tracer.sensors.bpf_event import AggKey, DecodeError, Update
+from tracer.sensors.bpf_event import AggKey, DecodeError, DevProgRecord, Update
 from tracer.sensors.bpf_layout import current_arch, offset_flags, start_flags
 from tracer.sensors.btf import KIND_FUNC, KernelBtf
 from tracer.sensors.candidates import DeviceResolver
 from tracer.sensors.container_starts import (START_EVENT_SIZE, ContainerStart, decode_start,
                                              is_start_record, mkdir_hierarchy)
+from tracer.sensors.kernel_device_programs import KernelDevicePrograms
 
 if TYPE_CHECKING:
     from tracer.enrichment.container_store import SnapshotStore
@@ -133,6 +134,7 @@ class BpfSensor:
         self._book: dict[AggKey, _Aggregate] = {}
         self._ignored: "collections.OrderedDict[AggKey, None]" = collections.OrderedDict()
         self.resolver: Optional[DeviceResolver] = None
+        self.dev_programs = KernelDevicePrograms(self._resend_program)
         self._user_stats = collections.Counter[str]()
         self._clock_offset = time.time() - time.monotonic()
         self._last_sweep = 0.0
@@ -157,7 +159,7 @@ class BpfSensor:
         flags.update({f"HAVE_SYS_{n.upper()}": 1 for n in ("open", "creat") if n in arch.syscalls})
         if self.config.match_by_device:
             flags["CANDIDATES"] = 1
-        flags.update(EVENT_SIZE=bpf_event.EVENT_SIZE, AGG_MAX=self.config.aggregate_max,
+        flags.update(EVENT_GROUPS_OFFSET=bpf_event.EVENT_GROUPS_OFFSET, AGG_MAX=self.config.aggregate_max,
                      AGG_INTERVAL_NS=f"{int(self.config.aggregate_interval_s * 1e9)}ULL",
                      ERRNO_MASK=f"{sum(1 << e for e in self.config.errnos if 0 < e < 64)}ULL")
         if starts:
@@ -255,6 +257,10 @@ class BpfSensor:
         if isinstance(decoded, Update):
             self._count(decoded.key, decoded.count)
             return
+        if isinstance(decoded, DevProgRecord):
+            self.dev_programs.add(decoded)
+            return
+        self.dev_programs.annotate(decoded)
         key, record = decoded.key, decoded.event
         known = self._book.get(key)
         if key.candidate and (known is None or known.first is None) \
@@ -328,6 +334,13 @@ class BpfSensor:
         try:
             del table[k]
         except KeyError:
+            pass
+
+    def _resend_program(self, prog_id: int) -> None:
+        """A named program whose instructions never arrived: the kernel sends them again."""
+        try:
+            del self.bpf[b"dev_progs_sent"][ctypes.c_uint32(prog_id)]
+        except (KeyError, TypeError):  # gone already, no such map, or not started
             pass
 
     def _count(self, key: AggKey, count: int) -> None:
@@ -432,6 +445,7 @@ class BpfSensor:
             for i, name in enumerate(STAT_NAMES):
                 out[name] = int(sum(table[ctypes.c_int(i)]))
         out.update(self._user_stats)
+        out.update(self.dev_programs.counts)
         if self.resolver is not None:
             out["candidate_cache_entries"] = len(self.resolver)
         return out

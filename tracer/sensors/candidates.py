@@ -110,10 +110,13 @@ class DeviceResolver:
         return self._ns_pid.get(mntns)
 
     # -- resolving --------------------------------------------------------------
-    def resolve(self, pid: int, mntns: int, path: bytes, process: "Optional[Process]" = None,
-                when: Optional[float] = None) -> Resolution:
+    def resolve(self, pid: int, mntns: Optional[int], path: bytes,
+                process: "Optional[Process]" = None, when: Optional[float] = None) -> Resolution:
         """`process` and `when` (the event's) find the container snapshot when no
         live process of the mount namespace is left."""
+        if mntns is None:
+            self.counts["unresolved"] += 1
+            return UNRESOLVED  # whose mount table applies is not known
         key = (mntns, path)
         hit = self._cache.get(key)
         if hit is not None and hit[1] > self._clock():

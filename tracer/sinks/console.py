@@ -22,7 +22,7 @@ def denial_line(event: Event) -> str:
     extra = ""
     if event.syscall == "ioctl" and event.ioctl_cmd is not None:
         extra = f" cmd=0x{event.ioctl_cmd:08x}"
-    return (f"{_clock(event.time)} pid={p.pid} comm={escape(p.comm)} uid={p.uid} "
+    return (f"{_clock(event.time)} pid={p.pid} comm={escape(p.comm)} uid={'?' if p.uid is None else p.uid} "
             f"{event.syscall} {target} {event.errno_name}{extra}")
 
 

@@ -94,7 +94,7 @@ def _process_entry(e: Event) -> dict[str, Any]:
                      "runtime": fact_value(e, "container.runtime"),
                      "rootless": fact_value(e, "container.rootless")}
     return {"pid": e.process.pid, "comm": _text(e.process.comm) or "", "uid": e.process.uid,
-            "user": fact_value(e, "host.user_name"), "groups": list(e.process.groups),
+            "user": fact_value(e, "host.user_name"), "groups": None if e.process.groups is None else list(e.process.groups),
             "container": container, "count": 0}
 
 
@@ -226,7 +226,7 @@ class CauseBook:
                         errno=event.errno_name, sensor=event.sensor, major=event.node.major,
                         minor=event.node.minor, process=_process_entry(event),
                         verdict=verdict, last_time=event.time)
-        if len(self.uids) < MAX_UIDS:
+        if len(self.uids) < MAX_UIDS and event.process.uid is not None:
             self.uids.add(event.process.uid)
             user_uid = fact_value(event, "host.user_uid")
             if isinstance(user_uid, int):

@@ -9,7 +9,7 @@ import pytest
 from tests.support.sensor_harness import SensorHarness
 from tracer.sensors.bpf_sensor import BpfConfig
 
-pytest_plugins = ["tests.support.nodes", "tests.support.ci_skips"]
+pytest_plugins = ["tests.support.nodes", "tests.support.ci_skips", "tests.support.unit_caps"]
 
 URANDOM = (1, 9)  # ioctl RNDADDTOENTCNT on it needs CAP_SYS_ADMIN: a real EPERM
 SCENARIO_PREFIXES = ("/dev/dri-gttest/", "/tmp/gttest-nodev-")  # where tests/support/scenarios.py puts nodes

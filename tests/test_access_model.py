@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from tracer.enrichment.device_rules import V1DeviceList, parse_rule
+from tracer.verdict.groups import SupplementaryGroups
 from tracer.verdict.access_model import (
     CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CHECKS, MAY_READ, MAY_WRITE, Credentials,
     IdMap, NodeFacts, PosixAcl, UserNamespace,
@@ -20,13 +21,18 @@ CHR = stat.S_IFCHR
 ALL_CAPS = (1 << 41) - 1
 
 
+ALLOW_ALL = V1DeviceList(True)  # a known device cgroup that allows: DAC decides alone
+
+
 def node(mode: int = 0o660, uid: int = 0, gid: int = 44, **kw: object) -> NodeFacts:
+    kw.setdefault("device_cgroup", ALLOW_ALL)
     return NodeFacts(mode=CHR | mode, uid=uid, gid=gid, major=195, minor=0, **kw)  # type: ignore[arg-type]
 
 
 def user(uid: int = 1000, gid: int = 1000, groups: tuple[int, ...] = (), caps: int = 0,
          userns: UserNamespace = UserNamespace()) -> Credentials:
-    return Credentials(fsuid=uid, fsgid=gid, groups=groups, cap_effective=caps, userns=userns)
+    return Credentials(fsuid=uid, fsgid=gid, groups=SupplementaryGroups.from_facts(list(groups)),
+                       cap_effective=caps, userns=userns)
 
 
 def test_open_flags_map_like_acc_mode() -> None:
@@ -192,10 +198,51 @@ def test_device_cgroup_partial_deny_and_allowlist() -> None:
 
 
 def test_unknown_checks_are_reported() -> None:
-    d = decide_open(node(0o666), user(), MAY_READ, lsm_active=("apparmor",))
-    assert d.allowed and d.unknown == ("device_cgroup", "lsm:apparmor")
+    d = decide_open(node(0o666, device_cgroup=None), user(), MAY_READ, lsm_active=("apparmor",))
+    assert d.unknown == ("device_cgroup", "lsm:apparmor")
+    # an unknown layer never counts as allowing
+    assert d.allowed is None and not d.shown_to_allow(errno.EPERM)
+    assert d.shown_to_allow(errno.EACCES)  # the device cgroup cannot give EACCES
     known = node(0o666, device_cgroup=V1DeviceList(True))
     assert decide_open(known, user(), MAY_READ).unknown == ()
+    assert decide_open(known, user(), MAY_READ).allowed is True
+
+
+def test_an_unknown_fact_is_never_a_default() -> None:
+    """A missing fsuid is not root, missing groups are not "none", a missing device
+    number is not 0:0, missing mount flags are not "dev": each leaves its layer unknown
+    where it could change the answer, and decided where it could not."""
+    root_only = node(0o600, uid=0, gid=0)
+    assert decide_open(root_only, Credentials(None, 1000), RW).allowed is None
+    assert decide_open(node(0o666), Credentials(None, None, SupplementaryGroups(None), None),
+                       RW).allowed is True  # every caller may: nothing unknown matters
+    group = node(0o660, gid=44)
+    unknown_groups = Credentials(1000, 1000, SupplementaryGroups(None), 0)
+    d = decide_open(group, unknown_groups, RW)
+    assert d.allowed is None and d.check == "dac_unknown" and "gid 44" in d.detail
+    # group r--, other r--: whether it holds gid 44 does not change a read
+    assert decide_open(node(0o644, gid=44), unknown_groups, MAY_READ).allowed is True
+    unknown_caps = Credentials(1000, 1000, SupplementaryGroups(()), None)
+    assert decide_open(node(0o600), unknown_caps, RW).allowed is None  # CAP_DAC_OVERRIDE?
+    deny_195 = V1DeviceList(False, (parse_rule("c 1:3 rwm"),))
+    no_number = NodeFacts(CHR | 0o666, 0, 0, None, None, device_cgroup=deny_195)
+    assert decide_open(no_number, user(), RW).allowed is None  # never evaluated as 0:0
+    allow_all = NodeFacts(CHR | 0o666, 0, 0, None, None, device_cgroup=ALLOW_ALL)
+    assert decide_open(allow_all, user(), RW).allowed is True
+    assert decide_open(node(0o666, nodev_mount=None), user(), RW).allowed is None
+
+
+def test_sorted_group_prefix_decides_up_to_its_last_gid() -> None:
+    """group_info is sorted: the lowest 1024 of 1100 groups prove membership either
+    way up to the last captured gid, and nothing above it."""
+    prefix = SupplementaryGroups.from_facts(list(range(5000, 6024)), 1100)
+    creds = Credentials(1000, 1000, prefix, 0)
+    assert decide_open(node(0o660, gid=5500), creds, RW).allowed is True
+    assert decide_open(node(0o660, gid=4000), creds, RW).allowed is False  # below: not held
+    above = decide_open(node(0o660, gid=7000), creds, RW)
+    assert above.allowed is None and "above them" in above.detail
+    whole = SupplementaryGroups.from_facts(list(range(5000, 5040)), 40)
+    assert decide_open(node(0o660, gid=7000), Credentials(1000, 1000, whole, 0), RW).allowed is False
 
 
 def test_acl_xattr_round_trip() -> None:

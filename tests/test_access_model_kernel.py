@@ -28,6 +28,7 @@ from tests.support.nodes import (
 )
 from tests.support.nodes import gttest_node_dir, make_device_cgroup, make_device_node  # noqa: F401 (fixtures)
 from tracer.enrichment.device_rules import V1DeviceList, parse_rule
+from tracer.verdict.groups import SupplementaryGroups
 from tracer.verdict.access_model import (
     CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, MAY_READ, MAY_WRITE, AccessDecision, Credentials,
     IdMap, NodeFacts, PosixAcl, UserNamespace, decide_open,
@@ -131,9 +132,20 @@ def random_identity(rng: random.Random, index: int) -> Identity:
     return Identity(f"userns#{index}", plan, kuid, kgid, kgroups)
 
 
+def own_device_cgroup() -> V1DeviceList:
+    """The v1 devices.list of this test's cgroup, which the children share (an unknown
+    device cgroup would leave every decision unknown, never allowed)."""
+    with open("/proc/self/cgroup", encoding="ascii") as handle:
+        where = next(line.split(":", 2)[2].strip() for line in handle
+                     if "devices" in line.split(":", 2)[1].split(","))
+    with open(f"/sys/fs/cgroup/devices{where}/devices.list", encoding="ascii") as handle:
+        return V1DeviceList.from_devices_list(handle.read())
+
+
 def node_facts(path: str, **extra: Any) -> NodeFacts:
     """Facts as the kernel now holds them (setting an ACL rewrites the group bits)."""
     st = os.stat(path)
+    extra.setdefault("device_cgroup", own_device_cgroup())
     return NodeFacts(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, major=os.major(st.st_rdev),
                      minor=os.minor(st.st_rdev), acl=read_acl(path), **extra)
 
@@ -155,7 +167,8 @@ def credentials(identity: Identity, truth: dict[str, Any]) -> Credentials:
     assert int(status["Gid"].split()[3]) == seen(identity.kgid, gid_view), (identity, status)
     assert sorted(int(g) for g in status["Groups"].split()) == sorted(
         seen(g, gid_view) for g in identity.kgroups), (identity, status)
-    return Credentials(fsuid=identity.kuid, fsgid=identity.kgid, groups=identity.kgroups,
+    return Credentials(fsuid=identity.kuid, fsgid=identity.kgid,
+                       groups=SupplementaryGroups.from_facts(list(identity.kgroups)),
                        cap_effective=int(status["CapEff"], 16), userns=userns)
 
 

@@ -43,7 +43,7 @@ def node_0660_video(root: str, path: str) -> NodeStat:
 def gone(uid: int = 1000, mntns: int = HOST_MNTNS, missing: tuple[str, ...] = (),
          sensor: str = "bpf", pid: int = 4242) -> Event:
     proc = Process(pid=pid, tid=pid, comm=b"nvidia-smi", uid=uid, gid=uid, euid=uid,
-                   egid=uid, fsuid=uid, fsgid=uid, groups=[uid], ngroups=1,
+                   egid=uid, fsuid=uid, fsgid=uid, groups=[uid], ngroups=1, cap_effective=0,
                    userns=UserNs(INIT_USERNS, 0, 0), mntns=mntns)
     return Event(time=1700000000.0, sensor=sensor, syscall="openat", errno=errno.EACCES,
                  process=proc, node=Node(path=NODE.encode()), open_flags=os.O_RDWR,

@@ -15,7 +15,9 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import SCENARIO_PREFIXES, URANDOM
 from tests.support import actor, scenarios
+from tests.support.unit_caps import Explainer, explainer_fixture
 from tests.support.nodes import NodeSpec, device_cgroup, make_node
 from tests.support.probe import ProbeFailed
 from tests.support.v2_device_cgroup import deny_major, v2_device_cgroup
@@ -49,12 +51,26 @@ def nvidia_node() -> Iterator[Any]:
             os.unlink(path)
 
 
-def explained(bpf_sensor: Any, pid: int) -> tuple[Event, Verdict]:
+# each test taking `explainer` runs twice: as root in this process, and by `gputrace
+# watch` under the systemd unit's capability bounding set (tests/support/unit_caps.py)
+explainer = explainer_fixture(SCENARIO_PREFIXES, (f"{URANDOM[0]}:{URANDOM[1]}",))
+
+
+def _in_process(event: Event) -> Verdict:
     """As the pipeline does it: prime on arrival (too late for a dead process), explain."""
-    event = bpf_sensor.wait_for(lambda e: e.process.pid == pid and e.kind == "denial", timeout=15)[0]
     enricher = Enricher(HostPaths())
     enricher.prime(event.process)
-    return event, explain(event, enricher)
+    return explain(event, enricher)
+
+
+def explained(explainer: Explainer, pid: int) -> tuple[Event, Verdict]:
+    return explainer.explain(lambda e: e.process.pid == pid, _in_process)
+
+
+def root_explained(bpf_sensor: Any, pid: int) -> tuple[Event, Verdict]:
+    """In this process only: the test changes the host between the denial and it."""
+    event = bpf_sensor.wait_for(lambda e: e.process.pid == pid and e.kind == "denial", timeout=15)[0]
+    return event, _in_process(event)
 
 
 def _has_cap_sys_resource() -> bool:
@@ -67,14 +83,15 @@ def layer(verdict: Verdict, name: str) -> dict[str, Any]:
     return next(step for step in verdict.ladder if step["layer"] == name)
 
 
-def test_v2_device_program_refusal_names_the_program(bpf_sensor: Any, nvidia_node: Any) -> None:
+def test_v2_device_program_refusal_names_the_program(explainer: Explainer, nvidia_node: Any) -> None:
     node = nvidia_node(0o666)
     with v2_device_cgroup(deny_major(195, "systemd")) as cgroup:
         result = actor.spawn({"cgroup_procs": [os.path.join(cgroup, "cgroup.procs")],
                               "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]}).check()
         assert result.errnos() == [errno.EPERM]
-        event, verdict = explained(bpf_sensor, result.pid)  # the actor has exited
-    assert event.facts.get("process.live") is False
+        event, verdict = explained(explainer, result.pid)  # the actor has exited
+    # `watch` explains on arrival, maybe before the exit; in this process it is gone
+    assert explainer.mode == "unit" or event.facts.get("process.live") is False
     assert verdict.reason == R.DEVICE_CGROUP and verdict.confidence == "high", verdict.to_json()
     v2 = layer(verdict, "device_cgroup_v2")
     assert v2["refuses"] is True and v2["program"]["name"] == "sd_devices"
@@ -83,14 +100,14 @@ def test_v2_device_program_refusal_names_the_program(bpf_sensor: Any, nvidia_nod
     assert "Deciding instructions:" in said and "exit" in said
 
 
-def test_not_in_group_then_v2_program_would_refuse(bpf_sensor: Any, nvidia_node: Any) -> None:
+def test_not_in_group_then_v2_program_would_refuse(explainer: Explainer, nvidia_node: Any) -> None:
     node = nvidia_node(0o660, gid=42001)
     with v2_device_cgroup(deny_major(195, "runc")) as cgroup:
         result = actor.spawn({"uid": 41001, "gid": 41001, "groups": [],
                               "cgroup_procs": [os.path.join(cgroup, "cgroup.procs")],
                               "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]}).check()
         assert result.errnos() == [errno.EACCES]  # DAC refuses first; the program never ran
-        _event, verdict = explained(bpf_sensor, result.pid)
+        _event, verdict = explained(explainer, result.pid)
     assert verdict.reason == R.NOT_IN_GROUP, verdict.to_json()
     [then] = verdict.then
     assert (then["layer"], then["errno"], then["reason"]) == ("device_cgroup_v2", "EPERM", R.DEVICE_CGROUP)
@@ -98,7 +115,7 @@ def test_not_in_group_then_v2_program_would_refuse(bpf_sensor: Any, nvidia_node:
     assert then["fix"]["command"]
 
 
-def test_not_in_group_then_v1_list_would_refuse(bpf_sensor: Any, nvidia_node: Any) -> None:
+def test_not_in_group_then_v1_list_would_refuse(explainer: Explainer, nvidia_node: Any) -> None:
     """v1 is read through /proc/PID/cgroup, so this process is held until explained."""
     node = nvidia_node(0o660, gid=42001)
     rules = [("devices.deny", "a"), ("devices.allow", "c 1:* rwm"), ("devices.allow", "c 226:* rw")]
@@ -108,7 +125,7 @@ def test_not_in_group_then_v1_list_would_refuse(bpf_sensor: Any, nvidia_node: An
                             "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]})
         try:
             assert held.wait().check().errnos() == [errno.EACCES]
-            _event, verdict = explained(bpf_sensor, held.pid)
+            _event, verdict = explained(explainer, held.pid)
         finally:
             held.release()
     assert verdict.reason == R.NOT_IN_GROUP, verdict.to_json()
@@ -127,26 +144,26 @@ def _restricted(mode: str, node: str, hold: bool) -> tuple[subprocess.Popen[str]
     return proc, pid, err
 
 
-def _exited_after(mode: str, expected: int, bpf_sensor: Any, node: str) -> Verdict:
+def _exited_after(mode: str, expected: int, explainer: Explainer, node: str) -> Verdict:
     """Open `node` under the restriction, exit at once, then explain."""
-    return _exited_event_after(mode, expected, bpf_sensor, node)[1]
+    return _exited_event_after(mode, expected, explainer, node)[1]
 
 
-def _exited_event_after(mode: str, expected: int, bpf_sensor: Any,
+def _exited_event_after(mode: str, expected: int, explainer: Explainer,
                         node: str) -> tuple[Event, Verdict]:
     proc, pid, err = _restricted(mode, node, hold=False)
     proc.wait(timeout=10)
     assert err == expected
-    return explained(bpf_sensor, pid)
+    return explained(explainer, pid)
 
 
-def test_seccomp_eperm_is_not_device_cgroup(bpf_sensor: Any, nvidia_node: Any) -> None:
+def test_seccomp_eperm_is_not_device_cgroup(explainer: Explainer, nvidia_node: Any) -> None:
     """The seccomp state is read from /proc/PID/status: held until explained."""
     node = nvidia_node(0o666)
     proc, pid, err = _restricted("seccomp", node, hold=True)
     try:
         assert err == errno.EPERM
-        _event, verdict = explained(bpf_sensor, pid)
+        _event, verdict = explained(explainer, pid)
     finally:
         proc.communicate("x", timeout=10)
     assert verdict.reason == R.SECCOMP_DENIED, verdict.to_json()
@@ -154,12 +171,13 @@ def test_seccomp_eperm_is_not_device_cgroup(bpf_sensor: Any, nvidia_node: Any) -
     assert layer(verdict, "device_cgroup_v2")["refuses"] is False
 
 
-def test_seccomp_eperm_of_an_exited_process_is_seccomp_denied(bpf_sensor: Any,
+def test_seccomp_eperm_of_an_exited_process_is_seccomp_denied(explainer: Explainer,
                                                               nvidia_node: Any) -> None:
     """The sensor captures task->seccomp (mode, filter count) with the event, so the
     filter is known although /proc/PID/status is gone."""
-    event, verdict = _exited_event_after("seccomp", errno.EPERM, bpf_sensor, nvidia_node(0o666))
-    assert event.facts.get("process.live") is False
+    event, verdict = _exited_event_after("seccomp", errno.EPERM, explainer, nvidia_node(0o666))
+    # `watch` explains on arrival, maybe before the exit; in this process it is gone
+    assert explainer.mode == "unit" or event.facts.get("process.live") is False
     assert event.process.seccomp_mode == 2 and (event.process.seccomp_filters or 0) >= 1
     assert verdict.reason == R.SECCOMP_DENIED and verdict.confidence == "high", verdict.to_json()
     assert "seccomp" in verdict.summary
@@ -168,7 +186,7 @@ def test_seccomp_eperm_of_an_exited_process_is_seccomp_denied(bpf_sensor: Any,
     assert layer(verdict, "device_cgroup_v2")["refuses"] is False
 
 
-def test_v1_device_cgroup_eperm_without_a_filter_stays_device_cgroup(bpf_sensor: Any,
+def test_v1_device_cgroup_eperm_without_a_filter_stays_device_cgroup(explainer: Explainer,
                                                                      nvidia_node: Any) -> None:
     """No seccomp filter (mode 0 captured by the kernel): the refusing v1 list is the cause.
     v1 is read through /proc/PID/cgroup, so this process is held until explained."""
@@ -179,7 +197,7 @@ def test_v1_device_cgroup_eperm_without_a_filter_stays_device_cgroup(bpf_sensor:
                             "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]})
         try:
             assert held.wait().check().errnos() == [errno.EPERM]
-            event, verdict = explained(bpf_sensor, held.pid)
+            event, verdict = explained(explainer, held.pid)
         finally:
             held.release()
     assert event.process.seccomp_mode == 0 and event.process.seccomp_filters == 0
@@ -197,21 +215,21 @@ def securityfs() -> Iterator[None]:
         subprocess.run(["umount", SECURITYFS], check=True)
 
 
-def test_landlock_sandbox_is_lsm_denied_naming_landlock(bpf_sensor: Any, nvidia_node: Any,
+def test_landlock_sandbox_is_lsm_denied_naming_landlock(explainer: Explainer, nvidia_node: Any,
                                                         securityfs: None) -> None:
-    verdict = _exited_after("landlock", errno.EACCES, bpf_sensor, nvidia_node(0o666))
+    verdict = _exited_after("landlock", errno.EACCES, explainer, nvidia_node(0o666))
     assert verdict.reason == R.LSM_DENIED, verdict.to_json()
     assert "Landlock" in verdict.summary
     assert "landlock" in {e.fact: e.value for e in verdict.evidence}["lsm.active"]
 
 
 @pytest.mark.podman
-def test_rootful_runc_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) -> None:
+def test_rootful_runc_on_cgroup_v2_bind_mount_is_device_cgroup(explainer: Explainer) -> None:
     """runc's own device program on a real v2 cgroup (private cgroup2 mount); the
     probe is held: the --rm cgroup and its program vanish with the container."""
     with scenarios.rootful_podman(via="bind", runtime="runc", private_cgroup2=True) as attempt:
         assert attempt.errno == errno.EPERM
-        event, verdict = explained(bpf_sensor, attempt.host_pid)
+        event, verdict = explained(explainer, attempt.host_pid)
     assert verdict.reason == R.DEVICE_CGROUP and verdict.confidence == "high", verdict.to_json()
     v2 = layer(verdict, "device_cgroup_v2")
     assert v2["refuses"] is True and v2["program"]["id"] > 0 and len(v2["program"]["tag"]) == 16
@@ -220,7 +238,7 @@ def test_rootful_runc_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) 
 
 
 @pytest.mark.podman
-def test_rootful_crun_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) -> None:
+def test_rootful_crun_on_cgroup_v2_bind_mount_is_device_cgroup(explainer: Explainer) -> None:
     """The container's device program vanishes with its --rm cgroup (the container
     tracker snapshots it at start); here the probe is held until explained.
     Named skip (README): crun 1.8 raises RLIMIT_MEMLOCK to infinity before it loads
@@ -228,7 +246,7 @@ def test_rootful_crun_on_cgroup_v2_bind_mount_is_device_cgroup(bpf_sensor: Any) 
     try:
         with scenarios.rootful_podman(via="bind", runtime="crun", private_cgroup2=True) as attempt:
             assert attempt.errno == errno.EPERM
-            event, verdict = explained(bpf_sensor, attempt.host_pid)
+            event, verdict = explained(explainer, attempt.host_pid)
     except ProbeFailed as exc:
         if "RLIM_MEMLOCK" in str(exc) and not _has_cap_sys_resource():
             pytest.skip("crun cannot raise RLIMIT_MEMLOCK without CAP_SYS_RESOURCE (README: named skips)")
@@ -249,7 +267,7 @@ def test_node_removed_after_a_refusal_is_not_node_missing(bpf_sensor: Any,
                           "actions": [{"op": "open", "path": node, "flags": "O_RDWR"}]}).check()
     assert result.errnos() == [errno.EACCES]
     os.unlink(node)
-    event, verdict = explained(bpf_sensor, result.pid)
+    event, verdict = root_explained(bpf_sensor, result.pid)
     assert event.facts.get("node.exists") is False
     assert verdict.reason == R.UNKNOWN, verdict.to_json()
     assert "existed when it was checked" in verdict.notes[0]
@@ -265,7 +283,7 @@ def test_seccomp_eperm_on_a_node_removed_since_is_still_seccomp_denied(bpf_senso
     proc.wait(timeout=10)
     assert err == errno.EPERM
     os.unlink(node)
-    event, verdict = explained(bpf_sensor, pid)
+    event, verdict = root_explained(bpf_sensor, pid)
     assert event.facts.get("node.exists") is False and event.facts.get("process.live") is False
     assert verdict.reason == R.SECCOMP_DENIED, verdict.to_json()
     assert "existed when it was checked" in verdict.notes[0]
@@ -298,7 +316,7 @@ def test_node_removed_after_a_refusal_named_from_the_node_watchers_reading(
         assert result.errnos() == [errno.EACCES]
         os.unlink(node)
         drain_until("removed")
-        event, verdict = explained(bpf_sensor, result.pid)
+        event, verdict = root_explained(bpf_sensor, result.pid)
     finally:
         watcher.close()
     assert event.facts.get("node.exists") is False

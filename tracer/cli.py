@@ -248,7 +248,7 @@ def check(user: Optional[str], runtime: Optional[str], containers: bool,
         return
     click.echo(f"{'node':<28}{'runtime':<26}{'result':<10}reason")
     for row in rows:
-        result = "ok" if row.allowed else (row.errno or "denied")
+        result = "ok" if row.allowed else "unknown" if row.allowed is None else (row.errno or "denied")
         click.echo(f"{escape(row.node):<28}{row.runtime:<26}{result:<10}{row.reason or ''}")
         if not row.allowed and row.fix:
             click.echo(f"{'':<28}fix: {escape(str(row.fix))}")

@@ -43,7 +43,7 @@ class CheckRow:
     node: str
     node_class: str
     runtime: str
-    allowed: bool
+    allowed: Optional[bool]  # None: a layer of the scenario is not known
     errno: Optional[str]
     check: Optional[str]
     reason: Optional[str]
@@ -146,12 +146,19 @@ def _row(base: Facts, path: str, found: Any, node_class: str, runtime: str, uid:
     if runtime == "docker-device":  # --device adds the node to the allowlist
         facts.put("device_cgroup.v1_rules", DOCKER_DEFAULT_DEVICES
                   + [f"c {found.major}:{found.minor} rwm"], INFERRED, f"check scenario {runtime}")
+    elif runtime.startswith("podman"):  # rootless: --device passes the node; no device rules
+        facts.put("device_cgroup.v1_rules", ["a *:* rwm"], INFERRED,
+                  f"check scenario {runtime}: rootless podman run --device NODE")
+    elif runtime == "host":
+        facts.put("device_cgroup.v1_rules", ["a *:* rwm"], INFERRED,
+                  "check scenario host: a login session's cgroup does not restrict devices")
     run = run_model(facts, os.O_RDWR)
     decision = run.decision
     assert decision is not None  # the node's stat is always known here
     ladder = [f"{step.layer}: {_verb(step.refuses)} ({step.check})" for step in decision.ladder]
-    if decision.allowed:
-        return CheckRow(path, node_class, runtime, True, None, decision.check, None, None, ladder)
+    if decision.allowed is not False:  # True, or None: no layer refuses, one is not known
+        return CheckRow(path, node_class, runtime, decision.allowed, None, decision.check, None,
+                        None, ladder)
     err = decision.errno or errno_mod.EACCES
     found_cause = classify(err, facts, run)
     fixes = ranked_fixes(found_cause.reason, found_cause.context)

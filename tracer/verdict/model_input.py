@@ -1,7 +1,9 @@
 """Turn enrichment facts into the access model's inputs and ask it.
 
 Missing facts are reported, not guessed: without the node's mode/owner the
-model is not asked at all.
+model is not asked at all; any other missing fact (an id, the groups, the
+capabilities, the user namespace, the device number, the mount) is passed on as
+unknown, never as a default (a missing fsuid is not root, 0:0 is not a device).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tracer.verdict.access_model import (MAY_READ, MAY_WRITE, AccessDecision, Cr
                                          IdMap, NodeFacts,
                                          PosixAcl, UserNamespace, UserNamespaceLevel,
                                          access_mask_from_open_flags, decide_open)
+from tracer.verdict.groups import SupplementaryGroups
 
 
 @dataclass
@@ -32,21 +35,37 @@ def _id_map(rows: Any) -> IdMap:
     return IdMap.from_rows(rows)
 
 
+def _known_int(facts: Facts, name: str, missing: list[str], base: int = 10) -> Optional[int]:
+    value = facts.get(name)
+    if value is None:
+        missing.append(name)
+        return None
+    return int(str(value), base) if base != 10 else int(value)
+
+
 def credentials_from_facts(facts: Facts, missing: list[str]) -> Credentials:
-    level = int(facts.get("userns.level", 0) or 0)
-    if level == 0:
+    level = facts.get("userns.level")
+    uid_map, gid_map = facts.get("userns.uid_map"), facts.get("userns.gid_map")
+    if level is None:
+        missing.append("the user namespace")
+        userns = UserNamespace.unknown()
+    elif int(level) == 0:
         userns = UserNamespace()
+    elif uid_map is None or gid_map is None:
+        missing.append("userns maps")  # whether the node is mapped (for capabilities) is unknown
+        userns = UserNamespace.unknown()
     else:
-        uid_map, gid_map = facts.get("userns.uid_map"), facts.get("userns.gid_map")
-        if uid_map is None or gid_map is None:
-            missing.append("userns maps")  # an empty map: capabilities cannot apply
         # maps read from the initial namespace have kernel ids outside: one level suffices
         userns = UserNamespace((UserNamespaceLevel(_id_map(uid_map), _id_map(gid_map)),))
+    groups = SupplementaryGroups.from_facts(facts.get("process.groups"),
+                                            facts.get("process.ngroups"))
+    if groups.gids is None:
+        missing.append("process.groups")
     return Credentials(
-        fsuid=int(facts.get("process.fsuid", 0)), fsgid=int(facts.get("process.fsgid", 0)),
-        groups=tuple(int(g) for g in facts.get("process.groups", [])),
-        cap_effective=int(str(facts.get("process.cap_effective", "0")), 16),
-        userns=userns)
+        fsuid=_known_int(facts, "process.fsuid", missing),
+        fsgid=_known_int(facts, "process.fsgid", missing), groups=groups,
+        cap_effective=_known_int(facts, "process.cap_effective", missing, 16), userns=userns,
+        mapped_groups_only=facts.get("process.groups_mapped_only") is True)
 
 
 def acl_from_facts(entries: Any) -> Optional[PosixAcl]:
@@ -67,15 +86,17 @@ def node_from_facts(facts: Facts, missing: list[str]) -> Optional[NodeFacts]:
         return None
     major, minor = facts.get("node.major"), facts.get("node.minor")
     if major is None or minor is None:
-        missing.append("node major:minor")
-        major, minor = 0, 0
+        missing.append("node major:minor")  # never 0:0: device layers that need it are unknown
     kind = stat.S_IFBLK if facts.get("node.type") == "block" else stat.S_IFCHR
-    if facts.get("node.mount_nodev") is None:
+    nodev = facts.get("node.mount_nodev")
+    if nodev is None:
         missing.append("mount flags")
     return NodeFacts(
         mode=kind | int(str(mode_text), 8), uid=int(uid), gid=int(gid),
-        major=int(major), minor=int(minor), acl=acl_from_facts(facts.get("node.acl")),
-        nodev_mount=bool(facts.get("node.mount_nodev", False)),
+        major=None if major is None or minor is None else int(major),
+        minor=None if major is None or minor is None else int(minor),
+        acl=acl_from_facts(facts.get("node.acl")),
+        nodev_mount=None if nodev is None else bool(nodev),
         device_cgroup=device_policy_from_facts(facts))
 
 

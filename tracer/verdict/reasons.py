@@ -110,3 +110,18 @@ class Verdict:
             "then": list(self.then),
             "ladder": list(self.ladder),
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Verdict":
+        """A verdict as `to_json` wrote it (a recorded event's); raises on a bad one."""
+        return cls(
+            reason=str(d["reason"]), summary=str(d.get("summary", "")),
+            confidence=str(d.get("confidence", "low")),
+            evidence=[Evidence(str(e["fact"]), e.get("value"), str(e.get("source", "")),
+                               str(e.get("origin", ""))) for e in d.get("evidence") or []],
+            fixes=[Fix(str(f["summary"]), str(f["command"]), str(f["applies_to"]),
+                       str(f.get("where", "")), str(f.get("security_note", "")))
+                   for f in d.get("fixes") or []],
+            notes=[str(n) for n in d.get("notes") or []], check=d.get("check"),
+            model_detail=str(d.get("model_detail", "")), then=list(d.get("then") or []),
+            ladder=list(d.get("ladder") or []))

@@ -293,12 +293,12 @@ def test_nodev_mount_short_lived_host_process(bpf_sensor, audit_sensor, store):
     assert facts.get("container.engine") is None and facts.get("process.host_process") is True
     assert verdict.fixes[0].command.startswith("mount -o remount,dev ")
     assert applies(verdict) <= {"host", "any"}
-    # audit has no mount namespace id: whose mount table applied is unknown, so is the cause
+    # audit has no mount namespace id: a host process is inferred from its live parent,
+    # and so is the host's mount table (medium, labelled)
     facts, verdict = seen["audit"]
-    assert verdict.reason in ("nodev_mount", "unknown") and verdict.reason != "lsm_denied"
-    if verdict.reason == "unknown":
-        assert verdict.confidence == "low" and any("mount" in n for n in verdict.notes), \
-            verdict.to_json()
+    assert verdict.reason == "nodev_mount" and verdict.confidence == "medium", verdict.to_json()
+    assert facts.fact("node.mount_ns_inferred") is not None
+    assert any("inferred" in n for n in verdict.notes)
 
 
 def test_one_millisecond_process_in_a_fifty_millisecond_container(bpf_sensor, store):

@@ -304,7 +304,10 @@ def parse(text: str, path: str = "<config>") -> Config:
         raise BadInput(f"{path}: not valid YAML: {type(exc).__name__}") from None
     if root is None:
         return Config()
-    config: Config = _Reader(path).section(Config, root, "")
+    try:
+        config: Config = _Reader(path).section(Config, root, "")
+    except yaml.YAMLError as exc:  # a tag SafeLoader cannot construct (!!python/object:...)
+        raise BadInput(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not config.sensor.errnos:
         raise BadInput(f"{path}: 'sensor.errnos' must name at least one errno")
     return config

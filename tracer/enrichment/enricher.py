@@ -19,9 +19,8 @@ from tracer.enrichment.cgroup_name import add_cgroup_identity
 from tracer.enrichment.kernel_starts import StartBook, add_start_facts
 from tracer.enrichment.container import (ContainerClues, detect_container, gather_state_dirs,
                                          podman_storage_has, read_containerenv)
-from tracer.enrichment import procfs
+from tracer.enrichment import inferred, procfs
 from tracer.enrichment.backfill import backfill_process
-from tracer.enrichment.id_map import IdMap
 from tracer.enrichment.access_history import AccessHistory
 from tracer.enrichment.container_store import ContainerSnapshot, SnapshotStore
 from tracer.enrichment.device_rules import devices_list_texts
@@ -149,8 +148,10 @@ class Enricher:
             if path is not None:
                 systemd_unit_facts(self.host, {"unified": path}, facts)
         self._add_rootless_inference(proc, facts)
-        self._add_mapped_groups_inference(facts)
         self._add_host(event, live, facts)
+        inferred.login_groups(facts)
+        inferred.mapped_groups_only(facts)
+        inferred.no_capabilities(event, facts)
         arrival = self.mount_tables.get(proc.mntns) if proc.mntns else None
         node_facts(self.host, self.stat_node, event, live, facts, arrival)
         history_facts(self.history, self.host, event, facts)
@@ -248,8 +249,17 @@ class Enricher:
             shared.put(f"container.{key}", value, INFERRED if key == "rootless" else LIVE, clue)
 
     def _add_container_snapshot(self, event: Event, facts: Facts) -> None:
-        """The container's facts as the tracker saw them when it started."""
+        """The container's facts as the tracker saw them when it started.  Without
+        kernel keys (audit), a descendant of the container's init is found through its
+        parent's live lineage (labelled as inferred)."""
         found = self.snapshots.find(event.process, event.time, event.missing)
+        if found is None and "process.mntns" in event.missing:
+            for ancestor in inferred.live_lineage(self.host, event.process.ppid, event.time)[1:]:
+                hit = self.snapshots.find(Process(pid=ancestor), event.time, event.missing)
+                if hit is not None and hit[1].startswith("pid "):
+                    found = hit[0], (f"inferred: ancestor pid {ancestor} of its parent (alive) "
+                                     "was the container's init then")
+                    break
         if found is None:
             return
         snap, key = found
@@ -258,15 +268,15 @@ class Enricher:
         if snap.pid:
             facts.put("container.init_pid", snap.pid, CACHED, snap.runtime + " state")
         facts.put("container.snapshot_key", key, INFERRED, "container snapshot store")
-        if key.startswith("pid ") and "process.groups" in event.missing:
-            self._init_groups_from_config(facts)
+        if "process.groups" in event.missing:
+            inferred.groups_from_init(facts, key)
 
     def _current_device_rules(self, snap: ContainerSnapshot, event: Event, facts: Facts) -> None:
         """An exited process of a running container: its device rules as they are now,
         read before the snapshot's (a hook or a re-apply may have changed them since the
         container started): v2 by the cgroup id the kernel captured, v1 by the
         container's devices cgroup."""
-        cgroup_id = event.process.cgroup_id if "process.cgroup_id" not in event.missing else 0
+        cgroup_id = event.process.cgroup_id or 0  # None: not captured (audit)
         mount = cgroup2_mount_dir(self.host)
         if "device_cgroup.v2_programs" not in facts and cgroup_id > 1 and mount is not None:
             found = Facts()
@@ -286,26 +296,6 @@ class Enricher:
         facts.put("device_cgroup.version", 1, LIVE, where)
         facts.put("device_cgroup.v1_rules", list(devices_list_texts(text, facts.skips)), LIVE,
                   f"{where} (the container's cgroup, read after the process exited)")
-
-    @staticmethod
-    def _init_groups_from_config(facts: Facts) -> None:
-        """The event's process was the container's init (same pid, in its lifetime):
-        the runtime gave it the OCI config's additionalGids as its supplementary
-        groups, mapped to kernel ids through the container's gid_map."""
-        oci = facts.get("container.oci")
-        user = oci.get("user") if isinstance(oci, dict) else None
-        if not isinstance(user, dict) or not isinstance(user.get("additional_gids"), list):
-            return
-        rows = facts.get("userns.gid_map")
-        id_map = IdMap.from_rows(rows) if rows else None
-        groups = []
-        for gid in user["additional_gids"]:
-            kernel = id_map.to_outside(int(gid)) if id_map is not None else int(gid)
-            if kernel is None:
-                return  # an unmapped group: the runtime could not have given it as listed
-            groups.append(kernel)
-        facts.put("process.groups", sorted(set(groups)), INFERRED,
-                  "OCI process.user.additionalGids of the container's init (this process)")
 
     def _add_cached(self, proc: Process, facts: Facts) -> None:
         """What `prime` read from this very process while it lived."""
@@ -344,29 +334,6 @@ class Enricher:
             facts.put("container.rootless", True, INFERRED,
                       f"userns level > 0 and owner uid != 0 ({where.source if where else '?'})")
 
-    @staticmethod
-    def _add_mapped_groups_inference(facts: Facts) -> None:
-        """Groups not captured (audit), in a rootless podman container that does not keep
-        them: podman sets the groups inside the user namespace, so a gid not mapped
-        there cannot be held (runc never keeps them; crun only with the keep-groups
-        annotation).  Measured: tests/test_verdict_scenarios.py, rootless podman runc."""
-        if "process.groups" in facts or facts.get("container.rootless") is not True \
-                or facts.get("container.engine") != "podman":
-            return
-        oci = facts.get("container.oci")
-        notes = oci.get("annotations") if isinstance(oci, dict) else None
-        runtime = facts.get("container.runtime")
-        if runtime == "runc":
-            why = "rootless podman with runc, which cannot keep the host's groups"
-        elif runtime == "crun" and isinstance(notes, dict) \
-                and notes.get("run.oci.keep_original_groups") != "1":
-            why = "rootless podman with crun, without run.oci.keep_original_groups=1"
-        else:
-            return
-        facts.put("process.groups_mapped_only", True, INFERRED,
-                  f"{why}: its supplementary groups are set inside the user namespace, where a "
-                  "gid that is not mapped cannot be held")
-
     def _host_process(self, event: Event, live: bool, facts: Facts) -> tuple[Optional[bool], str]:
         """Whether the process ran on the host, in no container: only then is its
         uid a host user's.  None when the facts cannot tell."""
@@ -375,6 +342,11 @@ class Enricher:
             return False, "container facts"
         level = facts.get("userns.level")
         if level is None:
+            by_parent = None if live else inferred.host_process_by_parent(
+                self.host, proc.ppid, event.time)
+            if by_parent is not None:
+                facts.put("userns.level", 0, INFERRED, by_parent)
+                return True, by_parent
             return None, "the sensor could not capture the user namespace"
         if int(level) > 0:
             return False, "user namespace level > 0"

@@ -51,6 +51,14 @@ def _stat_node(host: HostPaths, statter: NodeStatter, event: Event, path: str,
     return None, "host", os.path.join(root, path.lstrip("/"))
 
 
+def _root_reachable(host: HostPaths, pid: int) -> bool:
+    try:
+        os.stat(host.proc_pid(pid, "root") + "/")
+    except OSError:
+        return False
+    return True
+
+
 def _watched_before_removal(host: HostPaths, event: Event,
                             path: str) -> tuple[Optional[NodeStat], str]:
     """The node as the GPU node watcher last read it, when it vouches that this was
@@ -145,8 +153,9 @@ def node_facts(host: HostPaths, statter: NodeStatter, event: Event, live: bool,
         return
     found, seen_from, origin = _stat_node(host, statter, event, path, live)
     why = "process alive" if live else "process gone"
-    if found is None and live and procfs.read_text(host.proc_pid(event.process.pid, "status")) is None:
-        # it exited while being enriched, and its root with it: not a sign the node is gone
+    if found is None and live and not _root_reachable(host, event.process.pid):
+        # it exited (or is a zombie) while being enriched, and its root went with it: not a
+        # sign that the node is gone
         live, why = False, "process exited while it was being enriched"
         found, seen_from, origin = _stat_node(host, statter, event, path, live)
     facts.put("node.seen_from", seen_from, INFERRED, why)

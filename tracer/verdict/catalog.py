@@ -111,9 +111,17 @@ def _classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     if decision is None:
         return Classification(R.UNKNOWN, "low", [], ctx,
                               [f"Missing facts: {', '.join(run.missing)}."])
-    seen_from_host = facts.get("node.seen_from") == "host"
+    # a gone process's node examined on the host is its own only for a host process
+    seen_from_host = facts.get("node.seen_from") == "host" \
+        and facts.get("process.host_process") is not True
     if decision.check in ("nodev_mount", "nodev_superblock"):
         ctx["mount"] = _field(facts, "node.mount", "mount_point", "?")
+        inferred = facts.fact("node.mount_ns_inferred")
+        if inferred is not None:  # whose mount table applied was inferred, not captured
+            return Classification(R.NODEV_MOUNT, "medium", ["node.mount_nodev", "node.mount",
+                                                            "node.mount_ns_inferred",
+                                                            "process.host_process"], ctx,
+                                  [f"The mount table is inferred: {inferred.origin}."])
         return Classification(R.NODEV_MOUNT, "high", ["node.mount_nodev", "node.mount"], ctx)
     if decision.allowed and "mount flags" in run.missing:
         # allowed only because the mount (nodev) could not be checked: conclude nothing

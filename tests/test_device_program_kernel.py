@@ -252,7 +252,7 @@ def test_helpers_maps_and_loops_are_undecided() -> None:
                                   device_program.Insn(0x05, 0, 0, -1, 0), device_program.Insn(0x95, 0, 0, 0, 0)])
     stack = device_program.encode([device_program.Insn(0x7A, 10, 0, -8, 1),
                                    device_program.Insn(0xB7, 0, 0, 0, 1), device_program.Insn(0x95, 0, 0, 0, 0)])
-    from tracer.enrichment.device_rules import DeviceProgram
+    from tracer.device_programs import DeviceProgram
     for raw, why in ((call, "helper"), (loop, "loop"), (stack, "stack")):
         decision = V2DevicePrograms((DeviceProgram(7, "x", "00" * 8, raw),)).may("c", 195, 0, "rw")
         assert decision.allowed is None and why in decision.detail, decision

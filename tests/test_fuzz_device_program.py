@@ -20,7 +20,7 @@ from tests.test_enrichment_fixtures import denial
 from tests.test_ladder import _facts
 from tracer.enrichment import device_program as prog
 from tracer.enrichment.device_program import Insn
-from tracer.enrichment.device_rules import DeviceProgram
+from tracer.device_programs import DeviceProgram
 
 CTXS = [prog.dev_ctx("c", 195, 0, prog.ACC_READ | prog.ACC_WRITE),
         prog.dev_ctx("b", 8, 1, prog.ACC_MKNOD), prog.dev_ctx("c", 2**32 - 1, 2**32 - 1, 7)]

@@ -11,7 +11,7 @@ from tests.support import device_program_styles as styles
 from tests.test_enrichment_fixtures import denial
 from tests.test_verdict_offline import _check
 from tracer.enrichment import device_program
-from tracer.enrichment.device_rules import DeviceProgram
+from tracer.device_programs import DeviceProgram
 from tracer.facts import INFERRED, Facts
 from tracer.verdict import reasons as R
 from tracer.verdict.explain import explain_facts

@@ -21,7 +21,8 @@ from dataclasses import replace
 from typing import Optional
 
 from tracer.enrichment import bpf_syscall as bpf
-from tracer.enrichment.device_rules import DeviceProgram, V2DevicePrograms
+from tracer.device_programs import DeviceProgram
+from tracer.enrichment.device_rules import V2DevicePrograms
 from tracer.facts import LIVE, Facts
 
 MAX_EFFECTIVE = 64

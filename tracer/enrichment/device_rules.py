@@ -12,10 +12,10 @@ either refusal is EPERM.  Access is a subset of "rwm".
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
+from tracer.device_programs import DeviceProgram
 from tracer.enrichment import device_program as prog
 from tracer.facts import SkipCounter
 from tracer.enrichment.parse_files import TextMemo
@@ -150,30 +150,6 @@ class V1DeviceList:
         if self.default_allow:
             return DeviceDecision(True, self.layer, f"devices.list allows all devices ({where})")
         return DeviceDecision(False, self.layer, f"no devices.list allow rule covers {where}")
-
-
-@dataclass(frozen=True)
-class DeviceProgram:
-    """One BPF_CGROUP_DEVICE program as the kernel holds it (xlated)."""
-
-    id: int
-    name: str
-    tag: str
-    insns: bytes
-
-    def label(self) -> str:
-        return f"program id {self.id} '{self.name or '(no name)'}' tag {self.tag}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "tag": self.tag,
-                "insns_b64": base64.b64encode(self.insns).decode("ascii")}
-
-    @classmethod
-    def from_json(cls, d: Any) -> "DeviceProgram":
-        if not isinstance(d, dict):
-            raise ValueError("a device program must be an object")
-        return cls(int(d["id"]), str(d.get("name", "")), str(d.get("tag", "")),
-                   base64.b64decode(str(d.get("insns_b64", "")), validate=True))
 
 
 ACCESS_BITS = {"m": prog.ACC_MKNOD, "r": prog.ACC_READ, "w": prog.ACC_WRITE}

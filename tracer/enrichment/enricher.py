@@ -141,10 +141,11 @@ class Enricher:
         add_cgroup_identity(proc, facts)
         if self.starts is not None:
             add_start_facts(self.starts, proc, event.time, facts)
-        if "systemd.unit" not in facts and self._cgroup_key(proc) is not None:
+        cgroup = self._cgroup_key(proc)
+        if "systemd.unit" not in facts and cgroup is not None:
             # the unit from the kernel-captured cgroup id: the process may be gone, or in
             # a pid namespace of its own where /proc/PID is not it
-            path = cgroup_path_by_id(self.host, proc.cgroup_id, facts)
+            path = cgroup_path_by_id(self.host, cgroup, facts)
             if path is not None:
                 systemd_unit_facts(self.host, {"unified": path}, facts)
         self._add_rootless_inference(proc, facts)

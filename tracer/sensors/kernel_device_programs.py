@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 from typing import Callable, Optional
 
-from tracer.enrichment.device_rules import DeviceProgram
+from tracer.device_programs import DeviceProgram
 from tracer.facts import SENSOR
 from tracer.sensors.bpf_constants import DEV_PROGS_SENT_MAX, MAX_DEV_PROGS, MAX_PROG_INSNS
 from tracer.sensors.bpf_event import Denial, DevProgRecord

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -162,6 +163,64 @@ def test_the_unit_runs_under_systemd_with_its_hardening(systemd: SystemdContaine
     summary = [line for line in systemd.journal("gputrace").splitlines() if "stopped:" in line]
     assert summary and "denial events" in summary[-1]
     print("reload and stop:", after, stopped, summary[-1])
+
+
+V2_REFUSAL = """
+import json, sys
+from tests.support import actor
+from tests.support.v2_device_cgroup import deny_major, v2_device_cgroup
+with v2_device_cgroup(deny_major(195, "runc")) as cgroup:
+    result = actor.spawn({"cgroup_procs": [cgroup + "/cgroup.procs"],
+                          "actions": [{"op": "open", "path": sys.argv[1], "flags": "O_RDWR"}]})
+    print(json.dumps(result.check().errnos()))
+"""
+
+
+def journal_events(systemd: SystemdContainer, path: str) -> list[dict]:
+    """The unit's explained events of `path`, from its journal in the container."""
+    code = ("import json\nfrom tracer.sinks.journal import read_journal\n"
+            "for e in read_journal('/var/lib/gputrace/journal').events:\n"
+            "    print(json.dumps(e.to_json()))")
+    out = systemd.sh(f"{REPO}/.venv/bin/python -c {shlex.quote(code)}", check=False).stdout
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [e for e in events if e.get("node", {}).get("path") == path and e.get("verdict")]
+
+
+def test_the_unit_explains_device_cgroup_refusals(systemd: SystemdContainer,
+                                                  installed: int) -> None:
+    """Under the real systemd, with the unit's capabilities (no CAP_SYS_ADMIN): a v2
+    device program's refusal is named by its program (read by the probe at the
+    denial), and a unit's DevicePolicy=closed refusal is device_cgroup."""
+    systemd.sh("systemctl start gputrace")
+    wait_for(lambda: systemd.show("gputrace", "ActiveState")["ActiveState"] == "active",
+             "gputrace.service to become active", timeout=240)
+    wait_for(lambda: "daemon ready" in systemd.journal("gputrace").split("stopped:")[-1],
+             "the daemon to be ready")
+    shown = systemd.show("gputrace", "CapabilityBoundingSet")
+    assert "cap_sys_admin" not in shown["CapabilityBoundingSet"] and \
+        "cap_net_admin" not in shown["CapabilityBoundingSet"]
+    v2_node = f"/dev/nvidia-gtv2-{unique()}"
+    systemd.sh(f"mknod -m 0666 {v2_node} c 195 45")
+    errnos = systemd.sh(f"{REPO}/.venv/bin/python -c {shlex.quote(V2_REFUSAL)} {v2_node}").stdout
+    assert json.loads(errnos.strip().splitlines()[-1]) == [1]  # EPERM from the program
+    wait_for(lambda: bool(journal_events(systemd, v2_node)), "the v2 refusal in the journal")
+    verdict = journal_events(systemd, v2_node)[0]["verdict"]
+    v2 = next(step for step in verdict["ladder"] if step["layer"] == "device_cgroup_v2")
+    print("v2 program refusal under the unit:", verdict["reason"], verdict["confidence"],
+          v2.get("program"), verdict["summary"])
+    assert verdict["reason"] == "device_cgroup" and v2["refuses"] is True, verdict
+    assert v2["program"]["id"] > 0
+    unit_node = f"/dev/nvidia-gtunit-{unique()}"
+    systemd.sh(f"mknod -m 0666 {unit_node} c 195 46")
+    code = f"import os\ntry: os.open('{unit_node}', os.O_RDWR)\nexcept OSError as e: print(e)"
+    systemd.sh(f"systemd-run --wait --unit gttest-devpolicy-{unique()} -p DevicePolicy=closed "
+               f"-p DeviceAllow='/dev/null rw' /usr/bin/python3 -c {shlex.quote(code)}")
+    wait_for(lambda: bool(journal_events(systemd, unit_node)), "the unit's refusal in the journal")
+    verdict = journal_events(systemd, unit_node)[0]["verdict"]
+    print("DevicePolicy=closed under the unit:", verdict["reason"], verdict["confidence"],
+          [s["layer"] for s in verdict["ladder"] if s["refuses"]], verdict["summary"])
+    assert verdict["reason"] == "device_cgroup", verdict
+    systemd.sh("systemctl stop gputrace")
 
 
 def test_the_audit_drop_in_merges_and_its_capabilities_suffice(systemd: SystemdContainer,

@@ -1,5 +1,7 @@
 """The verdict scenarios again, through the audit sensor: the verdict stage does
-not care which sensor saw the denial."""
+not care which sensor saw the denial.  Each test runs as root in this process and
+by `gputrace watch --sensor audit` under the unit's bounding set plus the audit
+drop-in's capabilities (tests/support/unit_caps.py)."""
 
 from __future__ import annotations
 
@@ -8,59 +10,50 @@ import errno
 import pytest
 
 from tests.support import scenarios
-from tests.support.sensor_harness import SensorHarness
+from tests.support.unit_caps import Explainer, explainer_fixture
 from tracer.enrichment.enricher import Enricher
 from tracer.host import HostPaths
-from tracer.sensors.audit_pipeline import AuditConfig
-from tracer.sensors.audit_sensor import AuditSensor
 from tracer.verdict.explain import explain
 
 pytestmark = [pytest.mark.kernel, pytest.mark.podman]
+explainer = explainer_fixture(("/dev/dri-gttest/",), sensor="audit")
 
 
-@pytest.fixture(scope="module")
-def audit_sensor():
-    harness = SensorHarness(sensor=AuditSensor(AuditConfig(
-        extra_prefixes=("/dev/dri-gttest/",)))).start()
-    yield harness
-    harness.close()
-
-
-def explained(sensor, attempt):
-    events = sensor.wait_for(lambda e: e.process.pid == attempt.host_pid, timeout=15)
-    event = events[0]
+def explained(explainer: Explainer, attempt):
+    event, verdict = explainer.explain(lambda e: e.process.pid == attempt.host_pid,
+                                       lambda e: explain(e, Enricher(HostPaths())))
     assert event.sensor == "audit" and event.missing  # says what audit cannot see
-    return event, explain(event, Enricher(HostPaths()))
+    return event, verdict
 
 
-def test_not_in_group_through_audit(audit_sensor):
+def test_not_in_group_through_audit(explainer):
     with scenarios.seat_acl(opener="ssh", acl=False) as attempt:
         assert attempt.errno == errno.EACCES
-        event, verdict = explained(audit_sensor, attempt)
+        event, verdict = explained(explainer, attempt)
         gid = attempt.details["render_gid"]
     assert event.errno == errno.EACCES and event.node.path == attempt.node.path.encode()
     assert verdict.reason == "not_in_group", verdict.to_json()
     assert str(gid) in verdict.summary
 
 
-def test_group_dropped_in_userns_through_audit(audit_sensor):
+def test_group_dropped_in_userns_through_audit(explainer):
     with scenarios.rootless_podman(runtime="runc") as attempt:
         assert attempt.errno == errno.EACCES
-        event, verdict = explained(audit_sensor, attempt)
+        event, verdict = explained(explainer, attempt)
     assert verdict.reason == "group_dropped_in_userns", verdict.to_json()
 
 
-def test_device_cgroup_through_audit(audit_sensor):
+def test_device_cgroup_through_audit(explainer):
     # deny-all ("a"): devices.list shows the (empty) allowlist, so the refusal is shown;
     # a default-allow cgroup's deny rules are not (test_verdict_scenarios covers that)
     with scenarios.device_cgroup_v1(rule="a") as attempt:
         assert attempt.errno == errno.EPERM
-        event, verdict = explained(audit_sensor, attempt)
+        event, verdict = explained(explainer, attempt)
     assert event.errno == errno.EPERM
     assert verdict.reason == "device_cgroup" and verdict.confidence == "high", verdict.to_json()
 
 
-def test_landlock_refusal_is_shown_by_its_audit_record(audit_sensor):
+def test_landlock_refusal_is_shown_by_its_audit_record(explainer):
     """A real Landlock sandbox (no file rights) refuses an open and exits at once; the
     kernel's LANDLOCK_ACCESS record in the same serial names the domain and the blocked
     rights, so Landlock is shown (high), not inferred by elimination (medium)."""
@@ -77,13 +70,13 @@ def test_landlock_refusal_is_shown_by_its_audit_record(audit_sensor):
                                 path], cwd=root, capture_output=True, text=True, check=True)
         pid, err = (int(x) for x in child.stdout.split())
         assert err == errno.EACCES
-        event = audit_sensor.wait_for(lambda e: e.process.pid == pid, timeout=15)[0]
-        verdict = explain(event, Enricher(HostPaths()))
+        event, verdict = explainer.explain(lambda e: e.process.pid == pid,
+                                           lambda e: explain(e, Enricher(HostPaths())))
     finally:
         os.unlink(path)
     assert set(event.facts.get("audit.landlock_blockers")) >= {"fs.read_file", "fs.write_file"}
     assert event.facts.get("audit.landlock_path") == path
-    assert event.facts.get("process.live") is False
+    assert explainer.mode == "unit" or event.facts.get("process.live") is False
     assert verdict.reason == "lsm_denied" and verdict.confidence == "high", verdict.to_json()
     assert "Landlock" in verdict.summary
     assert any("Landlock audit record" in n and "fs.read_file" in n for n in verdict.notes)

@@ -62,10 +62,11 @@ class WatchUnderUnitCaps:
     explained events, parsed back with the one Event model."""
 
     def __init__(self, extra_prefixes: tuple[str, ...] = (),
-                 extra_devs: tuple[str, ...] = ()) -> None:
-        self.caps = bounding_set()
+                 extra_devs: tuple[str, ...] = (), sensor: str = "bpf") -> None:
+        # the audit sensor runs with the audit drop-in's capabilities added
+        self.caps = bounding_set(UNIT, AUDIT_DROP_IN) if sensor == "audit" else bounding_set()
         argv = [os.path.join(REPO, ".venv", "bin", "python"), "-m", "tracer", "watch", "--json",
-                "--standalone", "--no-nodes"]
+                "--standalone", "--no-nodes", "--sensor", sensor]
         if not os.path.exists(argv[0]):
             argv[0] = "python3"
         for prefix in extra_prefixes:
@@ -140,9 +141,9 @@ class Explainer:
     """One denial, caught and explained either in this process as root (`root`) or
     by `gputrace watch` under the unit's capabilities (`unit`)."""
 
-    def __init__(self, mode: str, bpf_sensor: Any = None,
+    def __init__(self, mode: str, harness: Any = None,
                  watch: Optional[WatchUnderUnitCaps] = None) -> None:
-        self.mode, self.bpf_sensor, self.watch = mode, bpf_sensor, watch
+        self.mode, self.harness, self.watch = mode, harness, watch
 
     def explain(self, pred: Callable[[Event], bool], in_process: Callable[[Event], Verdict],
                 timeout: float = 15) -> tuple[Event, Verdict]:
@@ -151,21 +152,34 @@ class Explainer:
             assert self.watch is not None
             event = self.watch.wait_for(lambda e: e.kind == "denial" and pred(e), timeout)[0]
             return event, verdict_of(event)
-        event = self.bpf_sensor.wait_for(lambda e: e.kind == "denial" and pred(e), timeout)[0]
+        event = self.harness.wait_for(lambda e: e.kind == "denial" and pred(e), timeout)[0]
         return event, in_process(event)
 
 
 def explainer_fixture(extra_prefixes: tuple[str, ...] = (),
-                      extra_devs: tuple[str, ...] = ()) -> Any:
+                      extra_devs: tuple[str, ...] = (), sensor: str = "bpf") -> Any:
     """A module's `explainer` fixture: each test that takes it runs as root and under
-    the unit's capabilities."""
+    the unit's capabilities (for `sensor="audit"`, with the audit drop-in's too; the
+    root-mode audit sensor lives only while the root-mode tests run, so that two
+    audit consumers never compete for gputrace's rules)."""
 
     @pytest.fixture(scope="module", params=["root", "unit"])
     def explainer(request: pytest.FixtureRequest) -> Iterator[Explainer]:
-        if request.param == "root":
-            yield Explainer("root", bpf_sensor=request.getfixturevalue("bpf_sensor"))
+        if request.param == "root" and sensor == "bpf":
+            yield Explainer("root", harness=request.getfixturevalue("bpf_sensor"))
             return
-        watch = WatchUnderUnitCaps(extra_prefixes, extra_devs).start()
+        if request.param == "root":
+            from tests.support.sensor_harness import SensorHarness
+            from tracer.sensors.audit_pipeline import AuditConfig
+            from tracer.sensors.audit_sensor import AuditSensor
+            harness = SensorHarness(sensor=AuditSensor(AuditConfig(
+                extra_prefixes=extra_prefixes))).start()
+            try:
+                yield Explainer("root", harness=harness)
+            finally:
+                harness.close()
+            return
+        watch = WatchUnderUnitCaps(extra_prefixes, extra_devs, sensor).start()
         try:
             yield Explainer("unit", watch=watch)
         finally:

@@ -39,7 +39,6 @@ reads the host; enrichment builds these facts.
 from __future__ import annotations
 
 import errno
-import itertools
 import stat
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -49,10 +48,8 @@ from tracer.enrichment.id_map import IdMap, IdMapRange  # noqa: F401 (the one id
 from tracer.enrichment.posix_acl import PosixAcl  # the one ACL model
 from tracer.verdict.groups import SupplementaryGroups  # the one group-list model
 
-MAY_READ = 4
-MAY_WRITE = 2
-CAP_DAC_OVERRIDE = 1
-CAP_DAC_READ_SEARCH = 2
+from tracer.verdict.callers import (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, MAY_READ,  # noqa: F401
+                                    MAY_WRITE, Caller, callers)
 
 
 
@@ -223,64 +220,7 @@ CHECKS = ("nodev_mount", "nodev_superblock", "dac_owner", "dac_acl_user", "dac_a
           "cap_dac_override", "device_cgroup", "nodev_unknown", "dac_unknown")
 
 
-@dataclass(frozen=True)
-class _Caller:
-    """One complete answer to every question the DAC layer asks of the caller."""
-
-    fsuid: Optional[int]      # None: none of the uids the node names
-    holds: frozenset[int]     # which of the gids the node names the caller holds
-    caps: int
-    mapped: bool              # the node's uid and gid are mapped in the caller's userns
-    initial: bool             # the caller is in the initial user namespace
-
-    def has_cap(self, cap: int) -> bool:
-        return bool(self.caps >> cap & 1)
-
-
-MAX_CALLERS = 4096  # combinations of unknowns tried; more leaves the layer unknown
-
-
-def _callers(node: NodeFacts, creds: Credentials,
-             mask: int) -> tuple[Optional[list[_Caller]], list[str]]:
-    """Every caller the known facts allow (one when all is known), and what is unknown."""
-    uids = list(dict.fromkeys([node.uid] + [u for u, _ in (node.acl.users if node.acl else ())]))
-    gids = list(dict.fromkeys([node.gid] + [g for g, _ in (node.acl.groups if node.acl else ())]))
-    unknown: list[str] = []
-    fsuids: list[Optional[int]] = [creds.fsuid]
-    if creds.fsuid is None:
-        fsuids = [None] + uids
-        unknown.append("the process's fsuid")
-    held: list[list[tuple[int, bool]]] = []
-    for gid in gids:
-        answer = creds.in_group(gid)
-        if answer is None:
-            unknown.append(f"whether it holds gid {gid} ({creds.why_not_known(gid)})")
-            held.append([(gid, False), (gid, True)])
-        else:
-            held.append([(gid, answer)])
-    caps: list[int] = [creds.cap_effective or 0]
-    if creds.cap_effective is None:
-        wanted = [CAP_DAC_OVERRIDE] + ([CAP_DAC_READ_SEARCH] if mask == MAY_READ else [])
-        caps = [sum(1 << c for c in chosen) for n in range(len(wanted) + 1)
-                for chosen in itertools.combinations(wanted, n)]
-        unknown.append("its capabilities (CAP_DAC_OVERRIDE" +
-                       (", CAP_DAC_READ_SEARCH)" if mask == MAY_READ else ")"))
-    mapped = [True, False]
-    if creds.userns.known:
-        mapped = [creds.userns.has_uid(node.uid) and creds.userns.has_gid(node.gid)]
-    elif creds.cap_effective != 0:
-        unknown.append("its user namespace")
-    count = len(fsuids) * len(caps) * len(mapped)
-    for options in held:
-        count *= len(options)
-    if count > MAX_CALLERS:
-        return None, unknown
-    out = [_Caller(uid, frozenset(g for g, yes in combo if yes), cap, m, creds.userns.is_initial)
-           for uid in fsuids for combo in itertools.product(*held) for cap in caps for m in mapped]
-    return out, unknown
-
-
-def _dac(node: NodeFacts, caller: _Caller, mask: int) -> tuple[bool, str, str]:
+def _dac(node: NodeFacts, caller: Caller, mask: int) -> tuple[bool, str, str]:
     """acl_permission_check(): (granted, check name, detail)."""
     mode = node.mode & 0o777
     want = _wanted(mask)
@@ -298,7 +238,7 @@ def _dac(node: NodeFacts, caller: _Caller, mask: int) -> tuple[bool, str, str]:
     return (mask & ~other_perm) == 0, "dac_other", f"other bits {_rwx(other_perm)}, wants {want}"
 
 
-def _acl(node: NodeFacts, caller: _Caller, mask: int) -> Optional[tuple[bool, str, str]]:
+def _acl(node: NodeFacts, caller: Caller, mask: int) -> Optional[tuple[bool, str, str]]:
     """posix_acl_permission() for a non-owner; None when the ACL has no say."""
     acl = node.acl
     assert acl is not None
@@ -328,7 +268,7 @@ def _acl(node: NodeFacts, caller: _Caller, mask: int) -> Optional[tuple[bool, st
     return (other & mask) == mask, "dac_acl_other", f"no ACL entry matches; other {_rwx(other)}, wants {want}"
 
 
-def _with_capabilities(node: NodeFacts, caller: _Caller, mask: int) -> tuple[bool, str, str]:
+def _with_capabilities(node: NodeFacts, caller: Caller, mask: int) -> tuple[bool, str, str]:
     """generic_permission(): DAC, then the capability overrides after an EACCES."""
     granted, check, detail = _dac(node, caller, mask)
     if granted:
@@ -347,11 +287,11 @@ def _with_capabilities(node: NodeFacts, caller: _Caller, mask: int) -> tuple[boo
 
 def _dac_layer(node: NodeFacts, creds: Credentials, mask: int) -> LayerResult:
     """The DAC layer; decided only when every caller the facts allow gets one answer."""
-    callers, unknown = _callers(node, creds, mask)
-    if callers is None:
+    possible, unknown = callers(node, creds, mask)
+    if possible is None:
         return LayerResult("dac", None, None, "dac_unknown",
                            f"not known: too many unknowns ({'; '.join(unknown)})")
-    outcomes = [_with_capabilities(node, caller, mask) for caller in callers]
+    outcomes = [_with_capabilities(node, caller, mask) for caller in possible]
     if len({granted for granted, _, _ in outcomes}) == 2:
         refused = next(o for o in outcomes if not o[0])
         granted = next(o for o in outcomes if o[0])

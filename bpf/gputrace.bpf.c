@@ -31,7 +31,10 @@
  *                       appended to this file (BCC only generates tracepoint argument
  *                       structs for the main source, so it cannot be #included)
  *   HAVE_DEV_PROGS      read the refused task's effective cgroup v2 device programs
- *                       (ids in the event, instructions once per program id)
+ *                       (ids in the event, instructions once per program id); with
+ *                       the tracepoint hooks this runs in one program reached by a
+ *                       tail call (gt_dev_progs_tail), so the verifier checks its loop
+ *                       once, not in every hook
  *   HAVE_V1_DEVICES     read the id of the task's cgroup in the v1 devices hierarchy
  *
  * The event layout below is mirrored by tracer/sensors/bpf_event.py; the offset
@@ -152,6 +155,7 @@ struct scratch {
 	/* normaliser state, kept in the map so the verifier sees one state per step */
 	u32 n_out, n_mark, n_depth, n_over;
 	u16 n_stack[GT_NORM_DEPTH];
+	u32 ev_size; /* bytes of ev to send, for the tail call that sends it */
 };
 
 struct not_gpu_key { /* a path userspace resolved to something that is not a GPU node */
@@ -177,6 +181,10 @@ BPF_LPM_TRIE(prefixes, struct prefix_key, u8, GT_MAX_PREFIXES);
 BPF_HASH(gpu_devs, u32, u8, GT_GPU_DEVS_MAX);
 BPF_TABLE("lru_hash", struct not_gpu_key, u64, not_gpu, GT_NOT_GPU_MAX); /* value: valid until (ns) */
 BPF_PERCPU_ARRAY(cand_bucket, struct bucket, 1);
+#if defined(HAVE_DEV_PROGS) && !defined(HOOK_FEXIT)
+#define DEV_PROGS_TAIL
+BPF_PROG_ARRAY(denial_tail, 1); /* [0] = gt_dev_progs_tail */
+#endif
 #ifdef HAVE_DEV_PROGS
 BPF_PERCPU_ARRAY(prog_scratch, struct dev_prog_record, 1);
 BPF_TABLE("lru_hash", u32, u64, dev_progs_sent, GT_DEV_PROGS_SENT_MAX); /* id -> struct bpf_prog * */
@@ -189,7 +197,7 @@ static __always_inline void stat_add(u32 idx)
 		*v += 1;
 }
 
-static __always_inline int emit(void *ctx, void *data, u32 size)
+static __always_inline int emit(void *ctx, void *data, u64 size)
 {
 #ifdef USE_RINGBUF
 	return events.ringbuf_output(data, size, 0);
@@ -459,13 +467,42 @@ static __always_inline u32 fill_task(void *ctx, struct gpu_event *ev)
 #else
 	ev->devices_cgroup_id = 0;
 #endif
-#ifdef HAVE_DEV_PROGS
-	fill_dev_progs(ctx, task, ev);
-#else
 	ev->dev_prog_count = 0;
+#if defined(HAVE_DEV_PROGS) && !defined(DEV_PROGS_TAIL)
+	fill_dev_progs(ctx, task, ev);
 #endif
 	return offsetof(struct gpu_event, groups) + copy * 4;
 }
+
+static __always_inline void emit_denial(void *ctx, struct gpu_event *ev, u64 size,
+					struct agg_val *v)
+{
+	barrier_var(size);
+	if (size > sizeof(*ev))
+		size = sizeof(*ev);
+	barrier_var(size); /* the bounded value itself goes to the helper */
+	if (emit(ctx, ev, size) == 0) {
+		stat_add(GT_ST_EMITTED);
+	} else {
+		stat_add(GT_ST_DROPPED_BUFFER_FULL);
+		if (v)
+			v->need_full = 1;
+	}
+}
+
+#ifdef DEV_PROGS_TAIL
+/* Reached by tail call from report(): the denial's device programs, then the denial. */
+int gt_dev_progs_tail(void *ctx)
+{
+	u32 zero = 0;
+	struct scratch *s = scratch_map.lookup(&zero);
+	if (!s)
+		return 0;
+	fill_dev_progs(ctx, (void *)bpf_get_current_task(), &s->ev);
+	emit_denial(ctx, &s->ev, s->ev_size, agg.lookup(&s->ev.key));
+	return 0;
+}
+#endif
 
 /* Count the denial; send the full event the first time, count updates after. */
 static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *key, u64 now)
@@ -510,13 +547,12 @@ static __always_inline int report(void *ctx, struct scratch *s, struct agg_key *
 		barrier_var(size);
 		if (size > sizeof(*ev))
 			size = sizeof(*ev);
-		if (emit(ctx, ev, size) == 0) {
-			stat_add(GT_ST_EMITTED);
-		} else {
-			stat_add(GT_ST_DROPPED_BUFFER_FULL);
-			if (v)
-				v->need_full = 1;
-		}
+#ifdef DEV_PROGS_TAIL
+		s->ev_size = size;
+		denial_tail.call(ctx, 0); /* reads the device programs, then sends: no return */
+		stat_add(GT_ST_DEV_PROGS_TAIL_FAILED); /* sent without them: enrichment asks bpf() */
+#endif
+		emit_denial(ctx, ev, size, v);
 		return 0;
 	}
 	if (v && now - v->last_emit_ns >= AGG_INTERVAL_NS) {

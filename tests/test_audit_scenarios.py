@@ -80,3 +80,47 @@ def test_landlock_refusal_is_shown_by_its_audit_record(explainer):
     assert verdict.reason == "lsm_denied" and verdict.confidence == "high", verdict.to_json()
     assert "Landlock" in verdict.summary
     assert any("Landlock audit record" in n and "fs.read_file" in n for n in verdict.notes)
+
+
+def test_device_program_eperm_under_a_container_filter_is_never_blamed_on_seccomp(explainer):
+    """The field's most common EPERM: a container's own device program refuses the node,
+    and the process carries a seccomp filter (docker and podman always install one)
+    that lets openat through.  As root, gputrace reads the program and names it; under
+    the unit's capabilities (audit: no probe to read it in the kernel), the v2 device
+    cgroup cannot be read, so the verdict is unknown, names that layer and the
+    capability bpf() needed, and never calls it seccomp_denied."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.nodes import NodeSpec, make_node, unique
+    from tests.support.v2_device_cgroup import deny_major, v2_device_cgroup
+
+    path = make_node(f"/dev/nvidia-{unique()}", NodeSpec(195, 203, 0o666))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        with v2_device_cgroup(deny_major(195, "runc")) as cgroup:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.restricted_open", "container-filter", path,
+                 "hold"], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env=dict(os.environ, GTTEST_CGROUP_PROCS=os.path.join(cgroup, "cgroup.procs")))
+            assert child.stdout is not None and child.stdin is not None
+            pid, err = (int(x) for x in child.stdout.readline().split())
+            try:
+                assert err == errno.EPERM
+                event, verdict = explainer.explain(lambda e: e.process.pid == pid,
+                                                   lambda e: explain(e, Enricher(HostPaths())))
+            finally:
+                child.communicate("x", timeout=10)
+    finally:
+        os.unlink(path)
+    assert verdict.reason != "seccomp_denied", verdict.to_json()
+    facts = {e.fact: e.value for e in verdict.evidence}
+    if explainer.mode == "root":
+        assert verdict.reason == "device_cgroup" and verdict.confidence == "high", verdict.to_json()
+        return
+    assert verdict.reason == "unknown", verdict.to_json()
+    said = " ".join(verdict.notes)
+    assert "v2 device cgroup" in said and "CAP_SYS_ADMIN" in said, said
+    assert "seccomp filter is on" in said
+    assert str(facts.get("process.seccomp", "")) == "2" or "process.seccomp" not in facts

@@ -2,8 +2,11 @@
 
 Run as a script: `python -m tests.support.restricted_open MODE PATH [hold]`.
 MODE is `seccomp` (a classic-BPF filter returning EPERM for openat, as systemd's
-SystemCallFilter= or a container profile would) or `landlock` (a ruleset handling
-file read/write with no rule allowing anything).  It prints "<pid> <errno>" and
+SystemCallFilter= or a container profile would), `container-filter` (a filter that
+lets openat through, as docker's and podman's default profiles do: the process is
+filtered, but the filter is not what refuses) or `landlock` (a ruleset handling
+file read/write with no rule allowing anything).  With GTTEST_CGROUP_PROCS set, it
+first joins that cgroup (writes its pid to that cgroup.procs file).  It prints "<pid> <errno>" and
 exits at once (as in the field), or with `hold` waits for a line on stdin first.
 Everything it needs is imported before the restriction goes on.
 """
@@ -20,6 +23,7 @@ PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 ARCH = {"x86_64": (0xC000003E, 257, (444, 445, 446)), "aarch64": (0xC00000B7, 56, (444, 445, 446))}
 LANDLOCK_WRITE_FILE, LANDLOCK_READ_FILE = 1 << 1, 1 << 2
+NO_SUCH_SYSCALL = 4000  # a filter that refuses only this one refuses nothing real
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -65,7 +69,13 @@ def landlock_no_files() -> None:
 def main() -> None:
     mode, path = sys.argv[1], sys.argv[2]
     hold = len(sys.argv) > 3 and sys.argv[3] == "hold"
-    (seccomp_eperm_for_openat if mode == "seccomp" else landlock_no_files)()
+    if os.environ.get("GTTEST_CGROUP_PROCS"):
+        with open(os.environ["GTTEST_CGROUP_PROCS"], "w", encoding="ascii") as procs:
+            procs.write(str(os.getpid()))
+    if mode == "container-filter":
+        seccomp_errno_for(NO_SUCH_SYSCALL, 1)
+    else:
+        (seccomp_eperm_for_openat if mode == "seccomp" else landlock_no_files)()
     try:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
         os.close(fd)

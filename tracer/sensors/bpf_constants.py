@@ -27,6 +27,7 @@ STAT_NAMES = (
     "dev_progs_sent",          # device programs' instructions handed to the buffer
     "dev_progs_dropped",       # ...refused by the buffer (sent again with the next denial)
     "dev_progs_unreadable",    # ...whose instructions could not be read
+    "dev_progs_tail_failed",   # denials sent without their device programs (no tail call)
 )
 
 PATH_CAP = 256          # bytes of a path in an event (normalised, and as given)

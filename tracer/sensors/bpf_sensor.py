@@ -38,7 +38,7 @@ from tracer.sensors.btf import KIND_FUNC, KernelBtf
 from tracer.sensors.candidates import DeviceResolver
 from tracer.sensors.container_starts import (START_EVENT_SIZE, ContainerStart, decode_start,
                                              is_start_record, mkdir_hierarchy)
-from tracer.sensors.kernel_device_programs import KernelDevicePrograms
+from tracer.sensors.kernel_device_programs import KernelDevicePrograms, attach_tail
 
 if TYPE_CHECKING:
     from tracer.enrichment.container_store import SnapshotStore
@@ -183,6 +183,7 @@ class BpfSensor:
         if len(errors) and self.hook == "tracepoint":
             self.say(f"fexit unavailable ({errors[0]}); using the syscall exit tracepoints")
         self._configure_maps()
+        attach_tail(self.bpf)
         self._open_buffer()
         compiler_memory.release_compiler_memory(self.host.proc)
 

@@ -15,6 +15,7 @@ gone before the event is explained, and runs as the unit runs.
 from __future__ import annotations
 
 import collections
+import ctypes
 from typing import Callable, Optional
 
 from tracer.device_programs import DeviceProgram
@@ -25,6 +26,21 @@ from tracer.sensors.bpf_event import Denial, DevProgRecord
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 ORIGIN = ("the refused task's cgroup v2 (task->cgroups->dfl_cgrp->bpf.effective), read by "
           "the BPF probe at the denial")
+
+
+def attach_tail(bpf: object) -> bool:
+    """Put gt_dev_progs_tail in the probe's `denial_tail` array (tracepoint hooks):
+    the denial path reaches it by tail call.  False when the probe has none (fexit
+    hooks read the programs inline; a kernel without the BTF members reads none)."""
+    from bcc import BPF  # only the BPF sensor needs BCC
+
+    try:
+        table = bpf[b"denial_tail"]  # type: ignore[index]
+    except KeyError:
+        return False
+    fn = bpf.load_func(b"gt_dev_progs_tail", BPF.TRACEPOINT)  # type: ignore[attr-defined]
+    table[ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+    return True
 
 
 class KernelDevicePrograms:

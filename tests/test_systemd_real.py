@@ -213,7 +213,8 @@ def test_the_unit_explains_device_cgroup_refusals(systemd: SystemdContainer,
     unit_node = f"/dev/nvidia-gtunit-{unique()}"
     systemd.sh(f"mknod -m 0666 {unit_node} c 195 46")
     code = f"import os\ntry: os.open('{unit_node}', os.O_RDWR)\nexcept OSError as e: print(e)"
-    systemd.sh(f"systemd-run --wait --unit gttest-devpolicy-{unique()} -p DevicePolicy=closed "
+    systemd.sh("systemctl start dbus.socket dbus.service", check=False)  # systemd-run's bus
+    systemd.sh(f"systemd-run --unit gttest-devpolicy-{unique()} -p DevicePolicy=closed "
                f"-p DeviceAllow='/dev/null rw' /usr/bin/python3 -c {shlex.quote(code)}")
     wait_for(lambda: bool(journal_events(systemd, unit_node)), "the unit's refusal in the journal")
     verdict = journal_events(systemd, unit_node)[0]["verdict"]

@@ -140,9 +140,10 @@ class StartBook:
         """The start of the container the event's process ran in: by its v2 cgroup
         id (unique for the cgroup's life), else by its pid namespace (the latest
         start in it before the event; the init's pid namespace is the container's)."""
+        cgroup_id = proc.cgroup_id or 0  # None: not captured (audit)
         with self._lock:
-            if proc.cgroup_id > 1:
-                serial = self._by_cgroup.get(proc.cgroup_id)
+            if cgroup_id > 1:
+                serial = self._by_cgroup.get(cgroup_id)
                 record = self._records.get(serial) if serial is not None else None
                 if record is not None and record.time - CREATED_SLACK_S <= when:
                     self.counters["start_hit_cgroup_id"] += 1
@@ -154,8 +155,8 @@ class StartBook:
                 record = max(before, key=lambda r: r.time) if before else None
                 # a process in that pid namespace but another cgroup (a pod's container
                 # sharing its sandbox's pid namespace) is not that container
-                if record is not None and (record.cgroup_id is None or proc.cgroup_id <= 1
-                                           or record.cgroup_id == proc.cgroup_id):
+                if record is not None and (record.cgroup_id is None or cgroup_id <= 1
+                                           or record.cgroup_id == cgroup_id):
                     self.counters["start_hit_pidns"] += 1
                     return record, f"pid namespace {proc.pidns}"
             self.counters["start_miss"] += 1

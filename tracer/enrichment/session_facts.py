@@ -66,9 +66,10 @@ def session_facts(host: HostPaths, event: Event, live: bool, facts: Facts) -> No
     me = _process(host, proc.pid, boot, facts) if live else None
     if me is not None:
         facts.put("process.started", me["started"], LIVE, host.proc_pid(proc.pid, "stat"))
-    parent = _process(host, proc.ppid, boot, facts) if proc.ppid > 0 else None
+    ppid = proc.ppid or 0  # None: the sensor did not give it
+    parent = _process(host, ppid, boot, facts) if ppid > 0 else None
     if parent is not None and parent["started"] <= event.time:
-        facts.put("process.parent", parent, LIVE, host.proc_pid(proc.ppid, "stat"))
+        facts.put("process.parent", parent, LIVE, host.proc_pid(ppid, "stat"))
     else:
         parent = None
     session = (me or parent or {}).get("session")

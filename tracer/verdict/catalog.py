@@ -11,21 +11,28 @@ from __future__ import annotations
 import errno as errno_mod
 from typing import Any, Optional
 
-from tracer.facts import Facts
+from tracer.facts import INFERRED, Facts
 from tracer.enrichment.id_map import IdMap
 from tracer.verdict import reasons as R
 from tracer.verdict.absent_node import ENOENT_EVIDENCE, classify_enoent, major_names
 from tracer.verdict.unit_policy import unit_refusal
 from tracer.verdict.number_mismatch import classify_enxio, tell_mismatch
 from tracer.verdict.config_stories import config_stories
-from tracer.verdict.access_model import Credentials, NodeFacts
+from tracer.verdict.access_model import AccessDecision, Credentials, NodeFacts
 from tracer.verdict.causes_over_time import (acl_mask, dropped_group, revoked_device,
                                              stale_session)
 from tracer.verdict.classification import Classification
 from tracer.verdict.model_input import ModelRun
+from tracer.verdict.unknown_layers import eperm_layers, unknown_layer_notes
 
 __all__ = ["Classification", "classify", "runtime_key", "seccomp_filtered"]
 CAP_DAC_OVERRIDE = 1
+
+
+def userns_level(facts: Facts) -> Optional[int]:
+    """The process's user namespace level; None when not known (never 0 by default)."""
+    level = facts.get("userns.level")
+    return None if level is None else int(level)
 
 
 def runtime_key(facts: Facts) -> str:
@@ -37,8 +44,7 @@ def runtime_key(facts: Facts) -> str:
         return "podman-crun" if runtime == "crun" else "podman-runc" if runtime == "runc" else "any"
     if engine == "docker":
         return "docker"
-    if engine is None and facts.get("container.id") is None \
-            and int(facts.get("userns.level", 0) or 0) == 0:
+    if engine is None and facts.get("container.id") is None and userns_level(facts) == 0:
         return "host"
     return "any"
 
@@ -62,7 +68,7 @@ def _base_context(facts: Facts, run: ModelRun) -> dict[str, Any]:
         "lsm_label": facts.get("process.lsm_label"), "node_label": facts.get("node.selinux"),
         "major": facts.get("node.major"), "minor": facts.get("node.minor"),
         "in_container": facts.get("container.engine") is not None
-        or facts.get("container.id") is not None or int(facts.get("userns.level", 0) or 0) > 0,
+        or facts.get("container.id") is not None or (userns_level(facts) or 0) > 0,
         "user_groups": facts.get("host.user_groups") or [],
         "check": run.decision.check if run.decision else None,
     }
@@ -73,9 +79,12 @@ def _group_bits_grant(node: NodeFacts, mask: int) -> bool:
 
 
 def _root_in_namespace(creds: Credentials) -> bool:
+    if creds.fsuid is None or not creds.userns.known:
+        return False
     if creds.userns.is_initial:
         return creds.fsuid == 0
-    return all(level.uid_map.to_inside(creds.fsuid) == 0 for level in creds.userns.levels[:1])
+    fsuid = creds.fsuid
+    return all(level.uid_map.to_inside(fsuid) == 0 for level in creds.userns.levels[:1])
 
 
 def classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
@@ -123,12 +132,10 @@ def _classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
                                                             "process.host_process"], ctx,
                                   [f"The mount table is inferred: {inferred.origin}."])
         return Classification(R.NODEV_MOUNT, "high", ["node.mount_nodev", "node.mount"], ctx)
-    if decision.allowed and "mount flags" in run.missing:
-        # allowed only because the mount (nodev) could not be checked: conclude nothing
-        return Classification(R.UNKNOWN, "low", ["node.mount_nodev", "node.mount"], ctx,
-                              [f"Missing facts: {', '.join(run.missing)}; without the mount "
-                               "the nodev layer, which may have refused, cannot be checked."])
-    if decision.allowed:
+    if decision.allowed is not False and not decision.shown_to_allow(errno_mod.EACCES):
+        # a layer that gives EACCES is not known: it may have refused; conclude nothing
+        return _not_known(decision, errno_mod.EACCES, run, ctx)
+    if decision.allowed is not False:
         found = _lsm_or_seccomp(facts, ctx)
         if seen_from_host:
             found.confidence = _lower(found.confidence)
@@ -143,6 +150,16 @@ def _classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
         classification.confidence = _lower(classification.confidence)
         classification.notes.append("The process had exited; the node was examined on the host.")
     return classification
+
+
+def _not_known(decision: AccessDecision, err: int, run: ModelRun, ctx: dict[str, Any],
+               also: Optional[list[str]] = None) -> Classification:
+    """No layer shown to refuse, and one that could is not known: `unknown`, naming
+    the layer and why (which fact or capability was missing)."""
+    notes, ctx["unknown_why"] = unknown_layer_notes(decision, err, run.missing, also or [])
+    evidence = ["process.groups", "process.ngroups", "process.fsuid", "process.cap_effective",
+                "node.mode", "node.gid", "node.mount_nodev"] + DEVICE_EVIDENCE
+    return Classification(R.UNKNOWN, "low", evidence, ctx, notes)
 
 
 DEVICE_EVIDENCE = ["device_cgroup.v2_programs", "device_cgroup.v2_cgroup", "device_cgroup.v1_rules",
@@ -203,8 +220,8 @@ def _node_gone_since(errno: int, facts: Facts, run: ModelRun,
 def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
     """EPERM: a device cgroup layer only when one is shown to refuse; else seccomp
     when a filter is on; else unknown, saying what is missing."""
-    decision = run.decision
-    first = decision.refusals()[0] if decision is not None and decision.refusals() else None
+    decision = eperm_layers(facts, run)
+    first = decision.refusals()[0] if decision.refusals() else None
     if first is not None and first.errno == errno_mod.EPERM:
         ctx["device_layer"] = first.layer
         ctx["device_detail"] = first.detail
@@ -220,12 +237,17 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
             notes.append("Deciding instructions: " + "; ".join(first.deciding) + ".")
         return Classification(R.DEVICE_CGROUP, "high", DEVICE_EVIDENCE, ctx, notes)
     filtered = seccomp_filtered(facts)
+    if filtered and not decision.shown_to_allow(errno_mod.EPERM):
+        # the device cgroup may have refused: a filter alone proves nothing (docker and
+        # podman install one in every container)
+        return _not_known(decision, errno_mod.EPERM, run, ctx, [
+            "A seccomp filter is on, but the device cgroup, which also refuses with EPERM, "
+            "could not be evaluated: either may have refused."])
     if filtered:
         ctx["seccomp_filters"] = facts.get("process.seccomp_filters")
         notes = ["A seccomp filter refuses a system call before it runs: no file permission, "
                  "device cgroup or security module was consulted."]
-        return Classification(R.SECCOMP_DENIED, "high" if decision is not None and decision.allowed
-                              else "medium", SECCOMP_EVIDENCE, ctx, notes)
+        return Classification(R.SECCOMP_DENIED, "high", SECCOMP_EVIDENCE, ctx, notes)
     notes = []
     v1 = facts.get("device_cgroup.v1_rules")
     v1_path = _field(facts, "cgroup.paths", "devices", "/")
@@ -234,9 +256,8 @@ def _eperm(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
                      "devices.list hides such a cgroup's deny rules: a deny rule there may "
                      "have refused, but nothing shows it.")
     missing = list(run.missing)
-    if decision is None or any(step.refuses is None and step.layer.startswith("device_cgroup")
-                               for step in decision.ladder):
-        missing.append("the device cgroup policy")
+    missing += [f"the device cgroup policy ({s.layer}: {s.detail})"
+                for s in decision.not_known(errno_mod.EPERM)]
     if filtered is None:
         missing.append("the process's seccomp state (it had exited)")
     ctx["unknown_why"] = (" (EPERM comes from a device cgroup, a seccomp filter or a "
@@ -304,7 +325,7 @@ def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:
     active = facts.get("lsm.active")
     file_lsms = [FILE_LSMS[n] for n in active or [] if n in FILE_LSMS
                  and not (n == "bpf" and facts.get("lsm.bpf_programs") == 0)]
-    evidence = ["lsm.active", "lsm.bpf_programs", "process.lsm_label", "node.selinux", "node.mode", "node.gid",
+    evidence = ["lsm.active", "lsm.bpf_programs", "lsm.bpf_programs_unknown", "process.lsm_label", "node.selinux", "node.mode", "node.gid",
                 "process.no_new_privs"]
     if confined:
         module = "SELinux" if ":" in str(label) else "AppArmor"
@@ -326,6 +347,8 @@ def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:
         if file_lsms == ["Landlock"]:
             notes.append("Landlock domains are not visible in /proc: that this process was "
                          "sandboxed is inferred from the refusal.")
+        if "BPF LSM" in file_lsms and facts.get("lsm.bpf_programs_unknown"):
+            notes.append(f"{facts.get('lsm.bpf_programs_unknown')}.")
         return Classification(R.LSM_DENIED, "medium" if len(file_lsms) == 1 else "low",
                               evidence, ctx, notes)
     return Classification(R.LSM_DENIED, "low", evidence, ctx, [
@@ -335,20 +358,32 @@ def _lsm_or_seccomp(facts: Facts, ctx: dict[str, Any]) -> Classification:
 
 
 def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
+    found = _dac_membership_cause(facts, run, ctx)
+    inferred = facts.fact("process.groups")
+    if inferred is None or inferred.source != INFERRED:
+        inferred = None if inferred is not None else facts.fact("process.groups_mapped_only")
+    if found.reason in MEMBERSHIP_REASONS and inferred is not None:
+        # the groups were not captured: the verdict rests on what the facts imply
+        found.confidence = "medium" if found.confidence == "high" else found.confidence
+        found.notes.append(f"The process's supplementary groups are inferred, not captured: "
+                           f"{inferred.origin}.")
+        found.evidence.insert(0, "process.groups" if inferred is facts.fact("process.groups")
+                              else "process.groups_mapped_only")
+    return found
+
+
+MEMBERSHIP_REASONS = (R.GROUP_DROPPED_IN_USERNS, R.GID_MISMATCH_IN_CONTAINER, R.SEAT_ACL_ONLY,
+                      R.NOT_IN_GROUP)
+
+
+def _dac_membership_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classification:
     node, creds = run.node, run.creds
     assert node is not None and creds is not None  # a DAC refusal was decided from them
     gid = node.gid
-    groups = set(creds.groups) | {creds.fsgid}
-    level = int(facts.get("userns.level", 0) or 0)
+    level = userns_level(facts) or 0
     host_groups = set(facts.get("host.user_groups") or [])
-    if _group_bits_grant(node, run.mask) and "process.groups" not in facts \
-            and not (level > 0 and facts.get("node.gid_mapped") is False):
-        # the sensor could not capture the groups (audit) and the process is gone
-        return Classification(R.UNKNOWN, "low", ["process.groups", "node.gid", "node.mode"], ctx,
-                              ["Missing facts: process.groups (the sensor cannot capture "
-                               "supplementary groups and the process had exited); whether it "
-                               f"held gid {gid} is unknown."])
-    if _group_bits_grant(node, run.mask) and gid not in groups:
+    # the DAC layer refused, so membership of `gid` is known wherever it mattered
+    if _group_bits_grant(node, run.mask) and creds.in_group(gid) is False:
         dropped = dropped_group(facts, gid, ctx, recorded_only=True)
         if dropped is not None:  # a recorded set*gid call in its container took it away
             return dropped
@@ -378,7 +413,7 @@ def _dac_cause(facts: Facts, run: ModelRun, ctx: dict[str, Any]) -> Classificati
         mismatch = _container_gid_for_name(facts)
         if mismatch is not None:
             ctx["container_gid"] = mismatch
-            holds = _holds_container_gid(facts, mismatch, groups)
+            holds = _holds_container_gid(facts, mismatch, creds)
             return Classification(R.GID_MISMATCH_IN_CONTAINER, "high" if holds else "medium",
                                   ["node.gid", "node.group_name", "container.etc_group",
                                    "process.groups", "userns.gid_map"], ctx)
@@ -431,10 +466,10 @@ def _container_gid_for_name(facts: Facts) -> Optional[int]:
     return inside if kernel != gid else None
 
 
-def _holds_container_gid(facts: Facts, inside_gid: int, groups: set[Any]) -> bool:
+def _holds_container_gid(facts: Facts, inside_gid: int, creds: Credentials) -> bool:
     gid_map = facts.get("userns.gid_map")
     kernel = inside_gid if gid_map is None else IdMap.from_rows(gid_map).to_outside(inside_gid)
-    return kernel in groups
+    return kernel is not None and creds.in_group(kernel) is True
 
 
 def _seat_users(facts: Facts, acl_uids: list[int]) -> list[str]:

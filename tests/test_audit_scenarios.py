@@ -114,6 +114,8 @@ def test_device_program_eperm_under_a_container_filter_is_never_blamed_on_seccom
                 child.communicate("x", timeout=10)
     finally:
         os.unlink(path)
+    print(f"container filter + v2 program, audit, {explainer.mode}:", verdict.reason,
+          verdict.confidence, "|", verdict.summary, "|", " ".join(verdict.notes))
     assert verdict.reason != "seccomp_denied", verdict.to_json()
     facts = {e.fact: e.value for e in verdict.evidence}
     if explainer.mode == "root":

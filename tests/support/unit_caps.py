@@ -190,6 +190,7 @@ def explainer_fixture(extra_prefixes: tuple[str, ...] = (),
 # -- pytest plugin: mark and count ------------------------------------------------
 _outcomes: Counter[str] = Counter()
 _failed: list[str] = []
+_audit_ran: list[str] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -209,6 +210,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
         _outcomes[report.outcome] += 1
+        if "audit" in report.nodeid:
+            _audit_ran.append(report.nodeid)
         if report.failed:
             _failed.append(report.nodeid)
 
@@ -221,5 +224,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(
         f"{sum(_outcomes.values())} verdict tests ran gputrace with CapabilityBoundingSet="
         f"{' '.join(bounding_set())} (parsed from systemd/gputrace.service): {counts}")
+    if _audit_ran:
+        extra = sorted(set(bounding_set(UNIT, AUDIT_DROP_IN)) - set(bounding_set()))
+        terminalreporter.write_line(
+            f"  {len(_audit_ran)} of them with the audit sensor, plus the audit drop-in's "
+            f"{' '.join(extra)}")
     for nodeid in _failed:
         terminalreporter.write_line(f"  failed under the unit's capabilities: {nodeid}")

@@ -112,7 +112,7 @@ def _classify(errno: int, facts: Facts, run: ModelRun) -> Classification:
     watched = facts.get("node.seen_from") == "node-watcher"
     if facts.get("node.exists") is False and not (
             watched and errno == errno_mod.EACCES and run.decision is not None
-            and not run.decision.allowed):
+            and run.decision.allowed is False):
         return _node_gone_since(errno, facts, run, ctx)
     decision = run.decision
     if errno == errno_mod.EPERM:

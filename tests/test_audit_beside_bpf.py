@@ -105,7 +105,10 @@ def test_child_of_a_rootless_podman_init(bpf_sensor, audit_sensor, store) -> Non
     assert event.to_json()["process"]["groups"] is None
     assert facts.get("container.name") == name, facts.get("container.snapshot_key")
     assert facts.get("container.snapshot_key").startswith("parent pid")
-    assert verdict.reason == R.GROUP_DROPPED_IN_USERNS, verdict.to_json()
+    assert verdict.reason == R.GROUP_DROPPED_IN_USERNS, (verdict.to_json(), {
+        n: facts.fact(n) for n in ("node.seen_from", "node.mode", "node.gid", "node.path",
+                                   "container.snapshot_key", "process.groups",
+                                   "process.groups_mapped_only", "userns.level")})
     assert verdict.confidence == "medium" and any("inferred" in n for n in verdict.notes)
     _event, _facts, by_bpf = seen["bpf"]
     assert by_bpf.reason == R.GROUP_DROPPED_IN_USERNS, by_bpf.to_json()

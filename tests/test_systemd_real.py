@@ -220,7 +220,10 @@ def test_the_unit_explains_device_cgroup_refusals(systemd: SystemdContainer,
     verdict = journal_events(systemd, unit_node)[0]["verdict"]
     print("DevicePolicy=closed under the unit:", verdict["reason"], verdict["confidence"],
           [s["layer"] for s in verdict["ladder"] if s["refuses"]], verdict["summary"])
-    assert verdict["reason"] == "device_cgroup", verdict
+    facts = journal_events(systemd, unit_node)[0].get("facts", {})
+    assert verdict["reason"] == "device_cgroup", (verdict, {
+        k: v for k, v in facts.items() if k.startswith(("device_cgroup", "cgroup", "process.live",
+                                                          "sensor.", "systemd."))})
     systemd.sh("systemctl stop gputrace")
 
 

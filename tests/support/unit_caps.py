@@ -209,7 +209,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if MARK not in report.keywords:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        _outcomes[report.outcome] += 1
+        _outcomes["xfailed" if hasattr(report, "wasxfail") else report.outcome] += 1
         if "audit" in report.nodeid:
             _audit_ran.append(report.nodeid)
         if report.failed:

@@ -31,6 +31,7 @@ from tracer.enrichment.parse_proc import Mount, parse_mountinfo
 from tracer.enrichment.device_cgroup_v2 import device_program_facts
 from tracer.enrichment.host_facts import (cgroup2_mount_dir, device_cgroup_facts,
                                           device_programs_by_cgroup_id, host_group_table,
+                                          v1_rules_by_id,
                                           v1_devices_dir,
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
@@ -138,6 +139,9 @@ class Enricher:
                 devices_id = event.facts.get("sensor.devices_cgroup_id")
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts,
                                              devices_id if isinstance(devices_id, int) else None)
+        devices_id = event.facts.get("sensor.devices_cgroup_id")
+        if live and "device_cgroup.v1_rules" not in facts and isinstance(devices_id, int):
+            v1_rules_by_id(self.host, devices_id, facts)  # a zombie: /proc shows no v1 cgroup
         add_cgroup_identity(proc, facts)
         if self.starts is not None:
             add_start_facts(self.starts, proc, event.time, facts)

@@ -221,6 +221,15 @@ def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
     return True
 
 
+def v1_rules_by_id(host: HostPaths, devices_cgroup_id: int, facts: Facts) -> None:
+    """A process whose /proc/PID/cgroup no longer shows its v1 devices cgroup (it exited,
+    or is a zombie): devices.list of the cgroup whose id the sensor captured."""
+    v1_mount = next((m for m in cgroup_mounts(host, facts)
+                     if m.fstype == "cgroup" and "devices" in m.super_options), None)
+    if v1_mount is not None and "device_cgroup.v1_rules" not in facts:
+        _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts)
+
+
 def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts,
                                  devices_cgroup_id: Optional[int] = None) -> None:
     """An exited process: v2 device programs of the cgroup with this id, and the v1

@@ -42,12 +42,7 @@ def commands(verdict: Verdict) -> str:
     return "\n".join(f.command for f in verdict.fixes)
 
 
-def test_rootless_podman_runc_drops_the_video_group(explainer, enricher, request):
-    if explainer.mode == "unit":  # the production pipeline runs the access-change probe
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "under `watch` the access-change probe (issue 17) records runc:[2:INIT]'s "
-            "setgroups and the verdict is group_dropped_by_process; the in-process path, "
-            "without that probe, says group_dropped_in_userns: the two must agree (lead)")))
+def test_rootless_podman_runc_drops_the_video_group(explainer, enricher):
     with scenarios.rootless_podman(runtime="runc", keep_groups=True) as attempt:
         assert attempt.errno == errno.EACCES  # runc cannot keep groups, even when asked
         event, verdict = explained(explainer, enricher, attempt)

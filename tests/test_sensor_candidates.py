@@ -41,7 +41,9 @@ class _Maps:
 
 
 def sensor_for(tmp_path) -> BpfSensor:
-    sensor = BpfSensor(BpfConfig(not_gpu_ttl_s=10.0), say=lambda m: None)
+    # the test process stands in for the refused one (its root is resolvable): here it
+    # is not the tracer whose own look-ups the sensor leaves out
+    sensor = BpfSensor(BpfConfig(not_gpu_ttl_s=10.0), say=lambda m: None, own_tgid=0)
     sensor.bpf = _Maps()
     sensor.resolver = DeviceResolver(GpuNodeSet(majors={195: "nvidia"}), ttl_s=10.0)
     return sensor

@@ -260,3 +260,96 @@ def test_only_read_only_compiler_code_is_released():
 
     assert compiler_code_ranges(MAPS) == [(0x7F0000100000, 0x7F0002000000),
                                           (0x7F0003000000, 0x7F0003800000)]
+
+
+# ------------------------------------------------------- the sensor's bookkeeping
+
+class _AggTable(dict):  # type: ignore[type-arg]
+    """The kernel's `agg` hash as BCC shows it: items() of (key, value) structs."""
+
+    class Key:
+        def __init__(self, tgid: int = 0, sys: int = 0, err: int = 0, target: int = 0) -> None:
+            self.tgid, self.sys, self.err, self.target = tgid, sys, err, target
+
+        def _id(self) -> tuple[int, int, int, int]:
+            return (self.tgid, self.sys, self.err, self.target)
+
+        def __hash__(self) -> int:
+            return hash(self._id())
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, _AggTable.Key) and self._id() == other._id()
+
+
+class _Count:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+class _Kernel:
+    """A loaded program's maps and ring buffer: records wait in `buffered` until consumed."""
+
+    def __init__(self, sensor: Any) -> None:
+        self.agg = _AggTable()
+        self.buffered: list[bytes] = []
+        self.sensor = sensor
+
+    def __getitem__(self, name: bytes) -> Any:
+        assert name == b"agg"
+        return self.agg
+
+    def ring_buffer_consume(self) -> None:
+        records, self.buffered = self.buffered, []
+        for raw in records:
+            self.sensor._ingest(raw)
+
+    def deny(self, tgid: int, target: int = 0x1234, **over: Any) -> None:
+        """What the probe does at a refusal: count it in the table, send the first record."""
+        self.agg[_AggTable.Key(tgid, 3, 13, target)] = _Count(1)
+        self.buffered.append(raw_event(tgid=tgid, tid=tgid, ktgid=tgid, target=target, **over))
+
+
+def _sensor() -> tuple[Any, _Kernel]:
+    from tracer.sensors.bpf_sensor import BpfSensor
+    sensor = BpfSensor(say=lambda msg: None)
+    sensor.transport = "ringbuf"
+    kernel = _Kernel(sensor)
+    sensor.bpf = kernel
+    return sensor, kernel
+
+
+def _gone_pid() -> int:
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid += 1
+    return pid
+
+
+def test_a_sweep_between_the_count_and_the_buffer_read_loses_no_denial() -> None:
+    """Seen under `gputrace watch`: `cat` refused and exited between the sensor's read of
+    the ring buffer and its sweep of the aggregation table.  The sweep found a count for
+    a gone process with no first event, reported an empty 'first event lost' event
+    (no credentials, no path: verdict unknown), and the real record, read next, was
+    taken for a resend and dropped."""
+    sensor, kernel = _sensor()
+    pid = _gone_pid()
+    kernel.deny(pid)          # counted and sent, not read yet
+    sensor.sweep()            # the process is gone: its aggregate is final
+    events = list(sensor._queue)
+    assert len(events) == 1, events
+    assert events[0].node.path == b"/dev/nvidia0" and events[0].process.comm == b"cat"
+    assert not events[0].facts.get("sensor.first_event_lost")
+    assert sensor._user_stats["first_event_lost"] == 0
+
+
+def test_gputrace_s_own_look_ups_are_not_reported() -> None:
+    """With ENOENT watched, the enrichment's own O_PATH open of a node that is not there
+    was reported as a denial of comm 'gputrace' (and, with two tracers, each reported
+    the other's)."""
+    sensor, kernel = _sensor()
+    kernel.deny(os.getpid(), err=2, kerr=2)
+    kernel.ring_buffer_consume()
+    kernel.agg[_AggTable.Key(os.getpid(), 3, 13, 0x1234)] = _Count(5)  # repeats since
+    sensor.sweep(final=True)
+    assert list(sensor._queue) == []
+    assert sensor._user_stats["own_lookups"] == 1

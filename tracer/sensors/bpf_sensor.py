@@ -124,6 +124,9 @@ class BpfSensor:
     # where container-start signals go (the container tracker; see assembly), called on
     # the sensor's thread before any later record is handled
     on_container_start: Optional[Callable[[ContainerStart], None]] = None
+    # gputrace's own look-ups (the enrichment's O_PATH opens of a node that is not
+    # there, with ENOENT watched) are refused opens of GPU paths too: never reported
+    own_tgid: int = field(default_factory=os.getpid)
 
     def __post_init__(self) -> None:
         self.bpf: Any = None  # bcc.BPF once started
@@ -263,6 +266,9 @@ class BpfSensor:
             return
         self.dev_programs.annotate(decoded)
         key, record = decoded.key, decoded.event
+        if key.tgid == self.own_tgid:
+            self._user_stats["own_lookups"] += 1
+            return
         known = self._book.get(key)
         if key.candidate and (known is None or known.first is None) \
                 and not self._keep_candidate(key, record):
@@ -345,7 +351,7 @@ class BpfSensor:
             pass
 
     def _count(self, key: AggKey, count: int) -> None:
-        if key in self._ignored:
+        if key in self._ignored or key.tgid == self.own_tgid:
             return
         agg = self._book.get(key)
         if agg is None or agg.first is None:
@@ -362,6 +368,7 @@ class BpfSensor:
         table = self.bpf[b"agg"]
         in_table = set()
         living: dict[int, bool] = {}  # one /proc look-up per process per sweep
+        consumed = False
 
         def is_alive(tgid: int) -> bool:
             if tgid not in living:
@@ -385,6 +392,12 @@ class BpfSensor:
             self._count(key, v.count)
             if final or not alive:
                 agg = self._book.get(key)
+                if agg is not None and agg.first is None and not consumed:
+                    # the process exited after the buffer was last read: its first record
+                    # may be waiting there still (the kernel counted, then sent it)
+                    self._consume_now()
+                    consumed = True
+                    agg = self._book.get(key)
                 if agg is not None and agg.first is None:
                     self._orphan(key, agg.pending or v.count)
                 if not alive:
@@ -428,12 +441,16 @@ class BpfSensor:
             yield from self.poll(100)
         yield from self.drain()
 
-    def drain(self) -> list[Event]:
-        """Everything still buffered, with final exact counts."""
+    def _consume_now(self) -> None:
+        """Hand every record already in the kernel's buffer to _ingest, without waiting."""
         if self.transport == "ringbuf":
             self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(0)
+
+    def drain(self) -> list[Event]:
+        """Everything still buffered, with final exact counts."""
+        self._consume_now()
         self.sweep(final=True)
         out = list(self._queue)
         self._queue.clear()

@@ -158,6 +158,10 @@ def test_toolkit_settings_and_defaults(tmp_path) -> None:
             "no_cgroups": True, "mode": "auto", "user": "root:video", "defaults": ["mode"]}
     settings = toolkit(tmp_path / "b", "disable-require = false\n")
     assert settings["no_cgroups"] is False and settings["defaults"] == ["no_cgroups", "mode"]
+    # a value of the wrong type is no setting the toolkit runs with: unknown, not the default
+    odd = toolkit(tmp_path / "d", "[nvidia-container-cli]\nno-cgroups = \"true\"\n"
+                                  "[nvidia-container-runtime]\nmode = 1\n")
+    assert odd["no_cgroups"] is None and odd["mode"] is None and odd["defaults"] == []
     broken = toolkit(tmp_path / "c", "[nvidia-container-cli\n")
     assert "error" in broken and "no_cgroups" not in broken
 

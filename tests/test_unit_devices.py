@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 
@@ -128,3 +129,34 @@ def test_hostile_node_path_in_the_drop_in_is_quoted_or_refused(path: str) -> Non
     else:
         line = fix.command.splitlines()[-1]
         assert line.startswith('DeviceAllow="/dev/') or line == "DeviceAllow=/dev/x%%i rw", line
+
+
+def test_a_user_unit_s_files_cannot_block_or_speak_for_another_user(tmp_path) -> None:
+    """A user unit's drop-ins live in the user's home: a FIFO there would block the
+    reader for good (an open for reading waits for a writer), and a file another
+    user put there is not this user's configuration."""
+    home = tmp_path / "home/al"
+    drop_ins = home / ".config/systemd/user/comfy.service.d"
+    drop_ins.mkdir(parents=True)
+    (home / ".config/systemd/user/comfy.service").write_text(UNIT)
+    os.mkfifo(drop_ins / "10-fifo.conf")
+    other = drop_ins / "20-other.conf"
+    other.write_text("[Service]\nDevicePolicy=auto\n")
+    os.chown(other, 4242, 4242)
+    mine = drop_ins / "30-mine.conf"
+    mine.write_text("[Service]\nDeviceAllow=/dev/nvidia0 rw\n")
+    os.chown(mine, 1000, 1000)
+    for sub in ("etc", "run", "proc", "sys", "dev"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    (tmp_path / "etc/passwd").write_text(f"al:x:1000:1000::{'/home/al'}:/bin/sh\n")
+    facts = Facts()
+    reader = threading.Thread(target=systemd_unit_facts, daemon=True, args=(
+        HostPaths.under(str(tmp_path)),
+        {"unified": "/user.slice/user-1000.slice/user@1000.service/app.slice/comfy.service"},
+        facts))
+    reader.start()
+    reader.join(20)
+    assert not reader.is_alive(), "the reader blocked on the FIFO"
+    props = facts.get("systemd.unit_properties")
+    assert props["DevicePolicy"] == "closed"       # 20-other.conf (uid 4242) was not read
+    assert [e["spec"] for e in props["DeviceAllow"]][-1] == "/dev/nvidia0"

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from tracer.enrichment import procfs
 from tracer.host import HostPaths
 
 MAX_SPEC_BYTES = 4 << 20
@@ -119,6 +120,14 @@ def _text(value: Any) -> Optional[str]:
     return value[:MAX_TEXT] if isinstance(value, str) else None
 
 
+def _version(value: Any) -> Optional[str]:
+    """cdiVersion as written; a scalar only (str() of an alias to a nested list, a
+    billion laughs, would build the whole expansion)."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)[:32]
+    return None
+
+
 def _list(raw: dict[str, Any], key: str) -> list[Any]:
     value = raw.get(key)
     return value if isinstance(value, list) else []
@@ -163,31 +172,19 @@ def parse_spec(text: str, path: str, priority: int = 0,
                    if isinstance(d, dict) and isinstance(d.get("name"), str))
     kind = _text(raw.get("kind"))
     return CdiSpec(path, priority, kind=kind,
-                   version=None if raw.get("cdiVersion") is None else str(raw["cdiVersion"])[:32],
+                   version=_version(raw.get("cdiVersion")),
                    common=_edits(raw.get("containerEdits")), devices=parsed, file=file,
                    error=None if kind else "no kind")
 
 
-def _read_regular(path: str) -> Optional[tuple[str, FileOwner]]:
-    """A regular file's text and owner; nothing that could block (a FIFO) or flood."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
+def _read_spec_file(path: str) -> Optional[tuple[str, FileOwner]]:
+    """A spec's text and owner; nothing that could block (a FIFO) or flood."""
+    found = procfs.read_regular(path, MAX_SPEC_BYTES)
+    if found is None:
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SPEC_BYTES:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(MAX_SPEC_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SPEC_BYTES:
-        return None
-    owner = FileOwner(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime)
-    return data.decode("utf-8", "replace"), owner
+    data, st = found
+    return data.decode("utf-8", "replace"), FileOwner(stat.S_IMODE(st.st_mode), st.st_uid,
+                                                      st.st_gid, st.st_mtime)
 
 
 _cache_lock = threading.Lock()
@@ -233,7 +230,7 @@ def read_specs(host: HostPaths) -> list[CdiSpec]:
         if cached is not None and cached[0] == key and cached[1].priority == priority:
             specs.append(cached[1])
             continue
-        found = _read_regular(path)
+        found = _read_spec_file(path)
         if found is None:
             continue
         spec = parse_spec(found[0], path, priority, found[1])

@@ -72,11 +72,13 @@ def parse_modprobe_conf(text: str, path: str, skips: SkipCounter) -> list[Modpro
     lines = text.splitlines()
     number = 0
     while number < len(lines):
-        start, line = number + 1, lines[number]
+        start, parts = number + 1, [lines[number]]
         number += 1
-        while line.endswith("\\") and number < len(lines):
-            line, number = line[:-1] + " " + lines[number], number + 1
-        words = line.split("#", 1)[0].split()
+        while parts[-1].endswith("\\") and number < len(lines):  # joined once, not per line
+            parts[-1] = parts[-1][:-1]
+            parts.append(lines[number])
+            number += 1
+        words = " ".join(parts).split("#", 1)[0].split()
         if len(words) < 3 or words[0] != "options" or _module(words[1]) not in CORE_MODULES:
             continue
         for word in words[2:]:
@@ -104,7 +106,7 @@ def configured_options(host: HostPaths, skips: SkipCounter) -> list[ModprobeOpti
     """Every NVreg_ device-file option configured, in the order applied (the last wins)."""
     out: list[ModprobeOption] = []
     for path in modprobe_files(host):
-        text = procfs.read_text(path, 1 << 18)
+        text = procfs.read_regular_text(path, 1 << 18)
         if text is not None and "NVreg_" in text:
             out += parse_modprobe_conf(text, path, skips)
     cmdline_path = os.path.join(host.proc, "cmdline")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Optional
 
 MAX_FILE_BYTES = 1 << 20  # /proc and /etc files we read are far smaller
@@ -39,6 +40,37 @@ def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> Optional[bytes]:
 def read_text(path: str, limit: int = MAX_FILE_BYTES) -> Optional[str]:
     raw = read_bytes(path, limit)
     return None if raw is None else raw.decode("utf-8", "replace")
+
+
+REGULAR_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def read_regular(path: str, limit: int,
+                 owner: Optional[int] = None) -> Optional[tuple[bytes, os.stat_result]]:
+    """A configuration file's bytes and stat: a regular file only (a FIFO, a device or
+    a socket under that name is never read, and the open cannot block), refused whole
+    when larger than `limit`, and with `owner`, only when that uid or root owns it (a
+    file in a user's home is that user's word only, never another's)."""
+    try:
+        fd = os.open(path, REGULAR_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit \
+                or owner is not None and st.st_uid not in (owner, 0):
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return (data, st) if len(data) <= limit else None
+
+
+def read_regular_text(path: str, limit: int, owner: Optional[int] = None) -> Optional[str]:
+    found = read_regular(path, limit, owner)
+    return None if found is None else found[0].decode("utf-8", "replace")
 
 
 def read_link(path: str) -> Optional[str]:

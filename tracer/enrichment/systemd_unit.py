@@ -31,6 +31,7 @@ USER_MANAGER = re.compile(r"user@(\d{1,10})\.service")
 TRUE = ("1", "yes", "true", "on")
 CACHE_TTL_S = 5.0
 MAX_FILE_BYTES = 256 << 10
+MAX_DROP_INS = 256  # per drop-in directory; a user's own directory may hold any number
 _cache: dict[tuple[str, str, Optional[int]], tuple[float, Optional[dict[str, Any]], str]] = {}
 
 
@@ -77,7 +78,7 @@ def _unit_files(dirs: list[str], unit: str) -> list[str]:
     for directory in reversed(dirs):  # lowest precedence first; higher ones replace
         for sub in ["service.d"] + [n + ".d" for n in reversed(names)]:
             folder = os.path.join(directory, sub)
-            for name in procfs.list_dir(folder):
+            for name in procfs.list_dir(folder)[:MAX_DROP_INS]:
                 if name.endswith(".conf"):
                     drop_ins[name] = os.path.join(folder, name)
     return ([main] if main else []) + [drop_ins[n] for n in sorted(drop_ins)]
@@ -103,12 +104,14 @@ def _service_lines(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def properties_from_files(paths: list[str]) -> dict[str, Any]:
-    """The four properties as the files set them, with systemd's defaults."""
+def properties_from_files(paths: list[str], owner: Optional[int] = None) -> dict[str, Any]:
+    """The four properties as the files set them, with systemd's defaults.  A user
+    unit's files (`owner`) are that user's: read only when theirs or root's, and like
+    every unit file never when not a regular file (a FIFO would block for good)."""
     props: dict[str, Any] = {"PrivateDevices": False, "NoNewPrivileges": False,
                              "DevicePolicy": "auto", "DeviceAllow": []}
     for path in paths:
-        text = procfs.read_text(path, MAX_FILE_BYTES)
+        text = procfs.read_regular_text(path, MAX_FILE_BYTES, owner)
         for key, value in _service_lines(text or ""):
             if key in ("PrivateDevices", "NoNewPrivileges"):
                 props[key] = value.lower() in TRUE
@@ -142,7 +145,7 @@ def unit_properties(host: HostPaths, unit: str, user: Optional[int],
     if props is None:
         home = _home_of(host, user, facts) if user is not None else None
         paths = _unit_files(_search_dirs(host, user, home), unit)
-        props = properties_from_files(paths) if paths else None
+        props = properties_from_files(paths, user) if paths else None
         origin = "unit files: " + ", ".join(paths) if paths else "no unit file found"
     _cache[key] = (now, props, origin)
     if len(_cache) > 256:

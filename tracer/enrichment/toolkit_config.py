@@ -36,7 +36,7 @@ def config_path(host: HostPaths) -> str:
 def read_toolkit_config(host: HostPaths) -> Optional[dict[str, Any]]:
     """{"path", "content"} or {"path", "error"}; None when there is no config file."""
     path = config_path(host)
-    text = procfs.read_text(path, 1 << 18)
+    text = procfs.read_regular_text(path, 1 << 18)
     if text is None:
         return None
     try:
@@ -60,9 +60,12 @@ def toolkit_settings(config: dict[str, Any]) -> dict[str, Any]:
     no_cgroups = cli.get("no-cgroups")
     mode = runtime.get("mode")
     user = cli.get("user")
+    # a key the file does not set is the toolkit's default; one of the wrong type (the
+    # string "true") is not a value the toolkit would run with: unknown, null
     return {"path": config["path"],
-            "no_cgroups": no_cgroups if isinstance(no_cgroups, bool) else False,
-            "mode": mode if isinstance(mode, str) else "auto",
+            "no_cgroups": False if no_cgroups is None else
+            no_cgroups if isinstance(no_cgroups, bool) else None,
+            "mode": "auto" if mode is None else mode if isinstance(mode, str) else None,
             "user": user if isinstance(user, str) else None,
             "defaults": [k for k, v in (("no_cgroups", no_cgroups), ("mode", mode))
                          if v is None]}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 import pytest
 
-from tests.test_enrichment_fixtures import denial, fixture_enricher, gentoo_denial
+from tests.test_enrichment_fixtures import HOSTS, denial, fixture_enricher, gentoo_denial
 from tracer.verdict import reasons as R
 from tracer.verdict.explain import explain
 from tracer.verdict.reasons import Fix, Verdict
@@ -162,3 +163,50 @@ def test_verdict_rejects_unknown_codes() -> None:
         Verdict(reason="nope", summary="", confidence="high")
     with pytest.raises(ValueError):
         Fix("x", "y", applies_to="kubectl")
+
+
+def test_a_process_that_exits_while_it_is_read_is_read_again_as_gone(tmp_path) -> None:
+    """Seen under watch: `cat` was alive when its denial was picked up and gone before
+    its root was opened; the node 'was removed before gputrace examined it' (unknown),
+    and in a podman container an unread device cgroup let seccomp take the blame.  Here
+    the process exits as its node is looked up through its root."""
+    import shutil
+    from tracer.enrichment.enricher import Enricher
+    from tracer.enrichment.node import FixtureNodeStats
+    from tracer.host import HostPaths
+    tree = tmp_path / "host"
+    shutil.copytree(os.path.join(HOSTS, "cgroup-v1-host"), tree, symlinks=True)
+    fixture = FixtureNodeStats(str(tree / "node-stats.json"))
+
+    def exits_while_read(root: str, path: str) -> Any:
+        if "/proc/730/" in root + "/":
+            shutil.rmtree(tree / "proc/730")   # it exited just now
+            return None                        # its root is gone with it
+        return fixture(root, path)
+    enricher = Enricher(HostPaths.under(str(tree)), stat_node=exits_while_read)
+    event = denial(730, "/dev/nvmap", uid=1000, gid=1000, groups=(44, 1000), mntns=4026531841)
+    verdict = explain(event, enricher)
+    assert enricher.counters["exited_while_enriched"] == 1
+    assert event.facts.get("process.live") is False
+    assert event.facts.get("node.exists") is True
+    assert verdict.reason == R.MODE_RESTRICTIVE, verdict.to_json()
+
+
+def test_a_container_reading_cut_short_by_an_exit_is_not_cached(tmp_path) -> None:
+    """prime() and the live path cache a process's container-wide facts for its
+    userns and cgroup; a reading its exit cut short must not stand for them."""
+    import shutil
+    from tracer.enrichment.enricher import Enricher
+    from tracer.host import HostPaths
+    tree = tmp_path / "host"
+    shutil.copytree(os.path.join(HOSTS, "cgroup-v1-host"), tree, symlinks=True)
+
+    class ExitsWhileRead(Enricher):
+        def _read_shared(self, proc: Any) -> Any:
+            shutil.rmtree(tree / "proc/700")   # it exits as its cgroup is read
+            return Enricher._read_shared(self, proc)
+    enricher = ExitsWhileRead(HostPaths.under(str(tree)))
+    event = denial(700, "/dev/nvidia0", errno.EPERM, caps=0xA80425FB, mntns=4026532700,
+                   cgroup_id=9700)
+    assert not enricher.prime(event.process) or len(enricher.by_cgroup) == 0
+    assert len(enricher.by_cgroup) == 0 and enricher.counters["snapshot_not_kept_exited"] == 1

@@ -119,11 +119,22 @@ class Enricher:
         """Adds enrichment's facts to `event.facts` beside the sensor's (which are
         kept, never overwritten) and returns the merged facts.  Enriching the same
         event again gives enrichment's view now, in place of its earlier one."""
+        read_live = backfill_process(self.host, event)
+        live = process_is_live(self.host, event.process)
+        merged = self._enrich(event, live, read_live)
+        if live and not process_is_live(self.host, event.process):
+            # it exited while it was being read (a refused `cat` lives microseconds): what
+            # was read of it may stop half way (its root, cgroup, /dev), and a half-read
+            # live process makes wrong causes (a node "removed", seccomp for a device
+            # cgroup it could not read); read it again as the gone process it is
+            self.counters["exited_while_enriched"] += 1
+            merged = self._enrich(event, False, read_live)
+        return merged
+
+    def _enrich(self, event: Event, live: bool, read_live: list[str]) -> Facts:
         proc = event.process
         facts = Facts()
-        read_live = backfill_process(self.host, event)
         kernel_facts(proc, facts, event.missing, read_live)
-        live = process_is_live(self.host, proc)
         facts.put("process.live", live, LIVE if live else INFERRED,
                   self.host.proc_pid(proc.pid))
         if live:
@@ -215,6 +226,11 @@ class Enricher:
 
     def _snapshot(self, proc: Process) -> Facts:
         shared = self._read_shared(proc)
+        if not process_is_live(self.host, proc):
+            # it exited while read: half a reading is not its container's facts, and a
+            # cached one would stand for every later event of that userns or cgroup
+            self.counters["snapshot_not_kept_exited"] += 1
+            return shared
         key, cgroup = self._userns_key(proc), self._cgroup_key(proc)
         if key is not None:
             self.by_userns.put(key, shared)

@@ -214,8 +214,7 @@ def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
         return False
     origin = f"{where}/devices.list (cgroup id {devices_cgroup_id}, captured at the denial)"
     facts.put("device_cgroup.version", 1, LIVE, origin)
-    facts.put("device_cgroup.v1_rules", [r.to_text() for r in parse_devices_list(text, facts.skips)],
-              LIVE, origin)
+    facts.put("device_cgroup.v1_rules", list(devices_list_texts(text, facts.skips)), LIVE, origin)
     if "cgroup.paths" not in facts:
         facts.put("cgroup.paths", {"devices": where[len(base):] or "/"}, LIVE, origin)
     return True

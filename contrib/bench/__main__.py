@@ -132,7 +132,7 @@ def run_storm(host: Any, exe: str, kind: str, args: argparse.Namespace, peer: An
 
 
 def run_churn(host: Any, kind: str, args: argparse.Namespace) -> dict:
-    from contrib.bench import churn, churn_engines
+    from contrib.bench import churn, churn_engines, tables
 
     exe = churn_engines.build_open_once(host.workdir)
     per_round = dict(item.split(":") for item in args.churn_per_round.split(","))
@@ -144,7 +144,7 @@ def run_churn(host: Any, kind: str, args: argparse.Namespace) -> dict:
     quiet = churn.long_run(host, kind, "runc", args.churn_long_quiet, args.churn_workers, exe,
                            say, refused=False) if args.churn_long_quiet else None
     return {"engines": results, "long": long, "quiet": quiet,
-            "text": churn.churn_table(results, long, quiet)}
+            "text": tables.churn_table(results, long, quiet)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from contrib.bench.churn_engines import CONTAINER_PATH, ENGINES, Engine, Started
-from contrib.bench.machine import BenchHost, cpu_seconds, memory_kib
+from contrib.bench.machine import BenchHost, cpu_seconds, memory_kib, thread_cpu
 from contrib.bench.processes import EventTap, Gputrace
 from contrib.bench.tracers import settle
 
@@ -124,24 +124,27 @@ def wait_delivered(tap: ChurnTap, batch: Batch) -> float:
 
 
 def daemon_batch(host: BenchHost, kind: str, engine: Engine, tokens: list[str],
-                 workers: int, tag: str) -> tuple[Batch, dict, float]:
+                 workers: int, tag: str) -> tuple[Batch, dict, float, dict[str, float]]:
     """A fresh daemon (settled), one batch, the daemon's CPU over the batch and
-    over delivering its events; returns (batch, judged, cpu seconds)."""
+    over delivering its events; returns (batch, judged, cpu seconds, cpu seconds by
+    thread name)."""
     gt = Gputrace(kind, host.workdir, tag=tag)
     gt.start()
     gt.tap = tap = ChurnTap()
     try:
         tap.connect(gt.socket_path)
         settle(gt.pid)
-        cpu0 = cpu_seconds(gt.pid)
+        cpu0, threads0 = cpu_seconds(gt.pid), thread_cpu(gt.pid)
         batch = run_batch(engine, tokens, workers)
         wait_delivered(tap, batch)
         settle(gt.pid)
         cpu = cpu_seconds(gt.pid) - cpu0
+        threads = {name: spent - threads0.get(name, 0.0)
+                   for name, spent in thread_cpu(gt.pid).items()}
         judged = judge(batch, tap)
     finally:
         gt.stop()
-    return batch, judged, cpu
+    return batch, judged, cpu, threads
 
 
 def interleaved(host: BenchHost, kind: str, engine_name: str, rounds: int, per_round: int,
@@ -155,14 +158,16 @@ def interleaved(host: BenchHost, kind: str, engine_name: str, rounds: int, per_r
             batch = run_batch(engine, tokens, workers)
             series["none"].append({"batch": batch, "judged": judge(batch, ChurnTap())})
             tokens = [f"{engine_name[0]}{r}g{i:05d}" for i in range(per_round)]
-            batch, judged, cpu = daemon_batch(host, kind, engine, tokens, workers,
-                                              f"churn-{engine_name}-{r}")
-            series["gputrace"].append({"batch": batch, "judged": judged, "cpu_s": cpu})
+            batch, judged, cpu, threads = daemon_batch(host, kind, engine, tokens, workers,
+                                                       f"churn-{engine_name}-{r}")
+            series["gputrace"].append({"batch": batch, "judged": judged, "cpu_s": cpu,
+                                       "threads": threads})
             tokens = [f"{engine_name[0]}{r}q{i:05d}" for i in range(per_round)]
             with engine_path(engine, QUIET_PATH):
-                batch, judged, cpu = daemon_batch(host, kind, engine, tokens, workers,
-                                                  f"churn-{engine_name}-{r}q")
-            series["gputrace, no denial"].append({"batch": batch, "judged": judged, "cpu_s": cpu})
+                batch, judged, cpu, threads = daemon_batch(host, kind, engine, tokens, workers,
+                                                           f"churn-{engine_name}-{r}q")
+            series["gputrace, no denial"].append({"batch": batch, "judged": judged, "cpu_s": cpu,
+                                                  "threads": threads})
             g = series["gputrace"][-1]
             say(f"churn {engine_name} round {r + 1}/{rounds}: none {series['none'][-1]['batch'].rate:.1f}/s, "
                 f"gputrace {g['batch'].rate:.1f}/s, caught {g['judged']['caught']}/"
@@ -186,6 +191,26 @@ class engine_path:
         self.engine.open_path = CONTAINER_PATH
 
 
+# the daemon's threads, by the names they carry (processes.run_named), as parts of gputrace
+THREAD_PARTS = {"container-track": "container tracker", "sensor": "sensor",
+                "access-changes": "access-change probe", "python": "explaining (main thread)"}
+
+
+def cpu_by_part(runs: list[dict], started: int) -> dict[str, float]:
+    """ms of CPU per container, by part of gputrace; `other`: every other thread,
+    and threads that ended during the batch (the process's total minus the named)."""
+    if not started:
+        return {}
+    parts: dict[str, float] = {}
+    for run in runs:
+        for name, spent in run.get("threads", {}).items():
+            part = THREAD_PARTS.get(name, "other")
+            parts[part] = parts.get(part, 0.0) + spent
+    parts["other"] = parts.get("other", 0.0) + max(0.0, sum(r["cpu_s"] for r in runs)
+                                                   - sum(parts.values()))
+    return {part: round(1000 * spent / started, 2) for part, spent in parts.items()}
+
+
 def summarise(engine_name: str, workers: int, series: dict[str, list]) -> dict:
     def rows(name: str) -> dict:
         runs = series[name]
@@ -197,6 +222,7 @@ def summarise(engine_name: str, workers: int, series: dict[str, list]) -> dict:
         if name != "none":
             cpu = sum(r["cpu_s"] for r in runs)
             out["cpu_ms_per_container"] = round(1000 * cpu / started, 2) if started else None
+            out["cpu_ms_by_part"] = cpu_by_part(runs, started)
         if name == "gputrace":
             for key in ("refused", "caught", "with_id", "with_id_and_name"):
                 out[key] = sum(r["judged"][key] for r in runs)
@@ -210,6 +236,15 @@ def summarise(engine_name: str, workers: int, series: dict[str, list]) -> dict:
     return {"engine": engine_name, "workers": workers, "rows": table,
             "start_ratio_same_round": round(statistics.median(same_round), 3) if same_round else None,
             "none_start_ms_spread": [min(none["start_ms_rounds"]), max(none["start_ms_rounds"])]}
+
+
+def rss_parts(pid: int) -> dict[str, float]:
+    """RSS in MiB by kind: anonymous (Python's heap), file-backed, and shared memory
+    (the BPF ring buffers' pages, the kernel's since load, counted once we read them)."""
+    kib = memory_kib(pid)
+    return {name: round(kib.get(key, 0) / 1024, 1)
+            for name, key in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile"),
+                              ("shmem", "RssShmem"))}
 
 
 def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: int,
@@ -234,7 +269,8 @@ def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: 
         tap.connect(gt.socket_path)
         settle(gt.pid)
         rss.append((0, memory_kib(gt.pid)["VmRSS"] / 1024))
-        cpu0 = cpu_seconds(gt.pid)
+        parts = {"before": rss_parts(gt.pid)}
+        cpu0, threads0 = cpu_seconds(gt.pid), thread_cpu(gt.pid)
         done = 0
         while done < total:
             n = min(chunk, total - done)
@@ -251,11 +287,15 @@ def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: 
             rss.append((done, memory_kib(gt.pid)["VmRSS"] / 1024))
             if warm is None and done >= min(1000, total):
                 warm = rss[-1][1]  # the bounded stores and the ring buffer's pages are in use now
+                parts["after_1000"] = rss_parts(gt.pid)
             say(f"churn long {engine_name}: {done}/{total}, rss {rss[-1][1]:.1f} MiB, "
                 f"caught {totals['caught']}/{totals['refused']}, with id {totals['with_id']}")
         settle(gt.pid)
         cpu = cpu_seconds(gt.pid) - cpu0
+        threads = {name: spent - threads0.get(name, 0.0)
+                   for name, spent in thread_cpu(gt.pid).items()}
         rss.append((done, memory_kib(gt.pid)["VmRSS"] / 1024))
+        parts["after"] = rss_parts(gt.pid)
         metrics = gt.scrape()
     finally:
         gt.stop()
@@ -263,44 +303,10 @@ def long_run(host: BenchHost, kind: str, engine_name: str, total: int, workers: 
     return {"engine": engine_name, "refused_once": refused, "containers": total,
             "per_s": round(total / seconds, 1),
             **totals, "cpu_ms_per_container": round(1000 * cpu / total, 2),
+            "cpu_ms_by_part": cpu_by_part([{"cpu_s": cpu, "threads": threads}], total),
+            "rss_parts_mib": parts,
             "rss_mib_before": round(rss[0][1], 1), "rss_mib_after": round(rss[-1][1], 1),
             "rss_mib_after_1000": round(warm, 1) if warm is not None else None,
             "rss_mib_samples": [(n, round(m, 1)) for n, m in rss],
             "tracker": {k.split('"')[1]: int(v) for k, v in metrics.items()
                         if k.startswith("gputrace_container_tracker_total{")}}
-
-
-def churn_table(results: list[dict], long: Optional[dict], quiet: Optional[dict] = None) -> str:
-    """Markdown: one block per engine (interleaved rounds), then the long run."""
-    lines = ["| engine | configuration | containers | per s | start ms (median) | CPU ms per container "
-             "| denials caught | with id | with id and name |", "|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        for row in res["rows"]:
-            cpu = row.get("cpu_ms_per_container")
-            refused = row.get("refused")
-            caught = (f"{row['caught']}/{refused}", f"{row['with_id']}/{refused}",
-                      f"{row['with_id_and_name']}/{refused}") if refused else ("-", "-", "-")
-            lines.append(f"| {res['engine']} ({res['workers']} at a time) | {row['configuration']} "
-                         f"| {row['containers']} | {row['per_s']} | {row['start_ms_median']} "
-                         f"| {'-' if cpu is None else cpu} | {' | '.join(caught)} |")
-    notes = [f"{r['engine']}: start time with gputrace / without, same-round median "
-             f"{r['start_ratio_same_round']}x; without gputrace the per-round medians spread "
-             f"{r['none_start_ms_spread'][0]}-{r['none_start_ms_spread'][1]} ms" for r in results]
-    text = "\n".join(lines) + "\n\n" + "\n".join(f"* {n}" for n in notes)
-    if long:
-        samples = ", ".join(f"{n}: {m}" for n, m in long["rss_mib_samples"][::max(1, len(long["rss_mib_samples"]) // 6)])
-        text += (f"\n\nOne daemon through {long['containers']:,} {long['engine']} containers "
-                 f"({long['per_s']}/s): RSS {long['rss_mib_before']} MiB before, "
-                 f"{long['rss_mib_after_1000']} MiB after the first 1,000, "
-                 f"{long['rss_mib_after']} MiB after all (+{round(long['rss_mib_after'] - long['rss_mib_before'], 1)} MiB "
-                 f"from the start, {round(long['rss_mib_after'] - (long['rss_mib_after_1000'] or 0), 1):+} MiB "
-                 f"after the first 1,000; "
-                 f"samples by containers started: {samples}); caught {long['caught']}/{long['refused']}, "
-                 f"with id {long['with_id']}, with id and name {long['with_id_and_name']}; "
-                 f"CPU {long['cpu_ms_per_container']} ms per container (each refused once).")
-    if quiet:
-        text += (f"\n\nThe same through {quiet['containers']:,} containers refused nothing (what "
-                 f"starts alone cost): RSS {quiet['rss_mib_before']} MiB before, "
-                 f"{quiet['rss_mib_after_1000']} MiB after the first 1,000, {quiet['rss_mib_after']} MiB "
-                 f"after all; CPU {quiet['cpu_ms_per_container']} ms per container start.")
-    return text

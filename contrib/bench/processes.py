@@ -117,8 +117,27 @@ class TracerProcess:
 
 # -- gputrace itself ------------------------------------------------------------------
 def daemon_argv(config_path: str) -> tuple[list[str], str]:
-    """`python -m tracer daemon` with its configuration, and how to label it."""
-    return [sys.executable, "-m", "tracer", "daemon", "--config", config_path], "gputrace daemon"
+    """`python -m tracer daemon` with its configuration, and how to label it.  Started
+    through `run_named`, so that each of its threads can be measured on its own."""
+    code = "import sys; from contrib.bench.processes import run_named; run_named(sys.argv[1:])"
+    return [sys.executable, "-c", code, "daemon", "--config", config_path], "gputrace daemon"
+
+
+def run_named(argv: list[str]) -> None:
+    """gputrace's CLI, each Python thread carrying its name as its OS thread's name
+    (prctl PR_SET_NAME, 15 bytes), so /proc/PID/task/TID/comm tells the container
+    tracker's CPU from the sensor's (machine.thread_cpu).  Nothing else differs."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    plain_run = threading.Thread.run
+
+    def named_run(self: threading.Thread) -> None:
+        libc.prctl(15, self.name[:15].encode(), 0, 0, 0)  # PR_SET_NAME
+        plain_run(self)
+    threading.Thread.run = named_run  # type: ignore[method-assign]
+    from tracer.cli import main
+    main(argv)
 
 
 def write_daemon_config(workdir: str, tag: str) -> tuple[str, str]:

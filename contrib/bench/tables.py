@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
 def markdown(header: list[str], rows: list[list[Any]]) -> str:
@@ -86,3 +86,70 @@ def startup_table(s: dict) -> str:
             [[p["phase"], p["seconds"], f"{p['rss_mib']} MiB", f"{p['anon_mib']} MiB",
               f"{p['file_mib']} MiB"] for p in phases])
     return text
+
+
+def churn_table(results: list[dict], long: Optional[dict], quiet: Optional[dict] = None) -> str:
+    """Markdown: one block per engine (interleaved rounds), then the long run."""
+    lines = ["| engine | configuration | containers | per s | start ms (median) | CPU ms per container "
+             "| denials caught | with id | with id and name |", "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for row in res["rows"]:
+            cpu = row.get("cpu_ms_per_container")
+            refused = row.get("refused")
+            caught = (f"{row['caught']}/{refused}", f"{row['with_id']}/{refused}",
+                      f"{row['with_id_and_name']}/{refused}") if refused else ("-", "-", "-")
+            lines.append(f"| {res['engine']} ({res['workers']} at a time) | {row['configuration']} "
+                         f"| {row['containers']} | {row['per_s']} | {row['start_ms_median']} "
+                         f"| {'-' if cpu is None else cpu} | {' | '.join(caught)} |")
+    notes = [f"{r['engine']}: start time with gputrace / without, same-round median "
+             f"{r['start_ratio_same_round']}x; without gputrace the per-round medians spread "
+             f"{r['none_start_ms_spread'][0]}-{r['none_start_ms_spread'][1]} ms" for r in results]
+    text = "\n".join(lines) + "\n\n" + "\n".join(f"* {n}" for n in notes)
+    text += "\n\nWhere gputrace's CPU goes (ms per container, by the daemon's threads):\n\n" + \
+        cpu_parts_table([(f"{r['engine']}, {row['configuration']}", row.get("cpu_ms_by_part", {}))
+                         for r in results for row in r["rows"] if row.get("cpu_ms_by_part")]
+                        + [(f"long run, {run['engine']}, {'each refused once' if run['refused_once'] else 'refused nothing'}",
+                            run.get("cpu_ms_by_part", {})) for run in (long, quiet) if run])
+    if long:
+        samples = ", ".join(f"{n}: {m}" for n, m in long["rss_mib_samples"][::max(1, len(long["rss_mib_samples"]) // 6)])
+        text += (f"\n\nOne daemon through {long['containers']:,} {long['engine']} containers "
+                 f"({long['per_s']}/s): RSS {long['rss_mib_before']} MiB before, "
+                 f"{long['rss_mib_after_1000']} MiB after the first 1,000, "
+                 f"{long['rss_mib_after']} MiB after all (+{round(long['rss_mib_after'] - long['rss_mib_before'], 1)} MiB "
+                 f"from the start, {round(long['rss_mib_after'] - (long['rss_mib_after_1000'] or 0), 1):+} MiB "
+                 f"after the first 1,000; "
+                 f"samples by containers started: {samples}); caught {long['caught']}/{long['refused']}, "
+                 f"with id {long['with_id']}, with id and name {long['with_id_and_name']}; "
+                 f"CPU {long['cpu_ms_per_container']} ms per container (each refused once). "
+                 + rss_parts_text(long))
+    if quiet:
+        text += (f"\n\nThe same through {quiet['containers']:,} containers refused nothing (what "
+                 f"starts alone cost): RSS {quiet['rss_mib_before']} MiB before, "
+                 f"{quiet['rss_mib_after_1000']} MiB after the first 1,000, {quiet['rss_mib_after']} MiB "
+                 f"after all; CPU {quiet['cpu_ms_per_container']} ms per container start. "
+                 + rss_parts_text(quiet))
+    return text
+
+
+CPU_PARTS = ("container tracker", "sensor", "access-change probe", "explaining (main thread)", "other")
+
+
+def cpu_parts_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    return markdown(["run", *CPU_PARTS, "total"],
+                    [[name, *(parts.get(p, 0.0) for p in CPU_PARTS),
+                      round(sum(parts.values()), 2)] for name, parts in rows])
+
+
+def rss_parts_text(run: Optional[dict]) -> str:
+    """Growth by kind: anonymous (the heap) and shared (BPF ring buffer pages)."""
+    parts = (run or {}).get("rss_parts_mib") or {}
+    before, warm, after = parts.get("before"), parts.get("after_1000"), parts.get("after")
+    if not before or not after:
+        return ""
+
+    def grew(a: dict, b: dict) -> str:
+        return ", ".join(f"{k} {b[k] - a[k]:+.1f}" for k in ("anon", "shmem", "file"))
+    text = f"RSS growth by kind, MiB: from the start {grew(before, after)}"
+    if warm:
+        text += f"; after the first 1,000 {grew(warm, after)}"
+    return text + "."

@@ -53,7 +53,9 @@ def event_for(pid: int, mntns: int, userns: int, path: bytes = b"/dev/nvidia0") 
 
 def test_process_exits_during_enrichment() -> None:
     """The process is killed after its live facts were read and before its node
-    is looked up inside its root: enrichment finishes with what it had."""
+    is looked up inside its root: enrichment does not stop half way with a live
+    process's half reading (a node 'removed', a layer unread), it reads the event
+    again as the gone process it now is, and counts that."""
     proc = start_in_own_mount_ns()
     event = event_for(proc.pid, ns_inum(proc.pid, "mnt"), ns_inum(proc.pid, "user"))
     calls: list[str] = []
@@ -65,10 +67,13 @@ def test_process_exits_during_enrichment() -> None:
         calls.append(root)
         return stat_in_root(root, path)  # the real statter, on a root that is gone
 
-    facts = Enricher(HostPaths(), stat_node=kill_then_stat).enrich(event)
+    enricher = Enricher(HostPaths(), stat_node=kill_then_stat)
+    facts = enricher.enrich(event)
     assert calls, "the node was never looked up: the kill did not happen mid-way"
     assert not os.path.exists(f"/proc/{proc.pid}")
-    assert facts.get("process.live") is True  # it was alive when we started
+    assert enricher.counters["exited_while_enriched"] == 1
+    assert facts.get("process.live") is False  # judged as the gone process it became
+    assert facts.get("node.seen_from") == "host"  # its root went with it: looked up on the host
     assert event.facts and "node.path" in event.facts
 
 

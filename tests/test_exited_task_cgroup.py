@@ -1,5 +1,6 @@
-"""An exited task not yet reaped (a zombie) shows `/` for every v1 hierarchy in
-/proc/PID/cgroup, while its v2 line stays right (measured on this kernel).  A
+"""An exiting task (PF_EXITING set, then a zombie not yet reaped) shows `/` for every
+v1 hierarchy in /proc/PID/cgroup, while its v2 line stays right (measured on this
+kernel).  A
 snapshot of a container whose init had already exited once read the root's
 devices.list (`a *:* rwm`) as the container's rules, and its verdict became
 `unknown` (flaky test_exited_containers runc case).  Real kernel: a v1 devices
@@ -16,6 +17,8 @@ import pytest
 
 from tracer.enrichment.container_state import RuntimeState
 from tracer.enrichment.container_snapshot import snapshot_container
+from tracer.enrichment.container_init import read_init
+from tracer.enrichment.container_store import ContainerSnapshot
 from tracer.enrichment.process import cgroup_facts, task_exited
 from tracer.facts import Facts
 from tracer.host import HostPaths
@@ -115,3 +118,57 @@ def test_a_reaped_init_answers_nothing_through_the_snapshots_proc_descriptor():
     finally:
         proc.close()
         os.close(write_end)
+
+
+def test_a_task_still_exiting_is_not_read_as_in_the_root(zombie_in_devices_cgroup):
+    """The window before the zombie: PF_EXITING is set at the start of do_exit(), and
+    from then on the kernel shows the task in every v1 root, while `State:` still says
+    R until exit_notify().  A child freeing 1.5 GiB after SIGKILL stays in that window
+    for a while; every reading taken in it (the enrichment's and the container
+    snapshot's) must leave the v1 lines out, never name the root.  Before, `State:`
+    decided, and the root's devices.list (a *:* rwm) became a container's rules."""
+    pid, cg, release = zombie_in_devices_cgroup  # a parked child: the cgroup and its rules
+    big = os.fork()
+    if big == 0:  # pragma: no cover - child
+        block = bytearray(1536 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(60)
+        os._exit(0)
+    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write(str(big))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # its memory is touched when its RSS is
+            with open(f"/proc/{big}/statm", encoding="ascii") as f:
+                if int(f.read().split()[1]) * 4096 >= 1500 << 20:
+                    break
+            time.sleep(0.05)
+        os.kill(big, 9)
+        in_window = rooted = 0
+        for _ in range(20000):
+            try:
+                with open(f"/proc/{big}/cgroup", encoding="ascii") as f:
+                    raw = f.read()
+                with open(f"/proc/{big}/status", encoding="ascii") as f:
+                    state = f.read().partition("\nState:")[2].split()[0]
+            except OSError:
+                break
+            if state == "Z":
+                break
+            if any(line.endswith(":devices:/") for line in raw.splitlines()):
+                in_window += 1
+            facts = Facts()
+            cgroup_facts(HostPaths(), big, facts)
+            snap, live = ContainerSnapshot(id="gttest-exiting", runtime="runc", created=0), Facts()
+            read_init(HostPaths(), big, snap, live)
+            for paths in (facts.get("cgroup.paths") or {}, live.get("cgroup.paths") or {}):
+                rooted += paths.get("devices") == "/"
+        assert in_window > 0, "never caught the task between PF_EXITING and its zombie state"
+        assert rooted == 0, f"{rooted} readings named the root as the exiting task's devices cgroup"
+    finally:
+        try:
+            os.kill(big, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(big, 0)

@@ -209,8 +209,9 @@ def _cgroups_and_groups(proc: ProcDir, live: Facts) -> None:
     text = proc.text("cgroup")
     if text is None:
         return
-    status = proc.text("status", STATUS_BYTES)  # after the cgroups: has it exited since?
-    paths, exited = cgroup_paths(text, status, live.skips)
+    # after the cgroups: had it begun to exit (PF_EXITING) when they were read?
+    paths, exited = cgroup_paths(text, proc.text("stat", STATUS_BYTES), live.skips)
+    status = proc.text("status", STATUS_BYTES)
     if paths:
         live.put("cgroup.paths", paths, LIVE, proc.path("cgroup")
                  + (" (task had exited: v1 lines not its own)" if exited else ""))

@@ -210,8 +210,8 @@ def _cgroups_and_groups(proc: ProcDir, live: Facts) -> None:
     if text is None:
         return
     # after the cgroups: had it begun to exit (PF_EXITING) when they were read?
-    paths, exited = cgroup_paths(text, proc.text("stat", STATUS_BYTES), live.skips)
-    status = proc.text("status", STATUS_BYTES)
+    stat, status = proc.text("stat", STATUS_BYTES), proc.text("status", STATUS_BYTES)
+    paths, exited = cgroup_paths(text, stat, status, live.skips)
     if paths:
         live.put("cgroup.paths", paths, LIVE, proc.path("cgroup")
                  + (" (task had exited: v1 lines not its own)" if exited else ""))

@@ -166,6 +166,15 @@ def stat_says_exiting(stat: Optional[str]) -> bool:
     return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & PF_EXITING)
 
 
+def status_says_exited(status: Optional[str]) -> bool:
+    """/proc/PID/status text (None: unreadable) of a task that has exited: its State
+    only (a zombie), which an exiting task reaches last."""
+    if status is None:
+        return True
+    state = status.partition("\nState:")[2].split(None, 1)[:1]
+    return not state or state[0] in ("Z", "X", "x")
+
+
 def status_groups(status: str, skips: SkipCounter) -> Optional[list[int]]:
     """The `Groups:` line of /proc/PID/status text (kernel ids)."""
     line = status.partition("\nGroups:")[2].partition("\n")[0]
@@ -174,13 +183,16 @@ def status_groups(status: str, skips: SkipCounter) -> Optional[list[int]]:
     return status_ints({"Groups": line.strip()}, "Groups", skips)
 
 
-def cgroup_paths(text: str, stat: Optional[str], skips: SkipCounter) -> tuple[dict[str, str], bool]:
-    """(cgroup.paths, exited) from /proc/PID/cgroup text and the /proc/PID/stat text
-    read after it.  A task that has begun to exit (PF_EXITING, then a zombie) shows `/`
-    for every v1 hierarchy (its v2 line stays right), so the v1 lines of a task that
-    was exiting when they were read are left out: the root's devices.list is not the
-    container's (measured on this kernel)."""
-    exited = stat_says_exiting(stat)  # read after: once set, PF_EXITING stays
+def cgroup_paths(text: str, stat: Optional[str], status: Optional[str],
+                 skips: SkipCounter) -> tuple[dict[str, str], bool]:
+    """(cgroup.paths, exited) from /proc/PID/cgroup text and the /proc/PID/stat and
+    status texts read after it.  A task that has begun to exit (PF_EXITING, then a
+    zombie) shows `/` for every v1 hierarchy (its v2 line stays right), so the v1
+    lines of a task that was exiting when they were read are left out: the root's
+    devices.list is not the container's (measured on this kernel).  Without a stat
+    file (a /proc that lacks it, as a fixture tree may) only `State:` can say so."""
+    # read after: once set, PF_EXITING stays
+    exited = stat_says_exiting(stat) if stat is not None else status_says_exited(status)
     return {",".join(ln.controllers) or "unified": ln.path
             for ln in parse_proc_cgroup(text, skips) if not (exited and ln.controllers)}, exited
 
@@ -192,6 +204,7 @@ def cgroup_facts(host: HostPaths, pid: int, facts: Facts) -> None:
     if text is None:
         return
     paths, exited = cgroup_paths(text, procfs.read_text(host.proc_pid(pid, "stat"), 4096),
+                                 procfs.read_text(host.proc_pid(pid, "status"), 4096),
                                  facts.skips)
     if paths:
         facts.put("cgroup.paths", paths, LIVE,

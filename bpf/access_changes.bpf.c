@@ -9,6 +9,14 @@
  *                          being attached, replaced or detached): who (pid, comm,
  *                          parent), when, the target cgroup's id, the program's id,
  *                          the replaced program's id, the flags and the result.
+ *                          With HAVE_DEV_PROGS also the target cgroup's effective
+ *                          device programs before and after the call (cgroup->
+ *                          bpf.effective, as the denial probe reads a task's), and
+ *                          after a successful call each of those programs'
+ *                          instructions, once per program id (struct dev_prog_record,
+ *                          kind GT_CHG_KIND_PROGRAM, sent before the call's record):
+ *                          the unit cannot ask bpf() for them (BPF_PROG_QUERY needs
+ *                          CAP_NET_ADMIN, BPF_PROG_GET_FD_BY_ID CAP_SYS_ADMIN).
  *   WATCH_GROUP_CHANGES    setgroups/setgid/setregid/setresgid: the caller's groups
  *                          and gids before and after a successful call (an
  *                          entrypoint dropping the groups the runtime gave).
@@ -49,6 +57,12 @@ struct chg_event {
 	u32 replace_prog_id;
 	u32 prog_type;
 	u64 target_cgroup; /* inode number of the target cgroup directory: its cgroup id */
+	u32 progs_known; /* GT_CHG_F_PROGS_BEFORE | GT_CHG_F_PROGS_AFTER: the lists below were read */
+	u32 progs_before; /* the target's effective device programs; > GT_MAX_DEV_PROGS: more */
+	u32 progs_after;
+	u32 progs_pad;
+	u32 before_ids[GT_MAX_DEV_PROGS];
+	u32 after_ids[GT_MAX_DEV_PROGS];
 	/* groups */
 	u32 call; /* GT_CHG_CALL_* */
 	u32 gid_before, egid_before, fsgid_before;
@@ -71,6 +85,11 @@ BPF_PERF_OUTPUT(changes);
 BPF_HASH(pending, u32, struct chg_event, GT_CHG_PENDING_MAX); /* tid -> call in flight */
 BPF_PERCPU_ARRAY(chg_scratch, struct chg_event, 1);
 BPF_PERCPU_ARRAY(chg_stats, u64, GT_CHG_ST_COUNT);
+#if defined(WATCH_DEVICE_PROGRAMS) && defined(HAVE_DEV_PROGS)
+BPF_HASH(pending_cgroup, u32, u64, GT_CHG_PENDING_MAX); /* tid -> the target's struct cgroup */
+BPF_PERCPU_ARRAY(chg_prog_scratch, struct dev_prog_record, 1);
+BPF_TABLE("lru_hash", u32, u64, chg_progs_sent, GT_DEV_PROGS_SENT_MAX); /* id -> struct bpf_prog * */
+#endif
 
 static __always_inline void stat_add(u32 idx)
 {
@@ -110,10 +129,12 @@ static __always_inline struct chg_event *begin(u32 kind)
 	return ev;
 }
 
-static __always_inline void keep_pending(struct chg_event *ev)
+static __always_inline int keep_pending(struct chg_event *ev)
 {
-	if (pending.update(&ev->tid, ev) != 0)
+	int err = pending.update(&ev->tid, ev);
+	if (err != 0)
 		stat_add(GT_CHG_ST_PENDING_FULL);
+	return err;
 }
 
 static __always_inline void send(void *ctx, struct chg_event *ev)
@@ -127,6 +148,74 @@ static __always_inline void send(void *ctx, struct chg_event *ev)
 }
 
 #ifdef WATCH_DEVICE_PROGRAMS
+#ifdef HAVE_DEV_PROGS
+/* The struct cgroup of a cgroup directory's file: f_inode->i_private is its
+ * kernfs_node, whose priv is the cgroup (what cgroup_get_from_fd() reaches). */
+static __always_inline void *cgroup_of_file(void *file)
+{
+	void *kn = rd_ptr(rd_ptr(file, OFF_FILE_INODE), OFF_INODE_I_PRIVATE);
+	return kn ? rd_ptr(kn, OFF_KERNFS_PRIV) : 0;
+}
+
+/* Send a program's instructions unless this very program was sent already. */
+static __always_inline void send_program(void *ctx, void *prog, u32 id)
+{
+	u64 *sent = chg_progs_sent.lookup(&id);
+	if (sent && *sent == (u64)prog)
+		return;
+	u32 zero = 0;
+	struct dev_prog_record *r = chg_prog_scratch.lookup(&zero);
+	if (!r)
+		return;
+	u32 size = read_dev_prog(r, GT_CHG_KIND_PROGRAM, prog, id);
+	barrier_var(size);
+	if (size == 0 || size > sizeof(*r)) {
+		stat_add(GT_CHG_ST_PROGS_UNREADABLE);
+		return;
+	}
+#ifdef USE_RINGBUF
+	int err = changes.ringbuf_output(r, size, 0);
+#else
+	int err = changes.perf_submit(ctx, r, size);
+#endif
+	if (err) {
+		stat_add(GT_CHG_ST_PROGS_DROPPED); /* sent again with the next call naming it */
+		return;
+	}
+	u64 p = (u64)prog;
+	chg_progs_sent.update(&id, &p);
+	stat_add(GT_CHG_ST_PROGS_SENT);
+}
+
+/* The effective device programs of `cgrp` into ids; returns their count (more than
+ * GT_MAX_DEV_PROGS: more than the record holds), or -1 when unknown.  With `ctx`,
+ * each program's instructions are sent too. */
+static __always_inline int read_effective(void *ctx, void *cgrp, u32 *ids)
+{
+	void *array = dev_prog_array(cgrp);
+	if (!array)
+		return -1;
+	u32 n = 0;
+	for (u32 i = 0; i <= GT_MAX_DEV_PROGS; i++) {
+		void *prog = dev_prog_at(array, i);
+		if (!prog)
+			break;
+		if (n >= GT_MAX_DEV_PROGS) {
+			n = GT_MAX_DEV_PROGS + 1;
+			break;
+		}
+		u32 id = prog_id_of(prog);
+		if (!id)
+			continue; /* the kernel's dummy placeholder: it allows */
+		ids[n & (GT_MAX_DEV_PROGS - 1)] = id;
+		if (ctx)
+			send_program(ctx, prog, id);
+		n++;
+	}
+	return n;
+}
+#endif /* HAVE_DEV_PROGS */
+
 /* The id and type of the BPF program behind `fd`: file->private_data is the bpf_prog. */
 static __always_inline void prog_of_fd(void *task, s32 fd, u32 *id, u32 *type)
 {
@@ -137,8 +226,8 @@ static __always_inline void prog_of_fd(void *task, s32 fd, u32 *id, u32 *type)
 	if (!prog)
 		return;
 	if (type)
-		*type = rd_u32(prog, OFF_BPF_PROG_TYPE);
-	*id = rd_u32(rd_ptr(prog, OFF_BPF_PROG_AUX), OFF_BPF_PROG_AUX_ID);
+		*type = rd_u32(prog, OFF_PROG_TYPE);
+	*id = rd_u32(rd_ptr(prog, OFF_PROG_AUX), OFF_PROG_AUX_ID);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_bpf)
@@ -168,12 +257,29 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bpf)
 	void *target = fd_file(task, target_fd);
 	if (target)
 		ev->target_cgroup = rd_u64(rd_ptr(target, OFF_FILE_INODE), OFF_INODE_INO);
+#ifdef HAVE_DEV_PROGS
+	void *cgrp = target ? cgroup_of_file(target) : 0;
+	if (cgrp) {
+		int n = read_effective(0, cgrp, ev->before_ids);
+		if (n >= 0) {
+			ev->progs_before = n;
+			ev->progs_known |= GT_CHG_F_PROGS_BEFORE;
+		}
+	}
+#endif
 	/* detach without a program fd detaches whatever is attached (non-multi mode) */
 	if (prog_fd > 0 || cmd != GT_CHG_BPF_PROG_DETACH)
 		prog_of_fd(task, prog_fd, &ev->prog_id, &ev->prog_type);
 	if (!link && (attr[3] & GT_CHG_BPF_F_REPLACE))
 		prog_of_fd(task, (s32)attr[4], &ev->replace_prog_id, 0);
-	keep_pending(ev);
+	if (keep_pending(ev) != 0)
+		return 0;
+#ifdef HAVE_DEV_PROGS
+	if (cgrp) {
+		u64 c = (u64)cgrp;
+		pending_cgroup.update(&ev->tid, &c);
+	}
+#endif
 	return 0;
 }
 
@@ -184,6 +290,17 @@ TRACEPOINT_PROBE(syscalls, sys_exit_bpf)
 	if (!ev)
 		return 0;
 	ev->ret = args->ret;
+#ifdef HAVE_DEV_PROGS
+	u64 *cgrp = pending_cgroup.lookup(&tid);
+	if (cgrp && args->ret == 0) { /* the programs the call left, instructions first */
+		int n = read_effective(args, (void *)*cgrp, ev->after_ids);
+		if (n >= 0) {
+			ev->progs_after = n;
+			ev->progs_known |= GT_CHG_F_PROGS_AFTER;
+		}
+	}
+	pending_cgroup.delete(&tid);
+#endif
 	send(args, ev);
 	pending.delete(&tid);
 	return 0;

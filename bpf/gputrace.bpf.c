@@ -60,7 +60,6 @@
 #define S_IFCHR_ 0020000
 #define DEV_ANY_MINOR 0xfffff
 /* Keeps the compiler from folding away a bound the verifier needs to see. */
-#define barrier_var(v) asm volatile("" : "+r"(v))
 
 struct agg_key {
 	u32 tgid;
@@ -126,19 +125,7 @@ _Static_assert(offsetof(struct gpu_event, groups) == EVENT_GROUPS_OFFSET,
 	       "event layout differs from bpf_event.py");
 #endif
 
-/* The instructions of one device program, sent once per program id (before the
- * first event naming it); mirrored by tracer/sensors/bpf_event.py. */
-struct dev_prog_record {
-	u32 kind; /* GT_EV_DEV_PROG */
-	u32 id;
-	u32 type;
-	u32 len;    /* instructions the program has */
-	u32 copied; /* instructions that follow (len, or GT_MAX_PROG_INSNS when longer) */
-	u32 pad;
-	u8 tag[8];
-	char name[16];
-	u64 insns[GT_MAX_PROG_INSNS];
-};
+/* struct dev_prog_record (a device program's instructions) is in kernel_read.h. */
 
 struct prefix_key { /* LPM trie key: the longest configured prefix of the path wins */
 	u32 prefixlen; /* bits */
@@ -329,25 +316,13 @@ static __always_inline void send_dev_prog(void *ctx, void *prog, u32 id)
 	struct dev_prog_record *r = prog_scratch.lookup(&zero);
 	if (!r)
 		return;
-	r->kind = GT_EV_DEV_PROG;
-	r->id = id;
-	r->type = rd_u32(prog, OFF_PROG_TYPE);
-	u32 len = rd_u32(prog, OFF_PROG_LEN);
-	r->len = len;
-	if (len > GT_MAX_PROG_INSNS)
-		len = GT_MAX_PROG_INSNS;
-	barrier_var(len);
-	if (len > GT_MAX_PROG_INSNS)
-		return;
-	r->copied = len;
-	r->pad = 0;
-	bpf_probe_read_kernel(r->tag, sizeof(r->tag), (char *)prog + OFF_PROG_TAG);
-	bpf_probe_read_kernel(r->name, sizeof(r->name), (char *)rd_ptr(prog, OFF_PROG_AUX) + OFF_PROG_AUX_NAME);
-	if (bpf_probe_read_kernel(r->insns, len * 8, (char *)prog + OFF_PROG_INSNSI) != 0) {
+	u32 size = read_dev_prog(r, GT_EV_DEV_PROG, prog, id);
+	barrier_var(size);
+	if (size == 0 || size > sizeof(*r)) {
 		stat_add(GT_ST_DEV_PROGS_UNREADABLE);
 		return;
 	}
-	if (emit(ctx, r, offsetof(struct dev_prog_record, insns) + len * 8) == 0) {
+	if (emit(ctx, r, size) == 0) {
 		u64 p = (u64)prog;
 		dev_progs_sent.update(&id, &p);
 		stat_add(GT_ST_DEV_PROGS_SENT);
@@ -364,20 +339,19 @@ static __always_inline void fill_dev_progs(void *ctx, void *task, struct gpu_eve
 	void *cgrp = rd_ptr(rd_ptr(task, OFF_TASK_CGROUPS), OFF_CSS_SET_DFL_CGRP);
 	if (!cgrp)
 		return;
-	void *array = rd_ptr(cgrp, OFF_CGROUP_BPF_EFFECTIVE + CGROUP_DEVICE_SLOT * 8);
+	void *array = dev_prog_array(cgrp);
 	if (!array)
 		return;
 	u32 n = 0;
 	for (u32 i = 0; i <= GT_MAX_DEV_PROGS; i++) {
-		void *prog = rd_ptr(array, OFF_PROG_ARRAY_ITEMS + i * SIZEOF_PROG_ARRAY_ITEM +
-				    OFF_PROG_ARRAY_ITEM_PROG);
+		void *prog = dev_prog_at(array, i);
 		if (!prog)
 			break;
 		if (n >= GT_MAX_DEV_PROGS) {
 			n = GT_MAX_DEV_PROGS + 1; /* more than the event holds */
 			break;
 		}
-		u32 id = rd_u32(rd_ptr(prog, OFF_PROG_AUX), OFF_PROG_AUX_ID);
+		u32 id = prog_id_of(prog);
 		if (!id)
 			continue; /* the kernel's dummy placeholder: it allows */
 		ev->dev_prog_ids[n & (GT_MAX_DEV_PROGS - 1)] = id;

@@ -12,6 +12,10 @@ systemd or a runtime does.  The probe must record both calls with their
 callers; the denial after the re-apply is `device_cgroup_revoked`, naming
 gt-reapply by pid; the denial before the grant is `device_cgroup` with
 "never granted".  `gputrace check --containers` lists the node in between.
+The same story again from `gputrace watch` under exactly the systemd unit's
+capability bounding set, which may not ask bpf() for a cgroup's programs
+(BPF_PROG_QUERY needs CAP_NET_ADMIN, BPF_PROG_GET_FD_BY_ID CAP_SYS_ADMIN): every
+state then comes from the probe's reading in the kernel at each call.
 
 2. A group granted, then dropped: docker gives the container `--group-add G` and
    its entrypoint clears the groups before switching user, as `gosu user:group`
@@ -41,21 +45,26 @@ import pytest
 
 from tests.support import actor
 from tests.support import podman as podman_support
+from tests.support.device_program_hook import allow_first
 from tests.support.docker import PrivateDocker
 from tests.support.nodes import NodeSpec, make_node
 from tests.support.probe import probe_binary
 from tests.support.runc_v2 import RuncV2, make_container_node
 from tests.support.scenario_workspace import Scenario
 from tests.support.sensor_harness import SensorHarness
+from tests.support.unit_caps import WatchUnderUnitCaps, verdict_of
+from tracer.enrichment import bpf_syscall as bpf
 from tracer.enrichment.access_history import AccessHistory
 from tracer.enrichment.container_store import SnapshotStore
 from tracer.enrichment.container_tracker import ContainerTracker
+from tracer.enrichment.device_program import Insn, encode
 from tracer.enrichment.enricher import Enricher
 from tracer.enrichment.host_facts import cgroup2_mount_dir
 from tracer.event import Event
 from tracer.host import HostPaths
 from tracer.sensors.access_change_records import DeviceProgramCall
 from tracer.sensors.access_change_sensor import AccessChangeSensor
+from tracer.sensors.bpf_event import DevProgRecord
 from tracer.verdict import reasons as R
 from tracer.verdict.check_containers import check_containers
 from tracer.verdict.explain import explain_facts
@@ -64,6 +73,7 @@ from tracer.verdict.reasons import Verdict
 pytestmark = [pytest.mark.kernel, pytest.mark.podman]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DROPGROUPS_C = os.path.join(REPO, "tests", "fixtures", "rootfs", "dropgroups.c")
+DENY_ALL = [Insn(0xB4, 0, 0, 0, 0), Insn(0x95, 0, 0, 0, 0)]   # r0 = 0; exit
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +114,39 @@ def denial(sensor: SensorHarness, path: str, since: float) -> Event:
 def explained(event: Event, store: SnapshotStore, history: AccessHistory) -> Verdict:
     facts = Enricher(HostPaths(), snapshots=store, history=history).enrich(event)
     return explain_facts(event, facts)
+
+
+def test_the_probe_reads_each_call_s_programs_as_bpf_reports_them(probe: Any) -> None:
+    """Attach, replace, detach on a cgroup of our own: the target's programs before and
+    after each call, and each program's instructions once, equal to what bpf() says."""
+    history, seen = probe
+    cgroup = f"/sys/fs/cgroup/unified/gtprobe-{random.randint(0, 1 << 30):x}"
+    os.mkdir(cgroup)
+    fds: list[int] = []
+    try:
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        fds.append(fd)
+        first = bpf.prog_load(encode(allow_first(195, 1) + DENY_ALL), name="gt_first")
+        second = bpf.prog_load(encode(DENY_ALL), name="gt_second")
+        fds += [first, second]
+        ids = [bpf.prog_info(p).id for p in (first, second)]
+        xlated = {bpf.prog_info(p).id: bpf.prog_info(p).xlated for p in (first, second)}
+        since = len(seen)
+        bpf.prog_attach(fd, first)
+        bpf.prog_attach(fd, second, replace_fd=first)
+        bpf.prog_detach(fd, second)
+        wait(lambda: sum(isinstance(c, DeviceProgramCall) and c.target_cgroup == os.stat(
+            cgroup).st_ino for c in seen[since:]) == 3, "three recorded calls")
+    finally:
+        for handle in fds:
+            os.close(handle)
+        os.rmdir(cgroup)
+    calls = [c for c in seen[since:] if isinstance(c, DeviceProgramCall)]
+    assert [(c.before_ids, c.after_ids) for c in calls] == [
+        ((), (ids[0],)), ((ids[0],), (ids[1],)), ((ids[1],), ())]
+    records = [r for r in seen[since:] if isinstance(r, DevProgRecord) and r.id in ids]
+    assert {r.id: r.insns for r in records} == xlated and len(records) == 2  # once per id
+    assert [r.name for r in records] == ["gt_first", "gt_second"]
 
 
 def test_a_v2_grant_taken_back_by_a_reapply_names_who_did_it(bpf_sensor: SensorHarness,
@@ -157,6 +200,48 @@ def test_a_v2_grant_taken_back_by_a_reapply_names_who_did_it(bpf_sensor: SensorH
     assert f"gt-reapply (pid {reapply_pid}" in verdict.summary, verdict.summary
     assert any(n.startswith("Granted after the container started") and "gt-hook" in n
                for n in verdict.notes), verdict.notes
+    dropped = next(n for n in verdict.notes if n.startswith("Dropped at"))
+    assert "'gt_hook'" in dropped and "'gt_reapply'" in dropped, dropped
+    assert verdict.fixes[0].command.startswith(("docker run --device", "podman run --device"))
+
+
+def test_a_v2_grant_taken_back_by_a_reapply_is_told_under_the_units_capabilities() -> None:
+    minor = random.randint(100, 250)
+    path = f"/dev/nvidia-gtv2{minor}"
+    watch = WatchUnderUnitCaps().start()   # before the container: it sees runc's own attach
+    container = RuncV2()
+    os.makedirs(container.root, 0o700)
+    host_node = make_node(path, NodeSpec(195, minor, 0o666))
+    try:
+        container.start()
+        make_container_node(container.pid, path, 195, minor)
+        hook_pid = helper("grant", container.cgroup_dir, "195", str(minor),
+                          os.path.join(container.base, "saved"))
+        assert "No such device or address" in container.exec("cat", path).stderr
+        reapply_pid = helper("reapply", container.cgroup_dir, os.path.join(container.base, "saved"))
+        before = time.time()
+        assert "Operation not permitted" in container.exec("cat", path).stderr
+        event = watch.wait_for(lambda e: e.kind == "denial" and e.errno == errno.EPERM
+                               and e.node.path == path.encode() and e.time >= before - 0.05,
+                               timeout=30)[0]
+    finally:
+        container.remove()
+        watch.close()
+        os.unlink(host_node)
+    verdict = verdict_of(event)
+    print("capabilities:", " ".join(watch.caps), f"(CapEff {watch.cap_eff:#x})")
+    starts = [s for s in event.facts.get("device_cgroup.at_start") or []
+              if s.get("layer") == "device_cgroup_v2"]
+    print("at start:", [(s.get("origin"), s.get("why_unknown"),
+                         [p.get("id") for p in s.get("rules") or []]) for s in starts])
+    print("verdict:", verdict.reason, "|", verdict.summary, "|", verdict.notes)
+    assert watch.cap_eff & (1 << 21) == 0 and watch.cap_eff & (1 << 12) == 0  # no SYS/NET_ADMIN
+    # runc's own attach, seen by the probe, is the start state bpf() could not read
+    assert starts and starts[0].get("rules"), starts
+    assert verdict.reason == R.DEVICE_CGROUP_REVOKED, verdict.to_json()
+    assert f"gt-reapply (pid {reapply_pid}" in verdict.summary, verdict.summary
+    granted = next(n for n in verdict.notes if n.startswith("Granted after the container started"))
+    assert f"gt-hook (pid {hook_pid}" in granted, granted
     dropped = next(n for n in verdict.notes if n.startswith("Dropped at"))
     assert "'gt_hook'" in dropped and "'gt_reapply'" in dropped, dropped
     assert verdict.fixes[0].command.startswith(("docker run --device", "podman run --device"))

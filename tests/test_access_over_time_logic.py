@@ -13,13 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fuzz.example_counts import fuzz, ran
-from tracer.enrichment.access_history import V1, AccessHistory, RuleState, v1_key
+from tests.support.device_program_hook import allow_first
+from tracer.enrichment.access_history import (KERNEL, V1, V2, AccessHistory, RuleState, v1_key,
+                                              v2_key)
+from tracer.enrichment.device_program import Insn, encode
 from tracer.event import Event, Node, Process
 from tracer.facts import CACHED, Facts
 from tracer.sensors.access_change_records import (CHG_EVENT_SIZE, ChangeDecodeError,
                                                   DeviceProgramCall, GroupCall, _LAYOUT,
                                                   decode_change)
-from tracer.sensors.bpf_constants import CHG_MAX_GROUPS
+from tracer.sensors.bpf_constants import CHG_MAX_GROUPS, MAX_DEV_PROGS
+from tracer.sensors.bpf_event import DEV_PROG, DevProgRecord
 from tracer.verdict import reasons as R
 from tracer.verdict.device_rule_story import device_rule_story
 from tracer.verdict.explain import explain_facts
@@ -35,18 +39,24 @@ def record(kind: int, **fields: Any) -> bytes:
                                   uid=0, mntns=1, pidns=2, level=1, comm=b"runc", pcomm=b"dockerd",
                                   cmd=8, attach=6, flags=6, prog=12, repl=11, ptype=15,
                                   target=900, call=1, gb=0, eb=0, fb=0, ga=0, ea=0, fa=0,
-                                  ngb=1, nga=0, before=[44], after=[])
+                                  ngb=1, nga=0, before=[44], after=[], known=0, progs_before=[],
+                                  progs_after=[])
     values.update(fields)
     groups_b = (values["before"] + [0] * CHG_MAX_GROUPS)[:CHG_MAX_GROUPS]
     groups_a = (values["after"] + [0] * CHG_MAX_GROUPS)[:CHG_MAX_GROUPS]
-    order = ["kind", "tgid", "tid", "ppid", "ts", "ret", "cg", "uid", "mntns", "pidns", "level",
-             "comm", "pcomm", "cmd", "attach", "flags", "prog", "repl", "ptype", "target", "call",
-             "gb", "eb", "fb", "ga", "ea", "fa", "ngb", "nga"]
-    return _LAYOUT.pack(*[values[k] for k in order], *groups_b, *groups_a, 0)
+    ids_b = (values["progs_before"] + [0] * MAX_DEV_PROGS)[:MAX_DEV_PROGS]
+    ids_a = (values["progs_after"] + [0] * MAX_DEV_PROGS)[:MAX_DEV_PROGS]
+    head = ["kind", "tgid", "tid", "ppid", "ts", "ret", "cg", "uid", "mntns", "pidns", "level",
+            "comm", "pcomm", "cmd", "attach", "flags", "prog", "repl", "ptype", "target"]
+    tail = ["call", "gb", "eb", "fb", "ga", "ea", "fa", "ngb", "nga"]
+    return _LAYOUT.pack(*[values[k] for k in head], values["known"],
+                        values.get("n_before", len(values["progs_before"])),
+                        values.get("n_after", len(values["progs_after"])), 0, *ids_b, *ids_a,
+                        *[values[k] for k in tail], *groups_b, *groups_a, 0)
 
 
 def test_a_program_replace_and_a_setgroups_decode() -> None:
-    assert CHG_EVENT_SIZE == 416  # struct chg_event, asserted in the C too
+    assert CHG_EVENT_SIZE == 496  # struct chg_event, asserted in the C too
     call = decode_change(record(1), 100.0)
     assert isinstance(call, DeviceProgramCall)
     assert (call.cmd, call.prog_id, call.replace_prog_id, call.target_cgroup) == \
@@ -68,7 +78,8 @@ def test_any_bytes_decode_or_are_a_counted_reason(raw: bytes) -> None:
     try:
         decode_change(raw, 0.0)
     except ChangeDecodeError as exc:
-        assert exc.reason in {"short_record", "bad_kind", "bad_command", "bad_call"}
+        assert exc.reason in {"short_record", "bad_kind", "bad_command", "bad_call",
+                              "bad_dev_prog"}
 
 
 def _facts(start: list[str], changes: list[tuple[list[str], list[str]]],
@@ -108,6 +119,94 @@ def test_a_dropped_grant_seen_only_through_an_unreadable_state_is_still_told() -
                                                 (None, RUNC_DEFAULT)], [DENY_ALL])   # type: ignore[list-item]
     story = device_rule_story(facts, V1, "c", 195, 0, "rw")
     assert story is not None and story.story == "outside_config" and story.dropped is not None
+
+
+# --- v2 states from the kernel's reading at each call (the unit may not ask bpf()) --
+
+DENY_ALL_PROG = [Insn(0xB4, 0, 0, 0, 0), Insn(0x95, 0, 0, 0, 0)]   # r0 = 0; exit
+
+
+def program_record(prog_id: int, name: str, insns: list[Insn], length: int = 0) -> bytes:
+    code = encode(insns)
+    return DEV_PROG.pack(3, prog_id, 15, length or len(insns), len(insns), 0, bytes(8),
+                         name.encode()) + code
+
+
+def call_record(prog: int, repl: int, before: list[int], after: list[int], comm: bytes,
+                ts: int, known: int = 3, **extra: Any) -> bytes:
+    return record(1, prog=prog, repl=repl, progs_before=before, progs_after=after, comm=comm,
+                  ts=ts, known=known, **extra)
+
+
+def test_a_call_carries_the_target_s_programs_before_and_after_as_the_kernel_read_them() -> None:
+    call = decode_change(call_record(12, 11, [11], [12], b"gt-hook", 10**9), 0.0)
+    assert isinstance(call, DeviceProgramCall)
+    assert (call.before_ids, call.after_ids) == ((11,), (12,))
+    unread = decode_change(call_record(12, 11, [11], [12], b"x", 10**9, known=1), 0.0)
+    assert isinstance(unread, DeviceProgramCall) and unread.after_ids is None  # failed: not read
+    more = decode_change(call_record(12, 11, [11], list(range(1, 9)), b"x", 10**9,
+                                     n_after=MAX_DEV_PROGS + 1), 0.0)
+    assert isinstance(more, DeviceProgramCall) and more.after_ids is None  # more than it holds
+    prog = decode_change(program_record(12, "gt_hook", DENY_ALL_PROG), 0.0)
+    assert isinstance(prog, DevProgRecord) and (prog.id, prog.name) == (12, "gt_hook")
+
+
+def _replayed(start_first: bool) -> tuple[AccessHistory, Any]:
+    """runc attaches its program (11), a hook replaces it with one allowing 195:7 first
+    (12), a re-apply puts the runtime's back (13); bpf() is never available (no mount)."""
+    history = AccessHistory(lambda: None)
+    key = v2_key(900)
+    unreadable = RuleState(0.5, V2, "/gtv2", None, "cannot read its programs: EPERM")
+    runc = [program_record(11, "", DENY_ALL_PROG),
+            call_record(11, 0, [], [11], b"runc:[2:INIT]", 10**9)]
+    if start_first:
+        history.start_state(key, unreadable)   # the snapshot came before the probe's records
+    for raw in runc:
+        history.on_record(decode_change(raw, -1e6))   # times far before the snapshot
+    if not start_first:
+        history.start_state(key, unreadable)
+    for raw in (program_record(12, "gt_hook", allow_first(195, 7) + DENY_ALL_PROG),
+                call_record(12, 11, [11], [12], b"gt-hook", 10**9, flags=6),
+                program_record(13, "gt_reapply", DENY_ALL_PROG),
+                call_record(13, 12, [12], [13], b"gt-reapply", 2 * 10**9, flags=6)):
+        history.on_record(decode_change(raw, 1e9))
+    return history, key
+
+
+@pytest.mark.parametrize("start_first", [True, False])
+def test_the_kernel_s_reading_tells_the_v2_story_without_bpf(start_first: bool) -> None:
+    history, key = _replayed(start_first)
+    start = history.at_start(key)
+    assert start is not None and start.rules is not None and "read in the kernel" in start.origin
+    assert [p["id"] for p in start.rules] == [11]
+    changes = history.changes(key)
+    assert [(c.by or {}).get("comm") for c in changes][-2:] == ["gt-hook", "gt-reapply"]
+    assert all(c.after.origin == KERNEL for c in changes[-2:])
+    facts = Facts()
+    facts.put("device_cgroup.at_start", [start.to_json()], CACHED)
+    facts.put("device_cgroup.changes", [c.to_json() for c in changes], CACHED)
+    facts.put("container.oci", {"device_rules": [DENY_ALL], "cgroups_path": "/gtv2"}, CACHED)
+    story = device_rule_story(facts, V2, "c", 195, 7, "r")
+    assert story is not None and story.story == "outside_config", story
+    assert story.who().startswith("gt-reapply (pid 41"), story.who()
+    assert story.diff == ["- program 12 'gt_hook'", "+ program 13 'gt_reapply'"]
+
+
+def test_a_state_whose_program_did_not_arrive_stays_unknown() -> None:
+    history = AccessHistory(lambda: None)
+    key = v2_key(900)
+    history.on_record(decode_change(program_record(11, "", DENY_ALL_PROG), 0.0))
+    history.on_record(decode_change(call_record(11, 0, [], [11], b"runc", 10**9), 0.0))
+    history.start_state(key, RuleState(5.0, V2, "/gtv2", None, "EPERM"))
+    # program 14's instructions never came (the buffer was full): no guess
+    history.on_record(decode_change(call_record(14, 11, [11], [14], b"gt-x", 6 * 10**9), 0.0))
+    [*_, change] = history.changes(key)
+    assert change.after.rules is None and "14 did not arrive" in change.after.why_unknown
+    assert change.before.rules is not None  # the side the kernel showed with instructions
+    # a call the kernel did not read (a kernel without the BTF members) is unknown as before
+    history.on_record(decode_change(call_record(15, 14, [], [], b"gt-y", 7 * 10**9, known=0),
+                                    0.0))
+    assert history.changes(key)[-1].after.why_unknown == "no cgroup2 mount"
 
 
 def test_history_keeps_changes_not_repeats() -> None:

@@ -91,9 +91,11 @@ def start_change_probes(config: BpfConfig, host: HostPaths,
     cannot load costs the story of who changed access, not the denials: said, not fatal."""
     from tracer.sensors.access_change_sensor import AccessChangeSensor, ChangeProbeConfig
 
-    probe = AccessChangeSensor(shared_tracker(host).history.on_record,
+    history = shared_tracker(host).history
+    probe = AccessChangeSensor(history.on_record,
                                ChangeProbeConfig(headers_cache=config.headers_cache,
                                                  btf_path=config.btf_path), host, say)
+    history.programs.forget = probe.forget_program
     try:
         return probe.start()
     except EnvironmentProblem as exc:

@@ -46,7 +46,8 @@ def device_history_facts(history: AccessHistory, event: Event, facts: Facts) -> 
             starts.append(start.to_json())
         changes += [c.to_json() for c in history.changes(key, event.time + CLOCK_SLACK_S)]
     origin = "gputrace's access history (container start; devices.list re-read on " \
-             "inotify; bpf() calls recorded by the access-change probe)"
+             "inotify; bpf() calls recorded by the access-change probe, each v2 state as " \
+             "the kernel held it at the call)"
     if starts:
         facts.put("device_cgroup.at_start", starts, CACHED, origin)
     if starts or changes:

@@ -24,7 +24,7 @@ from tracer.sensors import bpf_constants, compiler_memory, kernel_headers, prefl
 from tracer.sensors.access_change_records import (CHG_EVENT_SIZE, ChangeDecodeError,
                                                   ChangeRecord, decode_change)
 from tracer.sensors.bpf_constants import CHG_STAT_NAMES
-from tracer.sensors.bpf_layout import OFFSETS
+from tracer.sensors.bpf_layout import DEV_PROG_OFFSETS, OFFSETS
 from tracer.sensors.bpf_sensor import bpf_source_dir, compile_program
 from tracer.sensors.btf import KernelBtf
 
@@ -40,14 +40,22 @@ CHANGE_OFFSETS = {
     "OFF_TASK_COMM": "task_struct.comm",
     "OFF_FILE_PRIVATE_DATA": "file.private_data",
     "OFF_INODE_INO": "inode.i_ino",
-    "OFF_BPF_PROG_TYPE": "bpf_prog.type",
-    "OFF_BPF_PROG_AUX": "bpf_prog.aux",
-    "OFF_BPF_PROG_AUX_ID": "bpf_prog_aux.id",
+    "OFF_PROG_TYPE": "bpf_prog.type",
+    "OFF_PROG_AUX": "bpf_prog.aux",
+    "OFF_PROG_AUX_ID": "bpf_prog_aux.id",
+}
+# ...and, to read the target cgroup's effective device programs and their instructions
+# (HAVE_DEV_PROGS, as the denial probe reads a task's): a cgroup directory's file ->
+# inode -> kernfs_node -> struct cgroup, then the denial probe's program offsets
+TARGET_CGROUP_OFFSETS = {
+    "OFF_INODE_I_PRIVATE": "inode.i_private",
+    "OFF_KERNFS_PRIV": "kernfs_node.priv",
 }
 
 
 def change_offset_flags(btf: KernelBtf) -> dict[str, int]:
-    """The offsets the change probes need, from this kernel's BTF."""
+    """The offsets the change probes need, from this kernel's BTF; with HAVE_DEV_PROGS
+    when it has every member that reading a cgroup's device programs takes."""
     try:
         flags = {macro: btf.member(OFFSETS[macro]).offset for macro in SHARED_OFFSETS}
         flags.update({macro: btf.member(path).offset for macro, path in CHANGE_OFFSETS.items()})
@@ -55,6 +63,15 @@ def change_offset_flags(btf: KernelBtf) -> dict[str, int]:
     except KeyError as exc:
         raise EnvironmentProblem(f"kernel BTF lacks a struct member the change probes need: "
                                  f"{exc.args[0]}") from exc
+    slot = btf.enum_value("cgroup_bpf_attach_type", "CGROUP_DEVICE")
+    try:
+        programs = {macro: btf.member(path).offset for macro, path in
+                    {**DEV_PROG_OFFSETS, **TARGET_CGROUP_OFFSETS}.items()}
+        programs["SIZEOF_PROG_ARRAY_ITEM"] = btf.size_of("bpf_prog_array_item")
+    except KeyError:
+        return flags  # calls are still recorded; the history asks bpf() for the programs
+    if slot is not None:
+        flags.update(programs, CGROUP_DEVICE_SLOT=slot, HAVE_DEV_PROGS=1)
     return flags
 
 
@@ -114,7 +131,7 @@ class AccessChangeSensor:
         if ringbuf:
             self.bpf[b"changes"].open_ring_buffer(self._on_ring)
         else:
-            self.bpf[b"changes"].open_perf_buffer(self._on_perf, page_cnt=8,
+            self.bpf[b"changes"].open_perf_buffer(self._on_perf, page_cnt=16,  # a 32 KiB record fits
                                                  lost_cb=self._on_lost)
         self._thread = threading.Thread(target=self._run, name="access-changes", daemon=True)
         self._thread.start()
@@ -148,6 +165,15 @@ class AccessChangeSensor:
                 self.bpf.ring_buffer_poll(self.config.poll_ms)
             else:
                 self.bpf.perf_buffer_poll(self.config.poll_ms)
+
+    def forget_program(self, prog_id: int) -> None:
+        """Have the kernel send this program's instructions again (the reader lost them)."""
+        if self.bpf is None:
+            return
+        try:
+            del self.bpf[b"chg_progs_sent"][ctypes.c_uint32(prog_id)]
+        except KeyError:  # not sent, or no program reading (HAVE_DEV_PROGS off)
+            pass
 
     def stats(self) -> dict[str, int]:
         out = dict(self._stats)

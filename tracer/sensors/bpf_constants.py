@@ -117,12 +117,18 @@ CHG_STAT_NAMES = (
     "emitted",         # change records handed to the buffer
     "dropped",         # change records the buffer refused
     "pending_full",    # a call in flight could not be remembered until its exit
+    "progs_sent",      # device programs' instructions handed to the buffer (once per id)
+    "progs_dropped",   # ...refused by the buffer (sent again with the next call naming it)
+    "progs_unreadable",  # ...whose instructions could not be read
 )
 CHG_KIND_DEVICE_PROGRAM, CHG_KIND_GROUPS = 1, 2
+CHG_KIND_PROGRAM = 3       # a device program's instructions (struct dev_prog_record)
+CHG_F_PROGS_BEFORE, CHG_F_PROGS_AFTER = 1, 2  # the target's effective programs were read
 CHG_CALLS = {"setgroups": 1, "setgid": 2, "setregid": 3, "setresgid": 4}
 CHG_CALL_NAMES = {v: k for k, v in CHG_CALLS.items()}
 CHG_MAX_GROUPS = 32        # groups copied before and after a set*gid call
-CHG_RINGBUF_PAGES = 16     # 64 KiB: about 100 records in flight; changes are rare
+CHG_RINGBUF_PAGES = 64     # 256 KiB: a call's records and its programs' instructions
+                           # (a few hundred instructions each, at most 32 KiB); changes are rare
 CHG_PENDING_MAX = 1024     # calls in flight (one per thread)
 # uapi/linux/bpf.h: commands, attach type, program type and flag the filter needs
 BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_LINK_CREATE = 8, 9, 28
@@ -144,7 +150,10 @@ def change_cflags() -> dict[str, object]:
                  GT_CHG_BPF_PROG_ATTACH=BPF_PROG_ATTACH, GT_CHG_BPF_PROG_DETACH=BPF_PROG_DETACH,
                  GT_CHG_BPF_LINK_CREATE=BPF_LINK_CREATE,
                  GT_CHG_BPF_CGROUP_DEVICE=BPF_CGROUP_DEVICE_ATTACH,
-                 GT_CHG_BPF_F_REPLACE=BPF_F_REPLACE)
+                 GT_CHG_BPF_F_REPLACE=BPF_F_REPLACE,
+                 GT_CHG_KIND_PROGRAM=CHG_KIND_PROGRAM, GT_CHG_F_PROGS_BEFORE=CHG_F_PROGS_BEFORE,
+                 GT_CHG_F_PROGS_AFTER=CHG_F_PROGS_AFTER, GT_MAX_DEV_PROGS=MAX_DEV_PROGS,
+                 GT_MAX_PROG_INSNS=MAX_PROG_INSNS, GT_DEV_PROGS_SENT_MAX=DEV_PROGS_SENT_MAX)
     for name, number in CHG_CALLS.items():
         flags[f"GT_CHG_CALL_{name.upper()}"] = number
     return flags

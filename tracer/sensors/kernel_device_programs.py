@@ -64,6 +64,11 @@ class KernelDevicePrograms:
         while len(self._programs) > self.capacity:
             self._programs.popitem(last=False)
 
+    def program(self, prog_id: int) -> Optional[DeviceProgram]:
+        """The program as the probe sent it; None when its instructions did not arrive
+        (a truncated program or another type comes without instructions: undecided)."""
+        return self._program(prog_id)
+
     def _program(self, prog_id: int) -> Optional[DeviceProgram]:
         record = self._programs.get(prog_id)
         if record is None:

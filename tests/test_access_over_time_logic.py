@@ -209,6 +209,14 @@ def test_a_state_whose_program_did_not_arrive_stays_unknown() -> None:
     assert history.changes(key)[-1].after.why_unknown == "no cgroup2 mount"
 
 
+def test_never_granted_is_said_only_when_every_state_is_known() -> None:
+    unread = _facts(None, [(None, RUNC_DEFAULT)], [DENY_ALL])  # type: ignore[arg-type, list-item]
+    assert device_rule_story(unread, V1, "c", 195, 0, "rw") is None  # the start may have allowed it
+    mid = _facts(RUNC_DEFAULT, [(RUNC_DEFAULT, None), (None, RUNC_DEFAULT)],  # type: ignore[list-item]
+                 [DENY_ALL])
+    assert device_rule_story(mid, V1, "c", 195, 0, "rw") is None
+
+
 def test_history_keeps_changes_not_repeats() -> None:
     history = AccessHistory()
     key = v1_key("/docker/x")

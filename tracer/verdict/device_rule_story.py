@@ -125,8 +125,10 @@ def device_rule_story(facts: Facts, layer: str, kind: str, major: int, minor: in
     story = RuleStory("never_granted", layer, in_config, rule, manager=cgroup_manager(facts))
     state = allows(layer, starts[0].get("rules"), kind, major, minor, access) if starts else None
     granted_seen = bool(state)
+    every_state_known = state is not None
     for change in changes:
         after = allows(layer, change.get("after"), kind, major, minor, access)
+        every_state_known = every_state_known and after is not None
         if after and not state:
             story.granted, granted_seen = change, True
         if state and after is False:
@@ -138,6 +140,7 @@ def device_rule_story(facts: Facts, layer: str, kind: str, major: int, minor: in
         if after is not None:
             state = after
     if not granted_seen:
-        return story
+        # "never granted" only when every state is known: an unread one may have allowed it
+        return story if every_state_known else None
     story.story = "config_not_kept" if in_config else "outside_config"
     return story

@@ -36,9 +36,9 @@ class ArrivalHarness:
     """The sensor drained on its own thread, with the pipeline's on-arrival stage run
     as each denial arrives; the explaining stage is run by the test later."""
 
-    def __init__(self) -> None:
+    def __init__(self, errnos: tuple[int, ...] = (errno.ENOENT,)) -> None:
         self.on_arrival, self.stage = explain_stages(HostPaths(), track_containers=False)
-        self.sensor = BpfSensor(BpfConfig(errnos=(errno.ENOENT,), aggregate_interval_s=0.5,
+        self.sensor = BpfSensor(BpfConfig(errnos=errnos, aggregate_interval_s=0.5,
                                           sweep_interval_s=0.5), say=lambda msg: None)
         self.events: list[Event] = []
         self.stop = threading.Event()
@@ -57,7 +57,7 @@ class ArrivalHarness:
             if found:
                 return found[0]
             time.sleep(0.05)
-        raise AssertionError("no matching ENOENT event")
+        raise AssertionError("no matching event")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ property of the mount namespace, read from any live member of it.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter, OrderedDict
 from typing import Generic, Optional, TypeVar
 
@@ -31,7 +32,7 @@ from tracer.enrichment.parse_proc import Mount, parse_mountinfo
 from tracer.enrichment.device_cgroup_v2 import device_program_facts
 from tracer.enrichment.host_facts import (cgroup2_mount_dir, device_cgroup_facts,
                                           device_programs_by_cgroup_id, host_group_table,
-                                          v1_rules_by_id,
+                                          V1Reading, v1_list_at_arrival, v1_rules_by_id,
                                           v1_devices_dir,
                                           logind_session_facts, nvidia_params_facts,
                                           owner_user_facts, security_module_facts)
@@ -51,6 +52,8 @@ V = TypeVar("V")
 DEFAULT_CACHE_SIZE = 256
 # v2 device programs the BPF probe read at the denial replace enrichment's bpf() read
 V2_PROGRAM_FACTS = frozenset({"device_cgroup.v2_programs", "device_cgroup.v2_unreadable"})
+# a v1 devices.list read at an EPERM's arrival serves the next ones of its cgroup this long
+V1_ARRIVAL_FRESH_S = 0.1
 
 
 class BoundedLru(Generic[K, V]):
@@ -114,6 +117,10 @@ class Enricher:
         # namespace's own, and the process (a --rm container, nvidia-smi) may be gone
         # before enrichment; a later event of a namespace still read at its own arrival
         self.mount_tables: BoundedLru[int, tuple[str, list[Mount]]] = BoundedLru(cache_size)
+        # v1 devices.list read as an EPERM arrived, by the devices cgroup id the probe
+        # captured: a transient unit's or --rm container's cgroup is removed when its
+        # last process exits, often before enrichment reads it (monotonic time, reading)
+        self.v1_lists: BoundedLru[int, tuple[float, V1Reading]] = BoundedLru(cache_size)
 
     def enrich(self, event: Event) -> Facts:
         """Adds enrichment's facts to `event.facts` beside the sensor's (which are
@@ -149,10 +156,12 @@ class Enricher:
                 # own v2 cgroup (and its device programs) while the cgroup lives
                 devices_id = event.facts.get("sensor.devices_cgroup_id")
                 device_programs_by_cgroup_id(self.host, proc.cgroup_id, facts,
-                                             devices_id if isinstance(devices_id, int) else None)
+                                             devices_id if isinstance(devices_id, int) else None,
+                                             self._v1_at_arrival(devices_id))
         devices_id = event.facts.get("sensor.devices_cgroup_id")
         if live and "device_cgroup.v1_rules" not in facts and isinstance(devices_id, int):
-            v1_rules_by_id(self.host, devices_id, facts)  # a zombie: /proc shows no v1 cgroup
+            # a zombie: /proc shows no v1 cgroup
+            v1_rules_by_id(self.host, devices_id, facts, self._v1_at_arrival(devices_id))
         add_cgroup_identity(proc, facts)
         if self.starts is not None:
             add_start_facts(self.starts, proc, event.time, facts)
@@ -180,6 +189,28 @@ class Enricher:
         merged.update(facts)
         event.facts = merged
         return merged
+
+    def capture_v1_rules(self, event: Event) -> bool:
+        """Read the refused task's v1 devices.list now, on an EPERM's arrival, by the
+        devices cgroup id the probe captured (kept by that id; a storm from one cgroup
+        reads it once per V1_ARRIVAL_FRESH_S)."""
+        devices_id = event.facts.get("sensor.devices_cgroup_id")
+        if not isinstance(devices_id, int) or devices_id < 1:
+            return False
+        now = time.monotonic()
+        known = self.v1_lists.get(devices_id)
+        if known is not None and now - known[0] < V1_ARRIVAL_FRESH_S:
+            return False
+        reading = v1_list_at_arrival(self.host, devices_id)
+        if reading is None:
+            return False
+        self.v1_lists.put(devices_id, (now, reading))
+        self.counters["v1_lists_at_arrival"] += 1
+        return True
+
+    def _v1_at_arrival(self, devices_id: object) -> Optional[V1Reading]:
+        known = self.v1_lists.get(devices_id) if isinstance(devices_id, int) else None
+        return known[1] if known is not None else None
 
     def capture_mount_table(self, proc: Process) -> bool:
         """Read the process's mount table now, on the event's arrival (an ENOENT is

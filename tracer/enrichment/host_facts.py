@@ -3,6 +3,7 @@ seat sessions and the device-cgroup policy of the process's cgroup."""
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import threading
@@ -193,26 +194,58 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
             facts.put("device_cgroup.v1_rules", list(rules), LIVE, list_path)
 
 
-def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
-                    facts: Facts) -> bool:
-    """devices.list of the v1 devices cgroup whose kernfs id the sensor captured."""
+# a v1 devices cgroup's devices.list as read by its id: (where it was, its text)
+V1Reading = tuple[str, str]
+
+
+def _v1_mount(host: HostPaths, facts: Facts) -> Optional[Mount]:
+    return next((m for m in cgroup_mounts(host, facts)
+                 if m.fstype == "cgroup" and "devices" in m.super_options), None)
+
+
+def read_v1_list_by_id(host: HostPaths, mount: Mount, devices_cgroup_id: int) -> V1Reading:
+    """devices.list of the v1 devices cgroup with this kernfs id; OSError when the
+    cgroup cannot be opened (gone) or read."""
     base = _under_sys(host, mount.mount_point)
-    try:
-        fd = bpf.open_cgroup_by_id(base, devices_cgroup_id)
-    except OSError as exc:
-        facts.put("device_cgroup.v1_unreadable", f"the process's v1 devices cgroup (id "
-                  f"{devices_cgroup_id}) could not be opened: {exc.strerror or exc}", LIVE, base)
-        return True
+    fd = bpf.open_cgroup_by_id(base, devices_cgroup_id)
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
         text = procfs.read_text(f"/proc/self/fd/{fd}/devices.list")
-    except OSError:
-        text = None
     finally:
         os.close(fd)
     if text is None:
-        return False
-    origin = f"{where}/devices.list (cgroup id {devices_cgroup_id}, captured at the denial)"
+        raise OSError(errno.EIO, "devices.list could not be read")
+    return where, text
+
+
+def v1_list_at_arrival(host: HostPaths, devices_cgroup_id: int) -> Optional[V1Reading]:
+    """The reading `read_v1_list_by_id` gives now, for a denial that just arrived: a
+    transient unit's or --rm container's cgroup may be removed before enrichment."""
+    mount = _v1_mount(host, Facts())
+    if mount is None:
+        return None
+    try:
+        return read_v1_list_by_id(host, mount, devices_cgroup_id)
+    except OSError:
+        return None
+
+
+def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
+                    facts: Facts, arrival: Optional[V1Reading] = None) -> bool:
+    """devices.list of the v1 devices cgroup whose kernfs id the sensor captured; when
+    that cgroup is gone by now, the reading taken as the denial arrived."""
+    base = _under_sys(host, mount.mount_point)
+    try:
+        where, text = read_v1_list_by_id(host, mount, devices_cgroup_id)
+        origin = f"{where}/devices.list (cgroup id {devices_cgroup_id}, captured at the denial)"
+    except OSError as exc:
+        if arrival is None:
+            facts.put("device_cgroup.v1_unreadable", f"the process's v1 devices cgroup (id "
+                      f"{devices_cgroup_id}) could not be read: {exc.strerror or exc}", LIVE, base)
+            return True
+        where, text = arrival
+        origin = (f"{where}/devices.list (cgroup id {devices_cgroup_id}, read as the event "
+                  f"arrived; removed before enrichment)")
     facts.put("device_cgroup.version", 1, LIVE, origin)
     facts.put("device_cgroup.v1_rules", list(devices_list_texts(text, facts.skips)), LIVE, origin)
     if "cgroup.paths" not in facts:
@@ -220,17 +253,18 @@ def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
     return True
 
 
-def v1_rules_by_id(host: HostPaths, devices_cgroup_id: int, facts: Facts) -> None:
+def v1_rules_by_id(host: HostPaths, devices_cgroup_id: int, facts: Facts,
+                   arrival: Optional[V1Reading] = None) -> None:
     """A process whose /proc/PID/cgroup no longer shows its v1 devices cgroup (it exited,
     or is a zombie): devices.list of the cgroup whose id the sensor captured."""
-    v1_mount = next((m for m in cgroup_mounts(host, facts)
-                     if m.fstype == "cgroup" and "devices" in m.super_options), None)
+    v1_mount = _v1_mount(host, facts)
     if v1_mount is not None and "device_cgroup.v1_rules" not in facts:
-        _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts)
+        _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts, arrival)
 
 
 def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts,
-                                 devices_cgroup_id: Optional[int] = None) -> None:
+                                 devices_cgroup_id: Optional[int] = None,
+                                 arrival: Optional[V1Reading] = None) -> None:
     """An exited process: v2 device programs of the cgroup with this id, and the v1
     devices.list of the devices cgroup whose id the sensor captured (both may outlive
     the process)."""
@@ -238,7 +272,8 @@ def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts,
     v1_mount = next((m for m in mounts if m.fstype == "cgroup" and "devices" in m.super_options),
                     None)
     if v1_mount is not None and "device_cgroup.v1_rules" not in facts and not (
-            devices_cgroup_id and _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts)):
+            devices_cgroup_id and _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts,
+                                                  arrival)):
         facts.put("device_cgroup.v1_unreadable", "the process exited before its v1 devices "
                   "cgroup was read", "inferred", "no /proc/PID/cgroup")
     if cgroup_id < 1:

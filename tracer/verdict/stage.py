@@ -35,6 +35,9 @@ def explain_stages(host: Optional[HostPaths] = None, cache_size: int = 256,
         if event.errno == errno.ENOENT:  # explained by the /dev this process saw: read it now
             with lock:
                 enricher.capture_mount_table(event.process)
+        elif event.errno == errno.EPERM:  # its v1 devices cgroup may be removed soon after
+            with lock:
+                enricher.capture_v1_rules(event)
 
     def stage(event: Event) -> None:
         with lock:

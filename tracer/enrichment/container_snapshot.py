@@ -173,11 +173,10 @@ def _requested_device_rules(host: HostPaths, snap: ContainerSnapshot,
                             config: dict[str, object], live: Facts) -> None:
     """When the container's devices.list could not be read (its init had
     already exited), the rules the runtime was asked to apply on this v1 host."""
-    from tracer.enrichment.host_facts import cgroup_mounts
+    from tracer.enrichment.host_facts import v1_devices_mount
     if "device_cgroup.v1_rules" in snap.facts or "device_cgroup.version" in snap.facts:
         return
-    if not any(m.fstype == "cgroup" and "devices" in m.super_options
-               for m in cgroup_mounts(host, live)):
+    if v1_devices_mount(host, live) is None:
         return
     raw = config.get("device_rules")
     rules = oci_rules_as_devices_list(raw if isinstance(raw, list) else [])

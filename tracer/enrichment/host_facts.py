@@ -158,10 +158,15 @@ def cgroup2_mount_dir(host: HostPaths) -> Optional[str]:
     return None if mount is None else _under_sys(host, mount.mount_point)
 
 
+def v1_devices_mount(host: HostPaths, facts: Facts) -> Optional[Mount]:
+    """The mount of the v1 `devices` controller; None where it is not mounted."""
+    return next((m for m in cgroup_mounts(host, facts)
+                 if m.fstype == "cgroup" and "devices" in m.super_options), None)
+
+
 def v1_devices_dir(host: HostPaths, cgroup_path: str, facts: Facts) -> Optional[str]:
     """The host directory of a v1 `devices` cgroup path (as /proc/PID/cgroup gives it)."""
-    mount = next((m for m in cgroup_mounts(host, facts)
-                  if m.fstype == "cgroup" and "devices" in m.super_options), None)
+    mount = v1_devices_mount(host, facts)
     return None if mount is None else _cgroup_dir(host, mount, cgroup_path)
 
 
@@ -173,8 +178,7 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
     mounts = cgroup_mounts(host, facts)
     v1_path = next((p for ctrls, p in cgroup_paths.items() if "devices" in ctrls.split(",")),
                    None)
-    v1_mount = next((m for m in mounts if m.fstype == "cgroup" and "devices" in m.super_options),
-                    None)
+    v1_mount = v1_devices_mount(host, facts)
     v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
     if v2_mount is not None:
         mount_dir = _under_sys(host, v2_mount.mount_point)
@@ -198,11 +202,6 @@ def device_cgroup_facts(host: HostPaths, cgroup_paths: dict[str, str], facts: Fa
 V1Reading = tuple[str, str]
 
 
-def _v1_mount(host: HostPaths, facts: Facts) -> Optional[Mount]:
-    return next((m for m in cgroup_mounts(host, facts)
-                 if m.fstype == "cgroup" and "devices" in m.super_options), None)
-
-
 def read_v1_list_by_id(host: HostPaths, mount: Mount, devices_cgroup_id: int) -> V1Reading:
     """devices.list of the v1 devices cgroup with this kernfs id; OSError when the
     cgroup cannot be opened (gone) or read."""
@@ -221,7 +220,7 @@ def read_v1_list_by_id(host: HostPaths, mount: Mount, devices_cgroup_id: int) ->
 def v1_list_at_arrival(host: HostPaths, devices_cgroup_id: int) -> Optional[V1Reading]:
     """The reading `read_v1_list_by_id` gives now, for a denial that just arrived: a
     transient unit's or --rm container's cgroup may be removed before enrichment."""
-    mount = _v1_mount(host, Facts())
+    mount = v1_devices_mount(host, Facts())
     if mount is None:
         return None
     try:
@@ -231,7 +230,7 @@ def v1_list_at_arrival(host: HostPaths, devices_cgroup_id: int) -> Optional[V1Re
 
 
 def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
-                    facts: Facts, arrival: Optional[V1Reading] = None) -> bool:
+                    facts: Facts, arrival: Optional[V1Reading] = None) -> None:
     """devices.list of the v1 devices cgroup whose kernfs id the sensor captured; when
     that cgroup is gone by now, the reading taken as the denial arrived."""
     base = _under_sys(host, mount.mount_point)
@@ -242,7 +241,7 @@ def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
         if arrival is None:
             facts.put("device_cgroup.v1_unreadable", f"the process's v1 devices cgroup (id "
                       f"{devices_cgroup_id}) could not be read: {exc.strerror or exc}", LIVE, base)
-            return True
+            return
         where, text = arrival
         origin = (f"{where}/devices.list (cgroup id {devices_cgroup_id}, read as the event "
                   f"arrived; removed before enrichment)")
@@ -250,14 +249,13 @@ def _v1_rules_by_id(mount: Mount, host: HostPaths, devices_cgroup_id: int,
     facts.put("device_cgroup.v1_rules", list(devices_list_texts(text, facts.skips)), LIVE, origin)
     if "cgroup.paths" not in facts:
         facts.put("cgroup.paths", {"devices": where[len(base):] or "/"}, LIVE, origin)
-    return True
 
 
 def v1_rules_by_id(host: HostPaths, devices_cgroup_id: int, facts: Facts,
                    arrival: Optional[V1Reading] = None) -> None:
     """A process whose /proc/PID/cgroup no longer shows its v1 devices cgroup (it exited,
     or is a zombie): devices.list of the cgroup whose id the sensor captured."""
-    v1_mount = _v1_mount(host, facts)
+    v1_mount = v1_devices_mount(host, facts)
     if v1_mount is not None and "device_cgroup.v1_rules" not in facts:
         _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts, arrival)
 
@@ -268,17 +266,16 @@ def device_programs_by_cgroup_id(host: HostPaths, cgroup_id: int, facts: Facts,
     """An exited process: v2 device programs of the cgroup with this id, and the v1
     devices.list of the devices cgroup whose id the sensor captured (both may outlive
     the process)."""
-    mounts = cgroup_mounts(host, facts)
-    v1_mount = next((m for m in mounts if m.fstype == "cgroup" and "devices" in m.super_options),
-                    None)
-    if v1_mount is not None and "device_cgroup.v1_rules" not in facts and not (
-            devices_cgroup_id and _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts,
-                                                  arrival)):
-        facts.put("device_cgroup.v1_unreadable", "the process exited before its v1 devices "
-                  "cgroup was read", "inferred", "no /proc/PID/cgroup")
+    v1_mount = v1_devices_mount(host, facts)
+    if v1_mount is not None and "device_cgroup.v1_rules" not in facts:
+        if devices_cgroup_id:
+            _v1_rules_by_id(v1_mount, host, devices_cgroup_id, facts, arrival)
+        else:
+            facts.put("device_cgroup.v1_unreadable", "the process exited before its v1 devices "
+                      "cgroup was read", "inferred", "no /proc/PID/cgroup")
     if cgroup_id < 1:
         return  # not captured with the event
-    v2_mount = next((m for m in mounts if m.fstype == "cgroup2"), None)
+    v2_mount = next((m for m in cgroup_mounts(host, facts) if m.fstype == "cgroup2"), None)
     if v2_mount is not None:
         device_program_facts(_under_sys(host, v2_mount.mount_point), cgroup_id, None, facts)
 

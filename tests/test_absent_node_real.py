@@ -50,6 +50,16 @@ class ArrivalHarness:
                 self.on_arrival(event)
                 self.events.append(event)
 
+    def start(self) -> "ArrivalHarness":
+        self.sensor.start()
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.sensor.close()
+
     def wait_for(self, pred: Callable[[Event], bool], timeout: float = 15) -> Event:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -62,13 +72,9 @@ class ArrivalHarness:
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[ArrivalHarness]:
-    h = ArrivalHarness()
-    h.sensor.start()
-    h.thread.start()
+    h = ArrivalHarness().start()
     yield h
-    h.stop.set()
-    h.thread.join(10)
-    h.sensor.close()
+    h.close()
 
 
 def free_gpu_path() -> str:

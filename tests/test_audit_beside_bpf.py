@@ -85,10 +85,8 @@ def test_child_of_a_rootless_podman_init(bpf_sensor, audit_sensor, store) -> Non
         user = scenario.user("pod", groups=["video"], home=True)
         engine = podman_support.Podman(runtime="runc", user=user)
         engine.prepare_user_runtime_dir()
-        rootfs = podman_support.build_rootfs(
-            os.path.join(scenario.workdir, "rootfs"), probe_binary(),
-            podman_support.RootfsFiles(group=("root:x:0:", f"video:x:{video.gr_gid}:")),
-            owner=(user.pw_uid, user.pw_gid))
+        rootfs = podman_support.video_rootfs(
+            scenario.workdir, probe_binary(), (user.pw_uid, user.pw_gid), video.gr_gid)
         name = f"gttest-child-{scenario.token}"
         scenario.undo(f"podman rm {name}", engine.remove, name)
         started = time.time()

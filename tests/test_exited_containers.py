@@ -165,10 +165,8 @@ def test_rootless_podman_runc_both_sensors(bpf_sensor, audit_sensor, store):
         user = scenario.user("pod", groups=["video"], home=True)
         engine = podman_support.Podman(runtime="runc", user=user)
         engine.prepare_user_runtime_dir()
-        rootfs = podman_support.build_rootfs(
-            os.path.join(scenario.workdir, "rootfs"), probe_binary(),
-            podman_support.RootfsFiles(group=("root:x:0:", f"video:x:{video.gr_gid}:")),
-            owner=(user.pw_uid, user.pw_gid))
+        rootfs = podman_support.video_rootfs(
+            scenario.workdir, probe_binary(), (user.pw_uid, user.pw_gid), video.gr_gid)
         started = time.time()
         name = podman_to_exit(scenario, engine, rootfs,
                               ["--device", f"{node.path}:{node.path}", "--group-add",

@@ -27,6 +27,18 @@ pytestmark = pytest.mark.kernel
 V1_DEVICES = "/sys/fs/cgroup/devices"
 
 
+def parked_child() -> tuple[int, int]:
+    """(pid, release fd): a forked child that exits once a byte is written to the fd."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    return pid, write_end
+
+
 @pytest.fixture
 def zombie_in_devices_cgroup() -> Iterator[tuple[int, str, int]]:
     """(pid, cgroup dir, release fd): a child in a fresh v1 devices cgroup allowing only c 195:0 r;
@@ -35,13 +47,7 @@ def zombie_in_devices_cgroup() -> Iterator[tuple[int, str, int]]:
         pytest.fail("the v1 devices controller is not mounted at /sys/fs/cgroup/devices")
     cg = os.path.join(V1_DEVICES, f"gttest-zombie-{secrets.token_hex(3)}")
     os.mkdir(cg)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(write_end)
-        os.read(read_end, 1)
-        os._exit(0)
-    os.close(read_end)
+    pid, write_end = parked_child()
     try:
         with open(os.path.join(cg, "cgroup.procs"), "w") as f:
             f.write(str(pid))
@@ -101,13 +107,7 @@ def test_a_reaped_init_answers_nothing_through_the_snapshots_proc_descriptor():
     task is reaped, nothing more is read through it, even if its pid is reused, so
     no other process's facts can enter the container's snapshot."""
     from tracer.enrichment.container_init import ProcDir
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(write_end)
-        os.read(read_end, 1)
-        os._exit(0)
-    os.close(read_end)
+    pid, write_end = parked_child()
     proc = ProcDir(HostPaths(), pid)
     try:
         assert proc.text("status", 4096) is not None and proc.link("ns/mnt") is not None

@@ -17,17 +17,15 @@ Each verdict test takes `explainer`: it runs as root in this process and by
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
 import os
-import random
 from typing import Any, Iterator
 
 import pytest
 
 from tests.conftest import SCENARIO_PREFIXES, URANDOM
 from tests.support import actor
-from tests.support.nodes import NodeSpec, make_node
+from tests.support.nodes import char195_nodes
 from tests.support.unit_caps import Explainer, explainer_fixture
 from tests.support.v2_device_cgroup import deny_major, v2_device_cgroup
 from tracer.enrichment import bpf_syscall as bpf
@@ -47,19 +45,8 @@ OTHERS = list(range(43001, 43040))  # 39 more: 40 groups in all, the GPU group l
 
 @pytest.fixture
 def gpu_node() -> Iterator[Any]:
-    made: list[str] = []
-
-    def make(mode: int, gid: int) -> str:
-        for minor in random.sample(range(16, 250), 234):
-            path = f"/dev/nvidia-gtgroups{minor}"
-            if not os.path.exists(path):
-                made.append(make_node(path, NodeSpec(195, minor, mode, 0, gid)))
-                return path
-        raise RuntimeError("no free minor")
-    yield make
-    for path in made:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    with char195_nodes("/dev/nvidia-gtgroups") as make:
+        yield make
 
 
 def _in_process(event: Event) -> Verdict:

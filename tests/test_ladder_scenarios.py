@@ -5,10 +5,8 @@ it is explained (as in the field) unless a test says why it must still be alive.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import random
 import subprocess
 import sys
 from typing import Any, Iterator
@@ -18,7 +16,7 @@ import pytest
 from tests.conftest import SCENARIO_PREFIXES, URANDOM
 from tests.support import actor, scenarios
 from tests.support.unit_caps import Explainer, explainer_fixture
-from tests.support.nodes import NodeSpec, device_cgroup, make_node
+from tests.support.nodes import char195_nodes, device_cgroup
 from tests.support.probe import ProbeFailed
 from tests.support.v2_device_cgroup import deny_major, v2_device_cgroup
 from tracer.enrichment.enricher import Enricher
@@ -36,19 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def nvidia_node() -> Iterator[Any]:
     """A fresh /dev/nvidia-gttest<minor> (char 195) factory."""
-    made: list[str] = []
-
-    def make(mode: int, gid: int = 0) -> str:
-        for minor in random.sample(range(16, 250), 234):
-            path = f"/dev/nvidia-gttest{minor}"
-            if not os.path.exists(path):
-                made.append(make_node(path, NodeSpec(195, minor, mode, 0, gid)))
-                return path
-        raise RuntimeError("no free minor")
-    yield make
-    for path in made:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    with char195_nodes("/dev/nvidia-gttest") as make:
+        yield make
 
 
 # each test taking `explainer` runs twice: as root in this process, and by `gputrace

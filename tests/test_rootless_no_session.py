@@ -76,10 +76,8 @@ def run_without_session(scenario: Scenario, watch_argv: list[str], label: str) -
     assert not os.path.exists(f"/run/user/{user.pw_uid}")
     engine = podman_support.Podman(runtime="runc", user=user)
     env = {k: v for k, v in engine.env().items() if k != "XDG_RUNTIME_DIR"}
-    rootfs = podman_support.build_rootfs(
-        os.path.join(scenario.workdir, "rootfs"), probe_binary(),
-        podman_support.RootfsFiles(group=("root:x:0:", f"video:x:{video.gr_gid}:")),
-        owner=(user.pw_uid, user.pw_gid))
+    rootfs = podman_support.video_rootfs(
+        scenario.workdir, probe_binary(), (user.pw_uid, user.pw_gid), video.gr_gid)
     name = f"gttest-nosession-{scenario.token}"
     scenario.undo(f"podman rm {name}", lambda: subprocess.run(
         engine.argv("rm", "--force", "--ignore", name), env=env, capture_output=True, cwd="/"))
@@ -180,10 +178,8 @@ def test_the_state_root_without_a_session_is_found_from_conmon_and_read():
         user = scenario.user("nor", groups=["video"], home=True)
         engine = podman_support.Podman(runtime="runc", user=user)
         env = {k: v for k, v in engine.env().items() if k != "XDG_RUNTIME_DIR"}
-        rootfs = podman_support.build_rootfs(
-            os.path.join(scenario.workdir, "rootfs"), probe_binary(),
-            podman_support.RootfsFiles(group=("root:x:0:", f"video:x:{video.gr_gid}:")),
-            owner=(user.pw_uid, user.pw_gid))
+        rootfs = podman_support.video_rootfs(
+            scenario.workdir, probe_binary(), (user.pw_uid, user.pw_gid), video.gr_gid)
         name = f"gttest-nosession-root-{scenario.token}"
         scenario.undo("user's podman processes", podman_support.kill_processes_of_uid, user.pw_uid)
         done = subprocess.run(engine.argv("run", "--rm", "--name", name, "--network=none",

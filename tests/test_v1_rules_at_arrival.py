@@ -28,13 +28,9 @@ V1_DEVICES = "/sys/fs/cgroup/devices"
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[ArrivalHarness]:
-    h = ArrivalHarness(errnos=(errno.EPERM,))
-    h.sensor.start()
-    h.thread.start()
+    h = ArrivalHarness(errnos=(errno.EPERM,)).start()
     yield h
-    h.stop.set()
-    h.thread.join(10)
-    h.sensor.close()
+    h.close()
 
 
 def test_a_devices_cgroup_removed_before_enrichment_is_judged_by_its_list_at_arrival(

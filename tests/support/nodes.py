@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -204,3 +205,24 @@ def make_device_cgroup() -> Iterator[Callable[[Sequence[tuple[str, str]]], str]]
     """``make_device_cgroup([("devices.deny", "c 195:* rwm")])`` -> v1 cgroup dir, removed after."""
     with contextlib.ExitStack() as stack:
         yield lambda rules: stack.enter_context(device_cgroup(rules))
+
+
+@contextlib.contextmanager
+def char195_nodes(prefix: str) -> Iterator[Callable[..., str]]:
+    """A factory of fresh char 195 nodes `<prefix><minor>` (a free minor in 16-249),
+    each `make(mode, gid=0)`; every node it made is removed on exit."""
+    made: list[str] = []
+
+    def make(mode: int, gid: int = 0) -> str:
+        for minor in random.sample(range(16, 250), 234):
+            path = f"{prefix}{minor}"
+            if not os.path.exists(path):
+                made.append(make_node(path, NodeSpec(195, minor, mode, 0, gid)))
+                return path
+        raise RuntimeError("no free minor")
+    try:
+        yield make
+    finally:
+        for path in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -128,6 +128,13 @@ class Podman:
         self.run("rm", "--force", "--ignore", "--time", "0", name)
 
 
+def video_rootfs(workdir: str, probe_binary: str, owner: "tuple[int, int]", video_gid: int) -> str:
+    """`build_rootfs` in WORKDIR/rootfs for a rootless user (uid, gid): an image whose
+    /etc/group has only root and the host's video gid (the rootless GPU scenarios)."""
+    return build_rootfs(os.path.join(workdir, "rootfs"), probe_binary,
+                        RootfsFiles(group=("root:x:0:", f"video:x:{video_gid}:")), owner=owner)
+
+
 def kill_processes_of_uid(uid: int) -> list[int]:
     """Kill, by pid, every process whose real uid is `uid` (a throwaway test user)."""
     killed = []
